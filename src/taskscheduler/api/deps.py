@@ -1,0 +1,21 @@
+"""Dependencies shared by the routes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends
+from sqlalchemy import Connection
+
+from taskscheduler.config import Settings, get_settings
+from taskscheduler.store import db
+
+
+def get_conn() -> Iterator[Connection]:
+    with db.transaction() as conn:
+        yield conn
+
+
+ConnDep = Annotated[Connection, Depends(get_conn)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -1,0 +1,81 @@
+"""Settings, read from the environment and `.env`, with the seed's names."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept `postgresql://`, `postgres://` and `postgresql+psycopg2://`; we always drive psycopg 3."""
+    for prefix in ("postgresql+psycopg2://", "postgresql+psycopg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    raise ValueError(f"DATABASE_URL must be a PostgreSQL URL (postgresql://...), got scheme {url.split(':', 1)[0]!r}")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # Empty means "use the embedded servers" (only `taskscheduler dev` and the tests start them).
+    database_url: str = ""
+    redis_url: str = ""
+    # Prefix for every broker key, so several deployments (or test runs) can share one Redis.
+    redis_key_prefix: str = ""
+
+    stuck_after_sec: float = Field(180.0, gt=0, description="Default run-time limit of a task.")
+    heartbeat_sec: float = Field(5.0, gt=0, description="How often a running task's worker heartbeats.")
+    heartbeat_timeout_sec: float = Field(30.0, gt=0, description="A STARTED task silent this long is stuck.")
+    enqueue_timeout_sec: float = Field(60.0, gt=0, description="An ENQUEUED task unclaimed this long is re-published.")
+    poll_interval_sec: float = Field(1.0, gt=0, description="Scheduler loop period.")
+    dispatch_batch_size: int = Field(500, ge=1, le=10_000)
+    retry_backoff_base_sec: float = Field(2.0, gt=0)
+    retry_backoff_max_sec: float = Field(300.0, gt=0)
+    run_at_grace_sec: float = Field(60.0, ge=0, description="How far in the past a run_at may be.")
+    max_body_bytes: int = Field(256 * 1024, ge=1024, description="Largest accepted request body.")
+    task_modules: str = ""
+    api_keys: str = ""
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+    api_host: str = "0.0.0.0"
+    api_port: int = Field(8000, ge=1, le=65535)
+    worker_concurrency: int = Field(1, ge=1, description="Worker processes per `taskscheduler worker`.")
+    # Test-only: a fault point name; see scheduler/dispatch.py. Never set in production.
+    fault_point: str = ""
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        return normalize_database_url(value) if value else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "redis+socket://", "unix://")):
+            raise ValueError("REDIS_URL must start with redis://, rediss:// or redis+socket://")
+        return value
+
+    @property
+    def task_module_list(self) -> list[str]:
+        return [m.strip() for m in self.task_modules.split(",") if m.strip()]
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    def require_urls(self) -> tuple[str, str]:
+        """The two server URLs; a clear error when a production role starts without them."""
+        missing = [n for n, v in (("DATABASE_URL", self.database_url), ("REDIS_URL", self.redis_url)) if not v]
+        if missing:
+            raise RuntimeError(
+                f"{' and '.join(missing)} not set: set them, or run `taskscheduler dev` to use embedded servers"
+            )
+        return self.database_url, self.redis_url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

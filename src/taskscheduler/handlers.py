@@ -1,0 +1,96 @@
+"""The handler registry, and the built-in demo handlers.
+
+A handler is a plain function of the payload, registered under a name:
+
+    from taskscheduler.handlers import task
+
+    @task("send_email")
+    def send_email(payload: dict) -> dict: ...
+
+Its JSON-serialisable return value is stored as the task's `result`; an exception fails the attempt.
+Modules with handlers are listed in `TASK_MODULES` and imported by the API (to validate names) and
+the workers (to run them).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any
+
+Handler = Callable[[dict[str, Any]], Any]
+
+_registry: dict[str, Handler] = {}
+
+# The attempt being run (counted from the last replay), for handlers that care; set by the worker.
+current_attempt: ContextVar[int] = ContextVar("current_attempt", default=1)
+
+
+class HandlerError(Exception):
+    """A handler raised: the attempt failed."""
+
+
+def task(name: str) -> Callable[[Handler], Handler]:
+    """Register `fn` as the handler for tasks called `name`."""
+    if not name or len(name) > 200:
+        raise ValueError("a handler name must be 1-200 characters")
+
+    def register(fn: Handler) -> Handler:
+        existing = _registry.get(name)
+        if existing is not None and existing is not fn:
+            raise ValueError(f"handler {name!r} is registered twice ({existing.__module__} and {fn.__module__})")
+        _registry[name] = fn
+        return fn
+
+    return register
+
+
+def get_handler(name: str) -> Handler | None:
+    return _registry.get(name)
+
+
+def registered_names() -> list[str]:
+    return sorted(_registry)
+
+
+def load_task_modules(modules: list[str]) -> None:
+    """Import the user's handler modules; a bad name is a clear startup error, not a silent gap."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise RuntimeError(f"TASK_MODULES: cannot import {module!r}: {exc}") from exc
+
+
+@task("demo_ok")
+def demo_ok(payload: dict[str, Any]) -> dict[str, Any]:
+    """Returns its payload."""
+    return payload
+
+
+@task("demo_fail")
+def demo_fail(payload: dict[str, Any]) -> dict[str, Any]:
+    """Raises when `payload.fail` is true."""
+    if payload.get("fail"):
+        raise HandlerError("demo_fail: asked to fail")
+    return {"ok": True}
+
+
+@task("demo_hang")
+def demo_hang(payload: dict[str, Any]) -> dict[str, Any]:
+    """Sleeps `payload.sleep_sec` seconds (default 60): a stand-in for a hung task."""
+    sleep_sec = float(payload.get("sleep_sec", 60))
+    time.sleep(sleep_sec)
+    return {"slept_sec": sleep_sec}
+
+
+@task("demo_flaky")
+def demo_flaky(payload: dict[str, Any]) -> dict[str, Any]:
+    """Fails its first `payload.failures` attempts (default 1), then succeeds."""
+    failures = int(payload.get("failures", 1))
+    attempt = current_attempt.get()
+    if attempt <= failures:
+        raise HandlerError(f"demo_flaky: failing attempt {attempt} of the first {failures}")
+    return {"succeeded_on_attempt": attempt}

@@ -1,0 +1,89 @@
+"""Task statuses, the transitions allowed between them, queues and backoff. Pure: no I/O."""
+
+from __future__ import annotations
+
+import random
+from enum import StrEnum
+
+
+class TaskStatus(StrEnum):
+    PENDING = "PENDING"
+    ENQUEUED = "ENQUEUED"
+    STARTED = "STARTED"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    DEAD = "DEAD"
+    CANCELLED = "CANCELLED"
+
+
+TERMINAL: frozenset[TaskStatus] = frozenset({TaskStatus.SUCCEEDED, TaskStatus.DEAD, TaskStatus.CANCELLED})
+# Statuses the scheduler dispatches when run_at is due.
+DISPATCHABLE: frozenset[TaskStatus] = frozenset({TaskStatus.PENDING, TaskStatus.FAILED})
+CANCELLABLE: frozenset[TaskStatus] = frozenset({TaskStatus.PENDING, TaskStatus.FAILED, TaskStatus.ENQUEUED})
+RETRYABLE: frozenset[TaskStatus] = frozenset({TaskStatus.DEAD, TaskStatus.CANCELLED})
+
+ALLOWED_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    TaskStatus.PENDING: frozenset({TaskStatus.ENQUEUED, TaskStatus.CANCELLED}),
+    TaskStatus.FAILED: frozenset({TaskStatus.ENQUEUED, TaskStatus.CANCELLED}),
+    # A lost ENQUEUED message is published again, never failed: the task has not run.
+    TaskStatus.ENQUEUED: frozenset({TaskStatus.STARTED, TaskStatus.CANCELLED}),
+    TaskStatus.STARTED: frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.DEAD}),
+    TaskStatus.SUCCEEDED: frozenset(),
+    # Only an explicit retry from the API brings a finished task back.
+    TaskStatus.DEAD: frozenset({TaskStatus.PENDING}),
+    TaskStatus.CANCELLED: frozenset({TaskStatus.PENDING}),
+}
+
+
+def can_transition(src: TaskStatus, dst: TaskStatus) -> bool:
+    return dst in ALLOWED_TRANSITIONS[src]
+
+
+class Queue(StrEnum):
+    HIGH = "high"
+    DEFAULT = "default"
+    LOW = "low"
+    DLQ = "dlq"
+
+
+TASK_QUEUES: tuple[Queue, ...] = (Queue.HIGH, Queue.DEFAULT, Queue.LOW)
+MIN_PRIORITY = 1
+MAX_PRIORITY = 10
+
+
+def queue_for_priority(priority: int) -> Queue:
+    """8-10 -> high, 4-7 -> default, 1-3 -> low."""
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise ValueError(f"priority must be between {MIN_PRIORITY} and {MAX_PRIORITY}, got {priority}")
+    if priority >= 8:
+        return Queue.HIGH
+    if priority >= 4:
+        return Queue.DEFAULT
+    return Queue.LOW
+
+
+class DlqReason(StrEnum):
+    MAX_RETRIES_EXCEEDED = "max_retries_exceeded"
+    STUCK_TASK_TIMEOUT = "stuck_task_timeout"
+
+
+def has_retries_left(attempt: int, max_retries: int, retry_base_attempt: int = 0) -> bool:
+    """Whether another attempt is allowed after `attempt` failed.
+
+    Attempts are counted from `retry_base_attempt` (the attempt at which an API retry replayed the
+    task), so a replay gets a fresh budget without resetting `attempt`, the fencing token.
+    """
+    return attempt - retry_base_attempt < max_retries + 1
+
+
+def backoff_sec(
+    attempt: int, *, base: float, cap: float, rng: random.Random | None = None
+) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**(attempt-1))].
+
+    Full jitter spreads a burst of failures over the whole window instead of retrying in lockstep.
+    """
+    if attempt < 1:
+        raise ValueError("attempt counts from 1")
+    ceiling = min(cap, base * 2 ** min(attempt - 1, 62))
+    return (rng or random).uniform(0.0, ceiling)

@@ -1,0 +1,1 @@
+"""The scheduler: dispatch due tasks, rescue stuck and lost ones. Each step is `run_once(now)`."""

@@ -1,0 +1,52 @@
+"""The scheduler loop: dispatch until nothing is due, rescue, sleep POLL_INTERVAL_SEC, repeat."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from taskscheduler.config import Settings
+from taskscheduler.scheduler import dispatch, rescue
+from taskscheduler.scheduler.publisher import Publisher
+
+log = logging.getLogger(__name__)
+
+# Upper bound on back-to-back dispatch batches in one tick, so the sweeps still run under a backlog.
+MAX_BATCHES_PER_TICK = 20
+
+
+class SchedulerService:
+    def __init__(self, settings: Settings, publisher: Publisher) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Ask the loop to exit after the batch in hand (SIGTERM, Ctrl-C)."""
+        self.stopping.set()
+
+    def tick(self) -> int:
+        dispatched = 0
+        for _ in range(MAX_BATCHES_PER_TICK):
+            n = dispatch.run_once(settings=self.settings, publisher=self.publisher)
+            dispatched += n
+            if n < self.settings.dispatch_batch_size or self.stopping.is_set():
+                break
+        counts = rescue.run_once(settings=self.settings, publisher=self.publisher)
+        if dispatched:
+            log.info("dispatched %d", dispatched, extra={"event": "dispatch", "count": dispatched})
+        if counts:
+            log.info("rescue: %s", counts, extra={"event": "rescue"})
+        return dispatched
+
+    def run_forever(self) -> None:
+        log.info("scheduler started", extra={"event": "scheduler_started"})
+        while not self.stopping.is_set():
+            try:
+                busy = self.tick() >= self.settings.dispatch_batch_size
+            except Exception as exc:  # the database or broker may be away; keep going, never die
+                log.warning("scheduler tick failed, retrying: %s", exc, extra={"event": "tick_failed"})
+                busy = False
+            if not busy:
+                self.stopping.wait(self.settings.poll_interval_sec)
+        log.info("scheduler stopped", extra={"event": "scheduler_stopped"})

@@ -1,0 +1,1 @@
+"""The database: tables, connections, and every task transition as one guarded statement."""

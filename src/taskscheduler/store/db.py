@@ -1,0 +1,69 @@
+"""Engines and connections. One engine per process and URL, created after any fork."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy.exc import OperationalError
+
+from taskscheduler.config import get_settings, normalize_database_url
+
+log = logging.getLogger(__name__)
+
+_engines: dict[tuple[int, str], Engine] = {}
+
+
+def get_engine(url: str | None = None) -> Engine:
+    """The process's engine for `url` (default: DATABASE_URL).
+
+    Keyed by pid because a pooled connection must never be shared across a fork (Celery's prefork
+    children inherit the parent's memory).
+    """
+    url = normalize_database_url(url) if url else get_settings().require_urls()[0]
+    key = (os.getpid(), url)
+    engine = _engines.get(key)
+    if engine is None:
+        engine = create_engine(
+            url,
+            pool_pre_ping=True,
+            pool_size=10,
+            max_overflow=20,
+            pool_recycle=1800,
+            connect_args={"connect_timeout": 5, "application_name": "taskscheduler"},
+        )
+        _engines[key] = engine
+    return engine
+
+
+def dispose_engines() -> None:
+    for key in [k for k in _engines if k[0] == os.getpid()]:
+        _engines.pop(key).dispose()
+
+
+@contextmanager
+def transaction(url: str | None = None) -> Iterator[Connection]:
+    """A connection in a transaction: committed on exit, rolled back on error."""
+    with get_engine(url).begin() as conn:
+        yield conn
+
+
+def wait_for_database(url: str | None = None, *, timeout_sec: float = 60.0) -> None:
+    """Block until the database answers, or raise after `timeout_sec`."""
+    deadline = time.monotonic() + timeout_sec
+    delay = 0.2
+    while True:
+        try:
+            with get_engine(url).connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return
+        except OperationalError as exc:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"database not reachable after {timeout_sec:.0f}s: {exc.orig}") from exc
+            log.info("waiting for the database: %s", str(exc.orig).strip().splitlines()[0])
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)

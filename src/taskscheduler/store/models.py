@@ -1,0 +1,109 @@
+"""Table definitions. The Alembic migrations build exactly this (tests/integration/test_migrations.py)."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+from taskscheduler.lifecycle import TaskStatus
+
+metadata = MetaData()
+
+_STATUSES = ", ".join(f"'{s.value}'" for s in TaskStatus)
+_TERMINAL_SQL = "status IN ('SUCCEEDED', 'DEAD', 'CANCELLED')"
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("payload", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("priority", SmallInteger, nullable=False),
+    Column("queue", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("run_at", DateTime(timezone=True), nullable=False),
+    # The fencing token: incremented at each dispatch and carried by the message.
+    Column("attempt", Integer, nullable=False, server_default=text("0")),
+    Column("max_retries", Integer, nullable=False),
+    # The attempt at which an API retry replayed the task; the retry budget counts from here.
+    Column("retry_base_attempt", Integer, nullable=False, server_default=text("0")),
+    Column("timeout_sec", Double, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("result", JSONB, nullable=True),
+    Column("dead_reason", Text, nullable=True),
+    # Set by the DLQ worker when the dlq_events row of the current DEAD attempt exists; keeps the
+    # "DEAD but not yet in the DLQ" sweep on a tiny partial index.
+    Column("dlq_recorded", Boolean, nullable=False, server_default=text("false")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # When a message for the current attempt (or its DLQ record) was last published.
+    Column("published_at", DateTime(timezone=True), nullable=True),
+    Column("started_at", DateTime(timezone=True), nullable=True),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=True),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    CheckConstraint(f"status IN ({_STATUSES})", name="tasks_status_valid"),
+    CheckConstraint("priority BETWEEN 1 AND 10", name="tasks_priority_range"),
+    CheckConstraint("max_retries >= 0", name="tasks_max_retries_nonnegative"),
+    CheckConstraint("attempt >= 0", name="tasks_attempt_nonnegative"),
+    CheckConstraint(f"(finished_at IS NOT NULL) = ({_TERMINAL_SQL})", name="tasks_finished_iff_terminal"),
+    # Partial indexes: each sweep scans only the rows in the status it looks for, so millions of
+    # finished or far-future rows cost nothing.
+    Index(
+        "tasks_dispatch_idx",
+        "run_at",
+        postgresql_where=text("status IN ('PENDING', 'FAILED')"),
+    ),
+    Index("tasks_started_idx", "started_at", postgresql_where=text("status = 'STARTED'")),
+    Index("tasks_enqueued_idx", "published_at", postgresql_where=text("status = 'ENQUEUED'")),
+    Index(
+        "tasks_dead_unrecorded_idx",
+        "published_at",
+        postgresql_where=text("status = 'DEAD' AND NOT dlq_recorded"),
+    ),
+    Index("tasks_created_idx", "created_at"),
+)
+
+task_events = Table(
+    "task_events",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("task_id", UUID(as_uuid=True), ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()),
+    Column("from_status", Text, nullable=True),
+    Column("to_status", Text, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("detail", Text, nullable=True),
+    Index("task_events_task_idx", "task_id", "id"),
+)
+
+# No foreign key: the audit trail is kept longer than the tasks it describes.
+dlq_events = Table(
+    "dlq_events",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("task_id", UUID(as_uuid=True), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("task_name", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("error", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    UniqueConstraint("task_id", "attempt", name="dlq_events_task_attempt_key"),
+    Index("dlq_events_created_idx", "created_at"),
+)

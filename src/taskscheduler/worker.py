@@ -1,0 +1,247 @@
+"""The Celery app, its queues, the execute task with heartbeats, and the DLQ recorder.
+
+Celery only carries "run attempt N of task X now". Everything the worker learns or decides is
+written through the guarded transitions in `store`, so a duplicate message or a worker that wakes
+up after being declared stuck changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+from kombu import Queue as KombuQueue
+
+from taskscheduler import handlers
+from taskscheduler.config import Settings, get_settings
+from taskscheduler.lifecycle import Queue, DlqReason, backoff_sec, has_retries_left
+from taskscheduler.store import db
+from taskscheduler.store import dlq as dlq_store
+from taskscheduler.store import tasks as task_store
+
+log = logging.getLogger(__name__)
+
+EXECUTE = "taskscheduler.execute"
+RECORD_DEAD = "taskscheduler.record_dead"
+# Seconds between the soft time limit (the handler is interrupted and the attempt fails) and the
+# hard one (the pool process is killed; the stuck sweep then rescues the task).
+HARD_LIMIT_GRACE_SEC = 5.0
+
+celery_app = Celery("taskscheduler", set_as_current=True)
+_configured_for: str | None = None
+
+
+def configure_celery(settings: Settings | None = None) -> Celery:
+    """Point the Celery app at REDIS_URL. Called by every process before it publishes or consumes."""
+    global _configured_for
+    settings = settings or get_settings()
+    redis_url = settings.require_urls()[1]
+    key = f"{redis_url}|{settings.redis_key_prefix}"
+    if _configured_for == key:
+        return celery_app
+    transport_options: dict[str, Any] = {}
+    if settings.redis_key_prefix:
+        transport_options["global_keyprefix"] = settings.redis_key_prefix
+    celery_app.conf.update(
+        broker_url=redis_url,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        task_queues=[KombuQueue(q.value, routing_key=q.value) for q in Queue],
+        task_default_queue=Queue.DEFAULT.value,
+        task_create_missing_queues=False,
+        # One message at a time per pool process: a long task never sits on a message another
+        # worker could run, and a crash loses at most one unstarted message (re-published later).
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_send_task_events=False,
+        enable_utc=True,
+    )
+    _configured_for = key
+    return celery_app
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{threading.get_native_id()}"
+
+
+class Heartbeat:
+    """Refreshes `heartbeat_at` of a running attempt from a background thread."""
+
+    def __init__(self, task_id: uuid.UUID, attempt: int, interval_sec: float) -> None:
+        self._task_id = task_id
+        self._attempt = attempt
+        self._interval = interval_sec
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{task_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self._interval + 5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                with db.transaction() as conn:
+                    alive = task_store.heartbeat(conn, task_id=self._task_id, attempt=self._attempt)
+            except Exception as exc:  # the database may be briefly away; the sweep decides, not us
+                log.warning("heartbeat failed: %s", exc, extra={"task_id": str(self._task_id)})
+                continue
+            if not alive:
+                log.warning(
+                    "attempt was taken away while running; its outcome will be discarded",
+                    extra={"task_id": str(self._task_id), "attempt": self._attempt, "event": "fenced"},
+                )
+                return
+
+
+def _json_result(value: Any) -> Any:
+    """The handler's result if it is strict JSON (no NaN), else a TypeError/ValueError."""
+    json.dumps(value, allow_nan=False)
+    return value
+
+
+def run_attempt(task_id: uuid.UUID, attempt: int) -> str:
+    """Claim, run and record one attempt. Returns what happened, for logs and tests."""
+    settings = get_settings()
+    fields: dict[str, Any] = {"task_id": str(task_id), "attempt": attempt}
+    with db.transaction() as conn:
+        claimed = task_store.claim(conn, task_id=task_id, attempt=attempt, worker=_worker_name())
+    if claimed is None:
+        log.info("stale message dropped", extra={**fields, "event": "dropped"})
+        return "dropped"
+    log.info("ENQUEUED -> STARTED", extra={**fields, "event": "started", "task_name": claimed.name})
+
+    handler = handlers.get_handler(claimed.name)
+    timeout = claimed.timeout_sec or settings.stuck_after_sec
+    error: str | None = None
+    timed_out = False
+    result: Any = None
+    with Heartbeat(task_id, attempt, settings.heartbeat_sec):
+        token = handlers.current_attempt.set(attempt - claimed.retry_base_attempt)
+        try:
+            if handler is None:
+                raise handlers.HandlerError(f"no handler registered for {claimed.name!r} (check TASK_MODULES)")
+            result = _json_result(handler(claimed.payload))
+        except SoftTimeLimitExceeded:
+            timed_out = True
+            error = f"timed out after {timeout:g}s"
+        except Exception as exc:  # any handler failure is a failed attempt
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            handlers.current_attempt.reset(token)
+
+    if error is None:
+        with db.transaction() as conn:
+            done = task_store.succeed(conn, task_id=task_id, attempt=attempt, result=result)
+        return _logged(done, "STARTED -> SUCCEEDED", "succeeded", fields)
+    return record_failure(
+        task_id, attempt, error=error, timed_out=timed_out,
+        max_retries=claimed.max_retries, retry_base_attempt=claimed.retry_base_attempt,
+        settings=settings,
+    )  # fmt: skip
+
+
+def record_failure(
+    task_id: uuid.UUID,
+    attempt: int,
+    *,
+    error: str,
+    timed_out: bool,
+    max_retries: int,
+    retry_base_attempt: int,
+    settings: Settings,
+) -> str:
+    """A failed attempt: FAILED with a backoff while retries remain, else DEAD and a DLQ message."""
+    fields: dict[str, Any] = {"task_id": str(task_id), "attempt": attempt}
+    if has_retries_left(attempt, max_retries, retry_base_attempt):
+        delay = backoff_sec(
+            attempt - retry_base_attempt, base=settings.retry_backoff_base_sec, cap=settings.retry_backoff_max_sec
+        )
+        with db.transaction() as conn:
+            done = task_store.fail(conn, task_id=task_id, attempt=attempt, error=error, retry_in_sec=delay)
+        return _logged(done, f"STARTED -> FAILED, retry in {delay:.2f}s", "failed", fields)
+    reason = DlqReason.STUCK_TASK_TIMEOUT if timed_out else DlqReason.MAX_RETRIES_EXCEEDED
+    with db.transaction() as conn:
+        name = task_store.kill(conn, task_id=task_id, attempt=attempt, error=error, reason=reason)
+    if name is not None:
+        publish_dead([(task_id, attempt, name, reason.value, error)])
+    return _logged(name is not None, f"STARTED -> DEAD ({reason})", "dead", fields)
+
+
+def _logged(done: bool, message: str, outcome: str, fields: dict[str, Any]) -> str:
+    if done:
+        log.info(message, extra={**fields, "event": outcome})
+        return outcome
+    log.warning("outcome discarded: attempt no longer STARTED (fenced)", extra={**fields, "event": "fenced"})
+    return "fenced"
+
+
+@celery_app.task(name=EXECUTE, ignore_result=True, acks_late=False)
+def execute(task_id: str, attempt: int) -> str:
+    return run_attempt(uuid.UUID(task_id), int(attempt))
+
+
+@celery_app.task(name=RECORD_DEAD, ignore_result=True)
+def record_dead(task_id: str, attempt: int, task_name: str, reason: str, error: str | None) -> bool:
+    with db.transaction() as conn:
+        inserted = dlq_store.record_dlq_event(
+            conn, task_id=uuid.UUID(task_id), attempt=int(attempt), task_name=task_name, reason=reason, error=error
+        )
+    log.info(
+        "DLQ event recorded" if inserted else "DLQ event already recorded",
+        extra={"task_id": task_id, "attempt": attempt, "event": "dlq", "reason": reason},
+    )
+    return inserted
+
+
+def publish_attempts(items: Iterable[task_store.Dispatched], *, default_timeout_sec: float) -> int:
+    """Publish `(task_id, attempt)` to each task's queue over one producer connection."""
+    app = configure_celery()
+    count = 0
+    with app.producer_or_acquire() as producer:
+        for item in items:
+            timeout = item.timeout_sec or default_timeout_sec
+            execute.apply_async(
+                (str(item.id), item.attempt),
+                queue=item.queue,
+                routing_key=item.queue,
+                soft_time_limit=timeout,
+                time_limit=timeout + HARD_LIMIT_GRACE_SEC,
+                producer=producer,
+            )
+            count += 1
+    return count
+
+
+def publish_dead(items: Iterable[tuple[uuid.UUID, int, str, str, str | None]]) -> int:
+    """Publish DLQ messages `(task_id, attempt, name, reason, error)`."""
+    app = configure_celery()
+    count = 0
+    with app.producer_or_acquire() as producer:
+        for task_id, attempt, name, reason, error in items:
+            record_dead.apply_async(
+                (str(task_id), attempt, name, reason, error),
+                queue=Queue.DLQ.value,
+                routing_key=Queue.DLQ.value,
+                producer=producer,
+            )
+            count += 1
+    return count
