@@ -15,6 +15,9 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"me
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    # Only our own structured fields: libraries attach theirs (Celery's `data` holds message args).
+    if not record.name.startswith("taskscheduler"):
+        return {}
     return {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
 
 
@@ -50,3 +53,6 @@ def configure_logging(log_format: str = "text", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Celery logs two lines per message received and finished; ours already say what happened.
+    for noisy in ("celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
