@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import uuid
 from collections.abc import Iterable
@@ -74,10 +73,6 @@ def configure_celery(settings: Settings | None = None) -> Celery:
     return celery_app
 
 
-def _worker_name() -> str:
-    return f"{socket.gethostname()}:{threading.get_native_id()}"
-
-
 class Heartbeat:
     """Refreshes `heartbeat_at` of a running attempt from a background thread."""
 
@@ -118,12 +113,15 @@ def _json_result(value: Any) -> Any:
     return value
 
 
-def run_attempt(task_id: uuid.UUID, attempt: int) -> str:
-    """Claim, run and record one attempt. Returns what happened, for logs and tests."""
+def run_attempt(task_id: uuid.UUID, attempt: int, *, worker: str | None = None) -> str:
+    """Claim, run and record one attempt. Returns what happened, for logs and tests.
+
+    `worker` (the Celery node name) is recorded on the STARTED event, to show who ran it.
+    """
     settings = get_settings()
     fields: dict[str, Any] = {"task_id": str(task_id), "attempt": attempt}
     with db.transaction() as conn:
-        claimed = task_store.claim(conn, task_id=task_id, attempt=attempt, worker=_worker_name())
+        claimed = task_store.claim(conn, task_id=task_id, attempt=attempt, worker=worker)
     if claimed is None:
         log.info("stale message dropped", extra={**fields, "event": "dropped"})
         return "dropped"
@@ -194,9 +192,9 @@ def _logged(done: bool, message: str, outcome: str, fields: dict[str, Any]) -> s
     return "fenced"
 
 
-@celery_app.task(name=EXECUTE, ignore_result=True, acks_late=False)
-def execute(task_id: str, attempt: int) -> str:
-    return run_attempt(uuid.UUID(task_id), int(attempt))
+@celery_app.task(name=EXECUTE, bind=True, ignore_result=True, acks_late=False)
+def execute(self: Any, task_id: str, attempt: int) -> str:
+    return run_attempt(uuid.UUID(task_id), int(attempt), worker=self.request.hostname)
 
 
 @celery_app.task(name=RECORD_DEAD, ignore_result=True)

@@ -304,7 +304,7 @@ _REPUBLISH_ENQUEUED = text(
         LIMIT :limit
         FOR UPDATE SKIP LOCKED
     )
-    UPDATE tasks t SET published_at = now()
+    UPDATE tasks t SET published_at = {_NOW}
     FROM lost WHERE t.id = lost.id AND t.status = 'ENQUEUED'
     RETURNING t.id, t.attempt, t.queue, t.timeout_sec
     """
@@ -329,7 +329,7 @@ _REPUBLISH_DEAD = text(
         LIMIT :limit
         FOR UPDATE SKIP LOCKED
     )
-    UPDATE tasks t SET published_at = now()
+    UPDATE tasks t SET published_at = {_NOW}
     FROM lost WHERE t.id = lost.id AND t.status = 'DEAD'
     RETURNING t.id, t.attempt, t.name, t.dead_reason, t.last_error
     """

@@ -1,0 +1,109 @@
+"""Small helpers for tests: create tasks and walk them through the real transitions."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import text
+
+from taskscheduler.lifecycle import DlqReason, queue_for_priority
+from taskscheduler.store import db
+from taskscheduler.store import tasks as task_store
+
+
+def new_task(
+    *,
+    name: str = "demo_ok",
+    payload: dict[str, Any] | None = None,
+    priority: int = 5,
+    run_at: datetime | None = None,
+    max_retries: int = 3,
+    timeout_sec: float | None = None,
+) -> uuid.UUID:
+    with db.transaction() as conn:
+        row = task_store.create_task(
+            conn,
+            name=name,
+            payload=payload or {},
+            priority=priority,
+            queue=queue_for_priority(priority).value,
+            run_at=run_at,
+            max_retries=max_retries,
+            timeout_sec=timeout_sec,
+        )
+    return row["id"]
+
+
+def far_future() -> datetime:
+    return datetime.now(UTC) + timedelta(days=1)
+
+
+def dispatch_all(now: datetime | None = None) -> list[task_store.Dispatched]:
+    with db.transaction() as conn:
+        return task_store.dispatch_due(conn, limit=10_000, now=now or far_future())
+
+
+def to_started(task_id: uuid.UUID) -> int:
+    """PENDING -> ENQUEUED -> STARTED through the store; returns the attempt."""
+    (item,) = [d for d in dispatch_all() if d.id == task_id]
+    with db.transaction() as conn:
+        assert task_store.claim(conn, task_id=task_id, attempt=item.attempt) is not None
+    return item.attempt
+
+
+def to_dead(task_id: uuid.UUID, reason: DlqReason = DlqReason.MAX_RETRIES_EXCEEDED) -> int:
+    attempt = to_started(task_id)
+    with db.transaction() as conn:
+        assert task_store.kill(conn, task_id=task_id, attempt=attempt, error="boom", reason=reason)
+    return attempt
+
+
+def task_row(task_id: uuid.UUID) -> dict[str, Any]:
+    with db.transaction() as conn:
+        row = task_store.get_task(conn, task_id)
+    assert row is not None
+    return dict(row)
+
+
+def events(task_id: uuid.UUID) -> list[tuple[str | None, str, int]]:
+    with db.transaction() as conn:
+        return [(e["from_status"], e["to_status"], e["attempt"]) for e in task_store.list_events(conn, task_id)]
+
+
+def backdate(task_id: uuid.UUID, **columns: timedelta) -> None:
+    """Move timestamps (not statuses) into the past: `backdate(id, heartbeat_at=timedelta(minutes=5))`."""
+    sets = ", ".join(f"{col} = {col} - :{col}" for col in columns)
+    with db.transaction() as conn:
+        conn.execute(text(f"UPDATE tasks SET {sets} WHERE id = :id"), {"id": task_id, **columns})
+
+
+def wait_until(condition: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def queued(redis_client: Any, prefix: str, queue: str) -> list[tuple[str, ...]]:
+    """The argument tuples of the Celery messages waiting in `queue` (oldest first)."""
+    import base64
+    import json
+
+    out = []
+    for raw in reversed(redis_client.lrange(f"{prefix}{queue}", 0, -1)):
+        envelope = json.loads(raw)
+        body = envelope["body"]
+        if envelope.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        out.append(tuple(args))
+    return out

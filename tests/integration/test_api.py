@@ -1,0 +1,343 @@
+"""The HTTP API against a real PostgreSQL and Redis: bad input is a clear 4xx, good input round-trips."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from taskscheduler.api import create_app
+from taskscheduler.config import Settings
+from taskscheduler.store import db
+
+TASK_FIELDS = {
+    "id",
+    "name",
+    "payload",
+    "priority",
+    "queue",
+    "status",
+    "run_at",
+    "attempt",
+    "max_retries",
+    "last_error",
+    "result",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "finished_at",
+}
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def _rows(settings: Settings) -> tuple[int, int]:
+    with db.transaction(settings.database_url) as conn:
+        tasks = conn.exec_driver_sql("SELECT count(*) FROM tasks").scalar_one()
+        events = conn.exec_driver_sql("SELECT count(*) FROM task_events").scalar_one()
+    return int(tasks), int(events)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat()
+
+
+def _parse(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _assert_clear_4xx(response: Any, expected: int) -> None:
+    assert response.status_code == expected, (response.status_code, response.text)
+    body = response.json()
+    assert body.get("detail"), body
+    if isinstance(body["detail"], list):
+        assert all(item.get("msg") for item in body["detail"]), body
+
+
+# --- rejected JSON bodies: (body, expected status) -------------------------------------------------
+
+_OK = {"name": "demo_ok"}
+
+REJECTED_JSON: list[Any] = [
+    pytest.param({**_OK, "priority": 0}, id="priority-0"),
+    pytest.param({**_OK, "priority": 11}, id="priority-11"),
+    pytest.param({**_OK, "priority": "9"}, id="priority-string"),
+    pytest.param({**_OK, "priority": 9.5}, id="priority-float"),
+    pytest.param({**_OK, "priority": True}, id="priority-bool"),
+    pytest.param({**_OK, "priority": None}, id="priority-null"),
+    pytest.param({**_OK, "max_retries": -1}, id="max_retries-negative"),
+    pytest.param({**_OK, "max_retries": "2"}, id="max_retries-string"),
+    pytest.param({**_OK, "run_at": "not-a-date"}, id="run_at-garbage"),
+    pytest.param({**_OK, "run_at": "2030-01-01T00:00:00"}, id="run_at-naive"),
+    pytest.param({**_OK, "run_at": 1893456000}, id="run_at-epoch-number"),
+    pytest.param({**_OK, "run_at": "1893456000"}, id="run_at-epoch-string"),
+    pytest.param({**_OK, "payload": [1, 2]}, id="payload-list"),
+    pytest.param({**_OK, "payload": "text"}, id="payload-string"),
+    pytest.param({**_OK, "payload": None}, id="payload-null"),
+    pytest.param({"payload": {}}, id="name-missing"),
+    pytest.param({"name": "no_such_handler"}, id="name-unknown"),
+    pytest.param({"name": ""}, id="name-empty"),
+    pytest.param({**_OK, "colour": "blue"}, id="extra-field"),
+    pytest.param({**_OK, "timeout_sec": 0}, id="timeout_sec-zero"),
+    pytest.param({**_OK, "timeout_sec": -5}, id="timeout_sec-negative"),
+    pytest.param({**_OK, "timeout_sec": "5"}, id="timeout_sec-string"),
+    pytest.param({**_OK, "timeout_sec": True}, id="timeout_sec-bool"),
+    pytest.param([_OK], id="body-list"),
+]
+
+
+@pytest.mark.parametrize("body", REJECTED_JSON)
+def test_create_rejects_bad_json_body(client: TestClient, settings: Settings, body: Any) -> None:
+    response = client.post("/tasks", json=body)
+    _assert_clear_4xx(response, 422)
+    assert _rows(settings) == (0, 0)
+
+
+def test_create_rejects_run_at_an_hour_ago(client: TestClient, settings: Settings) -> None:
+    response = client.post("/tasks", json={**_OK, "run_at": _iso(datetime.now(UTC) - timedelta(hours=1))})
+    _assert_clear_4xx(response, 422)
+    assert "past" in json.dumps(response.json()["detail"])
+    assert _rows(settings) == (0, 0)
+
+
+def test_unknown_name_lists_the_registered_ones(client: TestClient) -> None:
+    response = client.post("/tasks", json={"name": "no_such_handler"})
+    _assert_clear_4xx(response, 422)
+    assert "demo_ok" in json.dumps(response.json()["detail"])
+
+
+# --- rejected raw bodies: (bytes, content type, expected status) ------------------------------------
+
+JSON = "application/json"
+
+REJECTED_RAW: list[Any] = [
+    pytest.param(b'{"name": "demo_ok",', JSON, 422, id="malformed-json"),
+    pytest.param(b"", JSON, 422, id="empty-body"),
+    pytest.param(b'{"name": "demo_ok"}', "text/plain", 415, id="text-plain"),
+    pytest.param(b'{"name":"demo_ok","payload":{"x":NaN}}', JSON, 422, id="payload-NaN"),
+    pytest.param(b'{"name":"demo_ok","payload":{"x":Infinity}}', JSON, 422, id="payload-Infinity"),
+    pytest.param(b'{"name":"demo_ok","payload":{"x":-Infinity}}', JSON, 422, id="payload-minus-Infinity"),
+    pytest.param(b'{"name":"demo_ok","timeout_sec":NaN}', JSON, 422, id="timeout_sec-NaN"),
+    # Python reads 1e400 as float('inf'), which jsonb refuses.
+    pytest.param(b'{"name":"demo_ok","payload":{"x":1e400}}', JSON, 422, id="payload-overflowing-float"),
+    # jsonb refuses the NUL character, and UTF-8 cannot encode a lone surrogate.
+    pytest.param(b'{"name":"demo_ok","payload":{"x":"a\\u0000b"}}', JSON, 422, id="payload-NUL-in-string"),
+    pytest.param(b'{"name":"demo_ok","payload":{"a\\u0000":1}}', JSON, 422, id="payload-NUL-in-key"),
+    pytest.param(b'{"name":"demo_ok","payload":{"x":"\\ud800"}}', JSON, 422, id="payload-lone-surrogate"),
+    pytest.param(b"\xff\xfe{}", JSON, 422, id="not-utf8"),
+]
+
+
+@pytest.mark.parametrize(("raw", "content_type", "expected"), REJECTED_RAW)
+def test_create_rejects_bad_raw_body(
+    client: TestClient, settings: Settings, raw: bytes, content_type: str, expected: int
+) -> None:
+    response = client.post("/tasks", content=raw, headers={"Content-Type": content_type})
+    _assert_clear_4xx(response, expected)
+    assert _rows(settings) == (0, 0)
+
+
+def _oversized_payload(settings: Settings) -> dict[str, Any]:
+    return {**_OK, "payload": {"blob": "x" * (settings.max_body_bytes + 1)}}
+
+
+def test_create_rejects_oversized_body_by_content_length(client: TestClient, settings: Settings) -> None:
+    raw = json.dumps(_oversized_payload(settings)).encode()
+    response = client.post("/tasks", content=raw, headers={"Content-Type": JSON, "Content-Length": str(len(raw))})
+    _assert_clear_4xx(response, 413)
+    assert _rows(settings) == (0, 0)
+
+
+def test_create_rejects_oversized_json_body(client: TestClient, settings: Settings) -> None:
+    response = client.post("/tasks", json=_oversized_payload(settings))
+    _assert_clear_4xx(response, 413)
+    assert _rows(settings) == (0, 0)
+
+
+def test_create_rejects_oversized_chunked_body(client: TestClient, settings: Settings) -> None:
+    raw = json.dumps(_oversized_payload(settings)).encode()
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(raw), 16 * 1024):
+            yield raw[start : start + 16 * 1024]
+
+    response = client.post("/tasks", content=chunks(), headers={"Content-Type": JSON})
+    _assert_clear_4xx(response, 413)
+    assert _rows(settings) == (0, 0)
+
+
+def test_body_just_under_the_limit_is_accepted(client: TestClient, settings: Settings) -> None:
+    overhead = len(json.dumps({**_OK, "payload": {"blob": ""}}).encode())
+    body = {**_OK, "payload": {"blob": "x" * (settings.max_body_bytes - overhead)}}
+    assert len(json.dumps(body).encode()) == settings.max_body_bytes
+    response = client.post("/tasks", json=body)
+    assert response.status_code == 201, response.text
+    assert _rows(settings) == (1, 1)
+
+
+# --- reads of unknown things ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        pytest.param("/tasks/not-a-uuid", 422, id="task-not-a-uuid"),
+        pytest.param(f"/tasks/{uuid.uuid4()}", 404, id="task-unknown"),
+        pytest.param("/tasks/not-a-uuid/events", 422, id="events-not-a-uuid"),
+        pytest.param(f"/tasks/{uuid.uuid4()}/events", 404, id="events-unknown"),
+        pytest.param("/dlq?limit=0", 422, id="dlq-limit-0"),
+        pytest.param("/dlq?limit=501", 422, id="dlq-limit-501"),
+        pytest.param("/dlq?limit=ten", 422, id="dlq-limit-not-int"),
+    ],
+)
+def test_get_rejects(client: TestClient, path: str, expected: int) -> None:
+    _assert_clear_4xx(client.get(path), expected)
+
+
+# --- accepted input ---------------------------------------------------------------------------------
+
+
+def test_create_with_defaults(client: TestClient, settings: Settings) -> None:
+    before = datetime.now(UTC)
+    response = client.post("/tasks", json={"name": "demo_ok"})
+    assert response.status_code == 201, response.text
+    task = response.json()
+    assert task["name"] == "demo_ok"
+    assert task["payload"] == {}
+    assert task["priority"] == 5
+    assert task["queue"] == "default"
+    assert task["status"] == "PENDING"
+    assert task["attempt"] == 0
+    assert task["max_retries"] == 3
+    assert task["timeout_sec"] is None
+    assert task["last_error"] is None
+    assert task["result"] is None
+    assert task["started_at"] is None
+    assert task["finished_at"] is None
+    run_at = _parse(task["run_at"])
+    assert run_at.utcoffset() is not None
+    assert abs((run_at - before).total_seconds()) < 5
+    assert _rows(settings) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("priority", "queue"),
+    [
+        pytest.param(10, "high", id="10-high"),
+        pytest.param(9, "high", id="9-high"),
+        pytest.param(8, "high", id="8-high"),
+        pytest.param(7, "default", id="7-default"),
+        pytest.param(4, "default", id="4-default"),
+        pytest.param(3, "low", id="3-low"),
+        pytest.param(2, "low", id="2-low"),
+        pytest.param(1, "low", id="1-low"),
+    ],
+)
+def test_priority_picks_the_queue(client: TestClient, priority: int, queue: str) -> None:
+    response = client.post("/tasks", json={"name": "demo_ok", "priority": priority})
+    assert response.status_code == 201, response.text
+    assert response.json()["priority"] == priority
+    assert response.json()["queue"] == queue
+
+
+def test_create_with_every_field(client: TestClient) -> None:
+    body = {
+        "name": "demo_fail",
+        "payload": {"fail": False, "nested": {"list": [1, 2.5, "three", None, True]}},
+        "priority": 7,
+        "run_at": "2030-01-01T12:00:00Z",
+        "max_retries": 0,
+        "timeout_sec": 2.5,
+    }
+    response = client.post("/tasks", json=body)
+    assert response.status_code == 201, response.text
+    task = response.json()
+    assert task["payload"] == body["payload"]
+    assert task["max_retries"] == 0
+    assert task["timeout_sec"] == 2.5
+    assert _parse(task["run_at"]) == datetime(2030, 1, 1, 12, tzinfo=UTC)
+
+
+def test_run_at_with_offset_round_trips_as_the_same_instant(client: TestClient) -> None:
+    response = client.post("/tasks", json={"name": "demo_ok", "run_at": "2030-06-01T14:00:00+02:00"})
+    assert response.status_code == 201, response.text
+    created = _parse(response.json()["run_at"])
+    assert created == datetime(2030, 6, 1, 12, tzinfo=UTC)
+    fetched = client.get(f"/tasks/{response.json()['id']}").json()
+    assert _parse(fetched["run_at"]) == created
+
+
+def test_run_at_slightly_in_the_past_is_accepted(client: TestClient, settings: Settings) -> None:
+    run_at = datetime.now(UTC) - timedelta(seconds=10)
+    response = client.post("/tasks", json={"name": "demo_ok", "run_at": _iso(run_at)})
+    assert response.status_code == 201, response.text
+    assert abs((_parse(response.json()["run_at"]) - run_at).total_seconds()) < 0.001
+    assert _rows(settings) == (1, 1)
+
+
+def test_get_returns_every_field(client: TestClient) -> None:
+    created = client.post("/tasks", json={"name": "demo_ok", "payload": {"msg": "hi"}, "priority": 9}).json()
+    response = client.get(f"/tasks/{created['id']}")
+    assert response.status_code == 200, response.text
+    task = response.json()
+    assert TASK_FIELDS <= set(task), TASK_FIELDS - set(task)
+    assert task == created
+    assert uuid.UUID(task["id"])
+    assert task["payload"] == {"msg": "hi"}
+    assert task["queue"] == "high"
+
+
+def test_events_of_a_new_task(client: TestClient) -> None:
+    created = client.post("/tasks", json={"name": "demo_ok"}).json()
+    response = client.get(f"/tasks/{created['id']}/events")
+    assert response.status_code == 200, response.text
+    events = response.json()
+    assert len(events) == 1
+    event = events[0]
+    assert set(event) == {"at", "from_status", "to_status", "attempt", "detail"}
+    assert event["from_status"] is None
+    assert event["to_status"] == "PENDING"
+    assert event["attempt"] == 0
+    assert event["detail"] == "created"
+    assert _parse(event["at"]).utcoffset() is not None
+
+
+def test_dlq_is_empty(client: TestClient) -> None:
+    response = client.get("/dlq")
+    assert response.status_code == 200, response.text
+    assert response.json() == []
+    assert client.get("/dlq?limit=500").json() == []
+    assert client.get("/dlq?limit=1").json() == []
+
+
+def test_healthz(client: TestClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json()["status"] == "ok"
+
+
+def test_readyz(client: TestClient) -> None:
+    response = client.get("/readyz")
+    assert response.status_code == 200, response.text
+    assert response.json() == {"status": "ok", "database": "ok", "broker": "ok"}
+
+
+def test_docs_and_openapi(client: TestClient) -> None:
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    assert "swagger" in docs.text.lower()
+    openapi = client.get("/openapi.json")
+    assert openapi.status_code == 200
+    paths = openapi.json()["paths"]
+    assert "/tasks" in paths
+    assert "post" in paths["/tasks"]
+    assert "/tasks/{task_id}" in paths

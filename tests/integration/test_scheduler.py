@@ -1,0 +1,181 @@
+"""The scheduler's steps, called directly with `now` (no sleeping) and the real Celery publisher."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import text
+
+from taskscheduler.scheduler import dispatch, rescue
+from taskscheduler.scheduler.publisher import CeleryPublisher
+from taskscheduler.store import db
+from taskscheduler.store import tasks as task_store
+from tests.helpers import backdate, events, new_task, queued, task_row, to_dead, to_started
+
+NOW = datetime.now(UTC)
+
+
+@pytest.fixture
+def publisher(settings):
+    from taskscheduler.worker import configure_celery
+
+    configure_celery(settings)
+    return CeleryPublisher(settings.stuck_after_sec)
+
+
+def test_dispatch_publishes_due_tasks_priority_first_then_run_at(settings, publisher, redis_client, services):
+    low_early = new_task(priority=5, run_at=NOW - timedelta(seconds=30))
+    high_late = new_task(priority=9, run_at=NOW - timedelta(seconds=10))
+    high_early = new_task(priority=10, run_at=NOW - timedelta(seconds=20))
+    mid = new_task(priority=6, run_at=NOW - timedelta(seconds=40))
+    not_due = new_task(priority=10, run_at=NOW + timedelta(seconds=5))
+
+    assert dispatch.run_once(settings=settings, publisher=publisher, now=NOW) == 4
+    order = [r[0] for r in _dispatch_order()]
+    assert order == [str(high_early), str(high_late), str(mid), str(low_early)]
+    assert queued(redis_client, services.redis_key_prefix, "high") == [(str(high_early), 1), (str(high_late), 1)]
+    assert queued(redis_client, services.redis_key_prefix, "default") == [(str(mid), 1), (str(low_early), 1)]
+    assert task_row(not_due)["status"] == "PENDING"
+    # At the not-due task's run_at it goes too.
+    assert dispatch.run_once(settings=settings, publisher=publisher, now=NOW + timedelta(seconds=5)) == 1
+
+
+def test_dispatch_batch_is_bounded(settings, publisher, monkeypatch):
+    monkeypatch.setattr(settings, "dispatch_batch_size", 3)
+    for _ in range(5):
+        new_task(run_at=NOW - timedelta(seconds=1))
+    assert dispatch.run_once(settings=settings, publisher=publisher, now=NOW) == 3
+    assert dispatch.run_once(settings=settings, publisher=publisher, now=NOW) == 2
+    assert dispatch.run_once(settings=settings, publisher=publisher, now=NOW) == 0
+
+
+def test_dispatch_uses_the_database_clock_by_default(settings, publisher):
+    due = new_task()
+    future = new_task(run_at=datetime.now(UTC) + timedelta(minutes=10))
+    assert dispatch.run_once(settings=settings, publisher=publisher) == 1
+    assert task_row(due)["status"] == "ENQUEUED" and task_row(future)["status"] == "PENDING"
+
+
+def test_stuck_by_heartbeat_is_retried(settings, publisher):
+    task_id = new_task(max_retries=2)
+    to_started(task_id)
+    now = datetime.now(UTC)
+    assert rescue.run_once(settings=settings, publisher=publisher, now=now) == rescue.RescueCounts()
+    backdate(task_id, heartbeat_at=timedelta(seconds=settings.heartbeat_timeout_sec + 1))
+    counts = rescue.run_once(settings=settings, publisher=publisher, now=now)
+    assert counts.retried == 1 and counts.dead == 0
+    row = task_row(task_id)
+    assert row["status"] == "FAILED" and "no heartbeat" in row["last_error"]
+    assert events(task_id)[-1] == ("STARTED", "FAILED", 1)
+
+
+def test_stuck_by_timeout_with_no_retries_is_dead_and_sent_to_the_dlq(settings, publisher, redis_client, services):
+    task_id = new_task(max_retries=0, timeout_sec=30)
+    to_started(task_id)
+    backdate(task_id, started_at=timedelta(seconds=20))
+    assert rescue.run_once(settings=settings, publisher=publisher).dead == 0
+    backdate(task_id, started_at=timedelta(seconds=11))
+    counts = rescue.run_once(settings=settings, publisher=publisher)
+    assert counts.dead == 1
+    row = task_row(task_id)
+    assert row["status"] == "DEAD" and row["dead_reason"] == "stuck_task_timeout"
+    assert "timeout" in row["last_error"]
+    (msg,) = queued(redis_client, services.redis_key_prefix, "dlq")
+    assert msg[:4] == (str(task_id), 1, "demo_ok", "stuck_task_timeout")
+
+
+def test_stuck_uses_the_default_timeout_when_the_task_has_none(settings, publisher):
+    task_id = new_task(max_retries=1)
+    to_started(task_id)
+    now = datetime.now(UTC)
+    # Keep the heartbeat fresh: only the run time can make it stuck.
+    assert rescue.run_once(settings=settings, publisher=publisher, now=now + timedelta(seconds=1)).retried == 0
+    backdate(task_id, started_at=timedelta(seconds=settings.stuck_after_sec + 1))
+    assert rescue.run_once(settings=settings, publisher=publisher, now=now).retried == 1
+    assert "timeout" in task_row(task_id)["last_error"]
+
+
+def test_lost_enqueued_message_is_published_again_with_the_same_attempt(settings, publisher, redis_client, services):
+    task_id = new_task()
+    assert dispatch.run_once(settings=settings, publisher=publisher) == 1
+    redis_client.delete(f"{services.redis_key_prefix}default")  # the broker lost the message
+    now = datetime.now(UTC)
+    assert rescue.run_once(settings=settings, publisher=publisher, now=now).republished == 0
+    later = now + timedelta(seconds=settings.enqueue_timeout_sec + 1)
+    assert rescue.run_once(settings=settings, publisher=publisher, now=later).republished == 1
+    assert queued(redis_client, services.redis_key_prefix, "default") == [(str(task_id), 1)]
+    row = task_row(task_id)
+    assert row["status"] == "ENQUEUED" and row["attempt"] == 1
+    # published_at moved: the same sweep does not publish it again at once.
+    assert rescue.run_once(settings=settings, publisher=publisher, now=later).republished == 0
+
+
+def test_dead_without_dlq_row_is_published_to_the_dlq_again(settings, publisher, redis_client, services):
+    task_id = new_task()
+    attempt = to_dead(task_id)
+    now = datetime.now(UTC)
+    assert rescue.run_once(settings=settings, publisher=publisher, now=now).dlq_republished == 0
+    later = now + timedelta(seconds=settings.enqueue_timeout_sec + 1)
+    assert rescue.run_once(settings=settings, publisher=publisher, now=later).dlq_republished == 1
+    (msg,) = queued(redis_client, services.redis_key_prefix, "dlq")
+    assert msg[:4] == (str(task_id), attempt, "demo_ok", "max_retries_exceeded")
+
+    from taskscheduler.worker import record_dead
+
+    assert record_dead(*msg) is True
+    assert record_dead(*msg) is False  # duplicate delivery writes nothing more
+    later2 = later + timedelta(seconds=settings.enqueue_timeout_sec + 1)
+    assert rescue.run_once(settings=settings, publisher=publisher, now=later2).dlq_republished == 0
+
+
+def test_two_dispatchers_racing_claim_each_task_exactly_once(settings, publisher, monkeypatch):
+    monkeypatch.setattr(settings, "dispatch_batch_size", 50)
+    with db.transaction() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO tasks (id, name, priority, queue, status, run_at, max_retries)"
+                " SELECT gen_random_uuid(), 'demo_ok', 5, 'default', 'PENDING', now() - interval '1 second', 3"
+                " FROM generate_series(1, 1000)"
+            )
+        )
+    claimed: list[list[task_store.Dispatched]] = [[], []]
+    barrier = threading.Barrier(2)
+
+    class Recording(CeleryPublisher):
+        def __init__(self, slot: list[task_store.Dispatched]) -> None:
+            super().__init__(settings.stuck_after_sec)
+            self.slot = slot
+
+        def publish_attempts(self, items):
+            self.slot.extend(items)
+            return super().publish_attempts(items)
+
+    def run(i: int) -> None:
+        pub = Recording(claimed[i])
+        barrier.wait()
+        while dispatch.run_once(settings=settings, publisher=pub):
+            pass
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    ids = [d.id for d in claimed[0] + claimed[1]]
+    assert len(ids) == 1000 and len(set(ids)) == 1000
+    assert all(d.attempt == 1 for d in claimed[0] + claimed[1])
+    assert claimed[0] and claimed[1], "both dispatchers should have taken part"
+    with db.transaction() as conn:
+        counts = conn.execute(
+            text("SELECT count(*) FROM task_events WHERE to_status = 'ENQUEUED' GROUP BY task_id HAVING count(*) > 1")
+        ).all()
+        statuses = conn.execute(text("SELECT status, count(*) FROM tasks GROUP BY status")).all()
+    assert counts == []
+    assert statuses == [("ENQUEUED", 1000)]
+
+
+def _dispatch_order():
+    with db.transaction() as conn:
+        return conn.execute(text("SELECT task_id::text FROM task_events WHERE to_status = 'ENQUEUED' ORDER BY id")).all()
