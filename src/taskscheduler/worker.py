@@ -16,11 +16,11 @@ from typing import Any
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
-from kombu import Queue as KombuQueue
+from kombu.entity import Queue as KombuQueue
 
 from taskscheduler import handlers
 from taskscheduler.config import Settings, get_settings
-from taskscheduler.lifecycle import Queue, DlqReason, backoff_sec, has_retries_left
+from taskscheduler.lifecycle import DlqReason, Queue, backoff_sec, has_retries_left
 from taskscheduler.store import db
 from taskscheduler.store import dlq as dlq_store
 from taskscheduler.store import tasks as task_store

@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from taskscheduler.api import create_app
+from taskscheduler.api.body_guard import MAX_JSON_DEPTH
 from taskscheduler.config import Settings
 from taskscheduler.store import db
 
@@ -133,6 +134,17 @@ REJECTED_RAW: list[Any] = [
     pytest.param(b'{"name":"demo_ok","payload":{"x":"a\\u0000b"}}', JSON, 422, id="payload-NUL-in-string"),
     pytest.param(b'{"name":"demo_ok","payload":{"a\\u0000":1}}', JSON, 422, id="payload-NUL-in-key"),
     pytest.param(b'{"name":"demo_ok","payload":{"x":"\\ud800"}}', JSON, 422, id="payload-lone-surrogate"),
+    pytest.param(b'{"name":"demo_ok","payload":{"x":"\xed\xa0\x80"}}', JSON, 422, id="payload-raw-surrogate-bytes"),
+    pytest.param(b'{"name":"demo_ok","priority":1e400}', JSON, 422, id="priority-overflowing-float"),
+    pytest.param(b'{"name":"demo_ok","timeout_sec":1e400}', JSON, 422, id="timeout_sec-overflowing-float"),
+    pytest.param(b'{"name":"demo_ok","run_at":1e400}', JSON, 422, id="run_at-overflowing-float"),
+    pytest.param(b'{"name":"demo_ok","max_retries":1' + b"0" * 5000 + b"}", JSON, 422, id="max_retries-5001-digits"),
+    # Unknown names and fields are echoed in the error response, which must still encode.
+    pytest.param(b'{"name":"\\ud800"}', JSON, 422, id="name-lone-surrogate"),
+    pytest.param(b'{"name":"demo_\\u0000"}', JSON, 422, id="name-NUL"),
+    pytest.param(b'{"name":"demo_ok","run_at":"\\ud800"}', JSON, 422, id="run_at-lone-surrogate"),
+    pytest.param(b'{"name":"demo_ok","colour":"\\ud800"}', JSON, 422, id="extra-field-lone-surrogate"),
+    pytest.param(b'{"name":"demo_ok","payload":' + b"[" * 100_000 + b"]" * 100_000 + b"}", JSON, 422, id="too-deep"),
     pytest.param(b"\xff\xfe{}", JSON, 422, id="not-utf8"),
 ]
 
@@ -182,6 +194,33 @@ def test_body_just_under_the_limit_is_accepted(client: TestClient, settings: Set
     response = client.post("/tasks", json=body)
     assert response.status_code == 201, response.text
     assert _rows(settings) == (1, 1)
+
+
+def _nested_payload(levels: int) -> bytes:
+    return b'{"name":"demo_ok","payload":' + b'{"a":' * levels + b"1" + b"}" * levels + b"}"
+
+
+def test_payload_nested_to_the_limit_is_accepted(client: TestClient, settings: Settings) -> None:
+    # The body is level 1 and the payload's outer object level 2: the innermost is at MAX_JSON_DEPTH.
+    response = client.post("/tasks", content=_nested_payload(MAX_JSON_DEPTH - 1), headers={"Content-Type": JSON})
+    assert response.status_code == 201, response.text
+    assert client.get(f"/tasks/{response.json()['id']}").status_code == 200
+    assert _rows(settings) == (1, 1)
+
+
+@pytest.mark.parametrize("levels", [MAX_JSON_DEPTH, 300, 900], ids=lambda n: f"{n}-levels")
+def test_payload_nested_too_deep_is_rejected(client: TestClient, settings: Settings, levels: int) -> None:
+    # 300 levels was stored, then failed to serialise: a 500, and a task that could never be read.
+    response = client.post("/tasks", content=_nested_payload(levels), headers={"Content-Type": JSON})
+    _assert_clear_4xx(response, 422)
+    assert _rows(settings) == (0, 0)
+
+
+def test_large_integers_and_unicode_in_payload_round_trip(client: TestClient) -> None:
+    payload = {"big": -(10**4299), "small": 1e-300, "text": "h\u00e9llo \U0001f600 \u4e2d", "\u00e9": [None]}
+    response = client.post("/tasks", json={"name": "demo_ok", "payload": payload})
+    assert response.status_code == 201, response.text
+    assert client.get(f"/tasks/{response.json()['id']}").json()["payload"] == payload
 
 
 # --- reads of unknown things ------------------------------------------------------------------------
@@ -289,7 +328,7 @@ def test_get_returns_every_field(client: TestClient) -> None:
     response = client.get(f"/tasks/{created['id']}")
     assert response.status_code == 200, response.text
     task = response.json()
-    assert TASK_FIELDS <= set(task), TASK_FIELDS - set(task)
+    assert set(task) >= TASK_FIELDS, TASK_FIELDS - set(task)
     assert task == created
     assert uuid.UUID(task["id"])
     assert task["payload"] == {"msg": "hi"}
@@ -341,3 +380,34 @@ def test_docs_and_openapi(client: TestClient) -> None:
     assert "/tasks" in paths
     assert "post" in paths["/tasks"]
     assert "/tasks/{task_id}" in paths
+
+
+# --- the app uses the settings it was built with ----------------------------------------------------
+
+
+def test_app_uses_its_own_grace(settings: Settings) -> None:
+    strict = settings.model_copy(update={"run_at_grace_sec": 0.0})
+    with TestClient(create_app(strict)) as strict_client:
+        run_at = datetime.now(UTC) - timedelta(seconds=10)
+        response = strict_client.post("/tasks", json={"name": "demo_ok", "run_at": _iso(run_at)})
+    _assert_clear_4xx(response, 422)
+    assert _rows(settings) == (0, 0)
+
+
+def test_app_uses_its_own_body_limit(settings: Settings) -> None:
+    small = settings.model_copy(update={"max_body_bytes": 2048})
+    with TestClient(create_app(small)) as small_client:
+        response = small_client.post("/tasks", json={"name": "demo_ok", "payload": {"blob": "x" * 3000}})
+    _assert_clear_4xx(response, 413)
+    assert _rows(settings) == (0, 0)
+
+
+def test_readyz_reports_an_unreachable_broker(settings: Settings) -> None:
+    broken = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(broken)) as broken_client:
+        response = broken_client.get("/readyz")
+    assert response.status_code == 503, response.text
+    body = response.json()
+    assert body["status"] == "unavailable"
+    assert body["database"] == "ok"
+    assert body["broker"].startswith("unreachable")

@@ -7,12 +7,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
+from tests.helpers import backdate, events, new_task, queued, task_row, to_dead, to_started
 
 from taskscheduler.scheduler import dispatch, rescue
 from taskscheduler.scheduler.publisher import CeleryPublisher
 from taskscheduler.store import db
 from taskscheduler.store import tasks as task_store
-from tests.helpers import backdate, events, new_task, queued, task_row, to_dead, to_started
 
 NOW = datetime.now(UTC)
 
@@ -178,4 +178,5 @@ def test_two_dispatchers_racing_claim_each_task_exactly_once(settings, publisher
 
 def _dispatch_order():
     with db.transaction() as conn:
-        return conn.execute(text("SELECT task_id::text FROM task_events WHERE to_status = 'ENQUEUED' ORDER BY id")).all()
+        query = "SELECT task_id::text FROM task_events WHERE to_status = 'ENQUEUED' ORDER BY id"
+        return conn.execute(text(query)).all()

@@ -7,12 +7,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
+from tests.helpers import dispatch_all, events, new_task, task_row, to_dead, to_started
 
 from taskscheduler.lifecycle import DlqReason
 from taskscheduler.store import db
 from taskscheduler.store import dlq as dlq_store
 from taskscheduler.store import tasks as task_store
-from tests.helpers import dispatch_all, events, new_task, task_row, to_dead, to_started
 
 
 @pytest.fixture(autouse=True)
@@ -174,9 +174,10 @@ def _apply(conn, transition: str, task_id: uuid.UUID, attempt: int) -> bool:
     if transition == "fail":
         return task_store.fail(conn, task_id=task_id, attempt=attempt, error="late", retry_in_sec=0)
     if transition == "kill":
-        return task_store.kill(
-            conn, task_id=task_id, attempt=attempt, error="late", reason=DlqReason.MAX_RETRIES_EXCEEDED
-        ) is not None
+        return (
+            task_store.kill(conn, task_id=task_id, attempt=attempt, error="late", reason=DlqReason.MAX_RETRIES_EXCEEDED)
+            is not None
+        )
     return task_store.heartbeat(conn, task_id=task_id, attempt=attempt)
 
 

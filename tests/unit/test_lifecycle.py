@@ -1,3 +1,4 @@
+import itertools
 import random
 import statistics
 
@@ -36,9 +37,16 @@ def test_every_status_has_a_transition_entry():
 
 
 def test_the_happy_path_and_the_retry_loop_are_allowed():
-    path = [TaskStatus.PENDING, TaskStatus.ENQUEUED, TaskStatus.STARTED, TaskStatus.FAILED, TaskStatus.ENQUEUED,
-            TaskStatus.STARTED, TaskStatus.SUCCEEDED]
-    assert all(can_transition(a, b) for a, b in zip(path, path[1:], strict=False))
+    path = [
+        TaskStatus.PENDING,
+        TaskStatus.ENQUEUED,
+        TaskStatus.STARTED,
+        TaskStatus.FAILED,
+        TaskStatus.ENQUEUED,
+        TaskStatus.STARTED,
+        TaskStatus.SUCCEEDED,
+    ]
+    assert all(can_transition(a, b) for a, b in itertools.pairwise(path))
 
 
 def test_nothing_leaves_a_terminal_state_except_an_explicit_retry_to_pending():
@@ -51,7 +59,7 @@ def test_a_started_task_cannot_be_cancelled_or_skip_back():
     assert TaskStatus.STARTED not in CANCELLABLE
     assert not can_transition(TaskStatus.STARTED, TaskStatus.ENQUEUED)
     assert not can_transition(TaskStatus.PENDING, TaskStatus.STARTED)
-    assert DISPATCHABLE == {TaskStatus.PENDING, TaskStatus.FAILED}
+    assert {TaskStatus.PENDING, TaskStatus.FAILED} == DISPATCHABLE
 
 
 def test_retry_budget_counts_attempts_from_the_last_replay():

@@ -26,13 +26,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     handlers.load_task_modules(settings.task_module_list)
     app = FastAPI(title="taskscheduler", version=__version__, description=DESCRIPTION)
+    # The routes ask for settings through `get_settings`; give them the ones this app was built with.
+    app.dependency_overrides[get_settings] = lambda: settings
     app.include_router(router)
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
 
     @app.exception_handler(OperationalError)
     async def database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", str(exc.orig).strip().splitlines()[0] if exc.orig else exc)
-        return JSONResponse({"detail": "database unavailable, try again"}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse(
+            {"detail": "database unavailable, try again"}, status_code=503, headers={"Retry-After": "1"}
+        )
 
     @app.exception_handler(DBAPIError)
     async def database_error(request: Request, exc: DBAPIError) -> JSONResponse:

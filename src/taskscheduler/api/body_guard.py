@@ -1,22 +1,85 @@
 """An ASGI guard in front of the routes: body size (413), content type (415) and strict JSON (422).
 
-Python's json module reads NaN and Infinity, which PostgreSQL's jsonb refuses; catching them here
-turns what would be a 500 into a clear 422.
+Python's json module reads things that are not JSON, or that PostgreSQL cannot store: NaN and
+Infinity, numbers too large for a float (1e400 becomes inf), lone UTF-16 surrogates ("\\ud800"),
+NUL characters ("\\u0000", refused by jsonb and text columns), and nesting deeper than a task's
+response can be serialised. Any of them would reach the database or the response and end as a
+500 (or as a task that can never be read back); catching them here makes it a clear 422.
+Plain syntax errors pass through, so FastAPI reports them with their position.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
+# Pydantic cannot serialise a response nested 256 levels deep; stay well below.
+MAX_JSON_DEPTH = 64
+# Python's own limit for converting a digit string to int (sys.get_int_max_str_digits()).
+_MAX_INT_DIGITS = 4300
+
+
+class NotStrictJSON(ValueError):
+    """Parsed by Python's json module, but not strict JSON that PostgreSQL can store."""
 
 
 def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
+    raise NotStrictJSON(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise NotStrictJSON(f"number {text[:40]} is out of range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > _MAX_INT_DIGITS:
+        raise NotStrictJSON(f"integer with {digits} digits is too long (at most {_MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _check_string(value: str) -> None:
+    if "\x00" in value:
+        raise NotStrictJSON("the NUL character (\\u0000) is not supported")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise NotStrictJSON("lone UTF-16 surrogates (e.g. \\ud800) are not valid Unicode") from None
+
+
+def check_strict_json(body: bytes) -> None:
+    """Raise NotStrictJSON (or json.JSONDecodeError for a syntax error) unless `body` is strict JSON."""
+    try:
+        document = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_bounded_int)
+    except RecursionError:
+        raise NotStrictJSON(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except (NotStrictJSON, json.JSONDecodeError):
+        raise
+    except ValueError as exc:  # bytes that are not UTF-8/16/32
+        raise NotStrictJSON(str(exc)) from None
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            _check_string(item)
+        elif isinstance(item, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise NotStrictJSON(f"nested deeper than {MAX_JSON_DEPTH} levels")
+            if isinstance(item, dict):
+                for key in item:
+                    _check_string(key)
+                stack.extend((value, depth + 1) for value in item.values())
+            else:
+                stack.extend((value, depth + 1) for value in item)
 
 
 class BodyGuard:
@@ -54,13 +117,13 @@ class BodyGuard:
                 detail = f"Content-Type must be application/json, got {content_type or 'none'!r}"
                 await self._reject(scope, receive, send, 415, detail)
                 return
-            # Only bodies that mention NaN/Infinity pay for a second parse.
-            if b"NaN" in body or b"Infinity" in body:
-                try:
-                    json.loads(body, parse_constant=_reject_constant)
-                except ValueError as exc:
-                    await self._reject(scope, receive, send, 422, f"invalid JSON: {exc}")
-                    return
+            try:
+                check_strict_json(body)
+            except NotStrictJSON as exc:
+                await self._reject(scope, receive, send, 422, f"invalid JSON: {exc}")
+                return
+            except json.JSONDecodeError:
+                pass  # FastAPI reports the syntax error, with its position
 
         replayed = False
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis
 from fastapi import APIRouter, HTTPException, Query, status
@@ -21,7 +21,7 @@ from taskscheduler.store import tasks as task_store
 
 router = APIRouter()
 
-TASK_NOT_FOUND = {404: {"description": "No task with this id."}}
+TASK_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No task with this id."}}
 
 
 def _validation_error(field: str, message: str) -> HTTPException:
@@ -62,9 +62,7 @@ def get_task(task_id: uuid.UUID, conn: ConnDep) -> TaskOut:
     return TaskOut.model_validate(dict(row))
 
 
-@router.get(
-    "/tasks/{task_id}/events", response_model=list[TaskEventOut], responses=TASK_NOT_FOUND, tags=["tasks"]
-)
+@router.get("/tasks/{task_id}/events", response_model=list[TaskEventOut], responses=TASK_NOT_FOUND, tags=["tasks"])
 def get_task_events(task_id: uuid.UUID, conn: ConnDep) -> list[TaskEventOut]:
     """Every transition of the task, oldest first."""
     events = task_store.list_events(conn, task_id)
@@ -90,7 +88,7 @@ def readyz(settings: SettingsDep) -> Health | JSONResponse:
     """Readiness: the database and the broker are reachable."""
     database = broker = "ok"
     try:
-        with db.get_engine().connect() as conn:
+        with db.get_engine(settings.require_urls()[0]).connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as exc:
         database = f"unreachable: {type(exc).__name__}"

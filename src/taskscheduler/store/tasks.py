@@ -91,19 +91,23 @@ def create_task(
     max_retries: int,
     timeout_sec: float | None,
 ) -> RowMapping:
-    row = conn.execute(
-        _CREATE,
-        {
-            "id": uuid.uuid4(),
-            "name": name,
-            "payload": payload,
-            "priority": priority,
-            "queue": queue,
-            "run_at": run_at,
-            "max_retries": max_retries,
-            "timeout_sec": timeout_sec,
-        },
-    ).mappings().one()
+    row = (
+        conn.execute(
+            _CREATE,
+            {
+                "id": uuid.uuid4(),
+                "name": name,
+                "payload": payload,
+                "priority": priority,
+                "queue": queue,
+                "run_at": run_at,
+                "max_retries": max_retries,
+                "timeout_sec": timeout_sec,
+            },
+        )
+        .mappings()
+        .one()
+    )
     return row
 
 
@@ -114,10 +118,7 @@ def get_task(conn: Connection, task_id: uuid.UUID) -> RowMapping | None:
 def list_events(conn: Connection, task_id: uuid.UUID) -> list[RowMapping]:
     return list(
         conn.execute(
-            text(
-                "SELECT at, from_status, to_status, attempt, detail FROM task_events"
-                " WHERE task_id = :id ORDER BY id"
-            ),
+            text("SELECT at, from_status, to_status, attempt, detail FROM task_events WHERE task_id = :id ORDER BY id"),
             {"id": task_id},
         ).mappings()
     )
@@ -192,9 +193,7 @@ def claim(conn: Connection, *, task_id: uuid.UUID, attempt: int, worker: str | N
     )
 
 
-_HEARTBEAT = text(
-    "UPDATE tasks SET heartbeat_at = now() WHERE id = :id AND attempt = :attempt AND status = 'STARTED'"
-)
+_HEARTBEAT = text("UPDATE tasks SET heartbeat_at = now() WHERE id = :id AND attempt = :attempt AND status = 'STARTED'")
 
 
 def heartbeat(conn: Connection, *, task_id: uuid.UUID, attempt: int) -> bool:
@@ -212,7 +211,8 @@ _SUCCEED = text(
 
 
 def succeed(conn: Connection, *, task_id: uuid.UUID, attempt: int, result: Any) -> bool:
-    return conn.execute(_SUCCEED, {"id": task_id, "attempt": attempt, "result": result, "detail": None}).first() is not None
+    params = {"id": task_id, "attempt": attempt, "result": result, "detail": None}
+    return conn.execute(_SUCCEED, params).first() is not None
 
 
 _FAIL = text(
@@ -233,8 +233,7 @@ def fail(conn: Connection, *, task_id: uuid.UUID, attempt: int, error: str, retr
 
 _KILL = text(
     _guarded(
-        "last_error = :error, dead_reason = :reason, dlq_recorded = false, finished_at = now(),"
-        " published_at = now()",
+        "last_error = :error, dead_reason = :reason, dlq_recorded = false, finished_at = now(), published_at = now()",
         src=TaskStatus.STARTED,
         dst=TaskStatus.DEAD,
         returning="t.id, t.name",
@@ -342,6 +341,5 @@ def take_unrecorded_dead(
     """DEAD tasks whose DLQ record has not appeared within `timeout_sec`; marks them published again."""
     rows = conn.execute(_REPUBLISH_DEAD, {"now": now, "timeout_sec": timeout_sec, "limit": limit})
     return [
-        DeadUnrecorded(id=r.id, attempt=r.attempt, name=r.name, reason=r.dead_reason, error=r.last_error)
-        for r in rows
+        DeadUnrecorded(id=r.id, attempt=r.attempt, name=r.name, reason=r.dead_reason, error=r.last_error) for r in rows
     ]

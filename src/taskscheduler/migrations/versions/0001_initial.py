@@ -59,9 +59,7 @@ def upgrade() -> None:
         "tasks_dispatch_idx", "tasks", ["run_at"], postgresql_where=sa.text("status IN ('PENDING', 'FAILED')")
     )
     op.create_index("tasks_started_idx", "tasks", ["started_at"], postgresql_where=sa.text("status = 'STARTED'"))
-    op.create_index(
-        "tasks_enqueued_idx", "tasks", ["published_at"], postgresql_where=sa.text("status = 'ENQUEUED'")
-    )
+    op.create_index("tasks_enqueued_idx", "tasks", ["published_at"], postgresql_where=sa.text("status = 'ENQUEUED'"))
     op.create_index(
         "tasks_dead_unrecorded_idx",
         "tasks",

@@ -1,0 +1,160 @@
+"""Real processes, started with the `taskscheduler` CLI exactly as compose and the Procfile run them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Services
+from tests.helpers import wait_until
+
+CLI = shutil.which("taskscheduler", path=str(Path(sys.executable).parent)) or "taskscheduler"
+
+# Short timeouts so faults resolve in seconds; every wait in the tests polls for a condition.
+FAST_SETTINGS = {
+    "POLL_INTERVAL_SEC": "0.2",
+    "HEARTBEAT_SEC": "0.5",
+    "HEARTBEAT_TIMEOUT_SEC": "3",
+    "STUCK_AFTER_SEC": "4",
+    "ENQUEUE_TIMEOUT_SEC": "5",
+    "RETRY_BACKOFF_BASE_SEC": "0.2",
+    "RETRY_BACKOFF_MAX_SEC": "1",
+    "LOG_LEVEL": "INFO",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        """Signal the whole process group (Celery's pool children included)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 15) -> int | None:
+        if self.popen.poll() is None:
+            self.signal_group(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal_group(signal.SIGKILL)
+                self.popen.wait(5)
+        self.signal_group(signal.SIGKILL)  # pool children left behind, if any
+        return self.popen.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class Cluster:
+    services: Services
+    tmp: Path
+    extra_env: dict[str, str]
+    api_port: int = field(default_factory=free_port)
+    procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("FAULT_POINT",)}
+        env.update(self.services.env())
+        env.update(FAST_SETTINGS)
+        env["API_PORT"] = str(self.api_port)
+        env["API_HOST"] = "127.0.0.1"
+        env.update(self.extra_env)
+        return env
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> Proc:
+        name = "-".join(args).replace("--queues-", "")
+        log_path = self.tmp / f"{name}-{len(self.procs)}.log"
+        with log_path.open("wb") as out:
+            popen = subprocess.Popen(
+                [CLI, *args],
+                env={**self.env, **(env or {})},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, so a test can kill it whole
+            )
+        proc = Proc(name=name, popen=popen, log_path=log_path)
+        self.procs.append(proc)
+        return proc
+
+    def start_worker(self, queue: str) -> Proc:
+        proc = self.start("worker", "--queues", queue)
+        self.wait_worker_ready(proc)
+        return proc
+
+    @staticmethod
+    def wait_worker_ready(proc: Proc) -> None:
+        wait_until(lambda: "ready." in proc.log() or proc.popen.poll() is not None, timeout=30, what=proc.name)
+        assert proc.popen.poll() is None, proc.log()
+
+    def start_all(self) -> None:
+        """api, scheduler and the four workers, started together, then waited for."""
+        self.start("api")
+        self.start("scheduler")
+        workers = [self.start("worker", "--queues", q) for q in ("high", "default", "low", "dlq")]
+        wait_until(self._api_up, timeout=30, what="api")
+        for proc in workers:
+            self.wait_worker_ready(proc)
+
+    def _api_up(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    def dump_logs(self) -> str:
+        return "\n".join(f"===== {p.name} =====\n{p.log()[-4000:]}" for p in self.procs)
+
+
+@pytest.fixture
+def cluster_factory(clean_db: Services, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[type[Cluster]]:
+    clusters: list[Cluster] = []
+
+    def make(**extra_env: str) -> Cluster:
+        cluster = Cluster(services=clean_db, tmp=tmp_path, extra_env=extra_env)
+        clusters.append(cluster)
+        return cluster
+
+    yield make  # type: ignore[misc]
+    for cluster in clusters:
+        cluster.stop_all()
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            print(cluster.dump_logs())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

@@ -1,0 +1,309 @@
+"""The embedded PostgreSQL + Valkey servers (taskscheduler.embedded) against real clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import kombu
+import psutil
+import pytest
+import redis
+import sqlalchemy as sa
+
+from taskscheduler.embedded import EmbeddedError, EmbeddedServers, start_embedded
+
+# Started with `python -c`: holds the embedded servers of argv[1] until its stdin is closed.
+_HOLDER = """
+import json, sys
+from pathlib import Path
+from taskscheduler.embedded import start_embedded
+servers = start_embedded(Path(sys.argv[1]))
+print(json.dumps({"database_url": servers.database_url, "redis_client_url": servers.redis_client_url}), flush=True)
+sys.stdin.read()
+servers.stop()
+"""
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting until {what}")
+        time.sleep(0.02)
+
+
+def _exited(proc: psutil.Process) -> bool:
+    """Exited, or a zombie: a server that is not our child may wait a while for init to reap it."""
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _server_processes(data_dir: Path, redis_client_url: str) -> list[psutil.Process]:
+    """The postmaster (from postmaster.pid), its backends, and the Valkey server (from INFO)."""
+    postmaster_pid = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
+    postmaster = psutil.Process(postmaster_pid)
+    client = redis.Redis.from_url(redis_client_url)
+    try:
+        valkey_pid = int(client.info("server")["process_id"])
+    finally:
+        client.close()
+    return [postmaster, *postmaster.children(), psutil.Process(valkey_pid)]
+
+
+def _insert_row(database_url: str, value: str) -> None:
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE IF NOT EXISTS probe (value text NOT NULL)"))
+            conn.execute(sa.text("INSERT INTO probe (value) VALUES (:v)"), {"v": value})
+    finally:
+        engine.dispose()
+
+
+def _select_rows(database_url: str) -> list[str]:
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return [row[0] for row in conn.execute(sa.text("SELECT value FROM probe ORDER BY value"))]
+    finally:
+        engine.dispose()
+
+
+def _redis_roundtrip(url: str, key: str, value: str) -> Any:
+    client = redis.Redis.from_url(url)
+    try:
+        client.set(key, value)
+        return client.get(key)
+    finally:
+        client.close()
+
+
+class _Holder:
+    """A `python -c` process that holds the embedded servers of a data dir."""
+
+    def __init__(self, data_dir: Path, log: Path) -> None:
+        self._stderr: IO[bytes] = open(log, "wb")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, str(data_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # blocks until the servers are up (or the holder died)
+        assert line, f"holder exited with {self.proc.wait()}: {log.read_text()}"
+        self.urls: dict[str, str] = json.loads(line)
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            for stream in (self.proc.stdin, self.proc.stdout, self._stderr):
+                if stream is not None:
+                    stream.close()
+
+
+@pytest.fixture
+def holder_factory(tmp_path: Path) -> Iterator[Callable[[Path], _Holder]]:
+    holders: list[_Holder] = []
+
+    def make(data_dir: Path) -> _Holder:
+        holders.append(_Holder(data_dir, tmp_path / f"holder-{len(holders)}.log"))
+        return holders[-1]
+
+    yield make
+    for holder in holders:
+        holder.close()
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[EmbeddedServers]:
+    started = start_embedded(tmp_path / "data")
+    yield started
+    started.stop()
+
+
+def test_database_url_serves_sqlalchemy_with_psycopg(servers: EmbeddedServers) -> None:
+    assert servers.database_url.startswith("postgresql+psycopg://")
+    _insert_row(servers.database_url, "hello")
+
+    assert _select_rows(servers.database_url) == ["hello"]
+    engine = sa.create_engine(servers.database_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT current_database()")).scalar() == "taskscheduler"
+    finally:
+        engine.dispose()
+
+
+def test_redis_client_url_serves_redis_py(servers: EmbeddedServers) -> None:
+    assert _redis_roundtrip(servers.redis_client_url, "greeting", "hi") == b"hi"
+
+
+def test_redis_url_carries_a_kombu_message(servers: EmbeddedServers) -> None:
+    assert servers.redis_url.startswith("redis+socket://")
+    with kombu.Connection(servers.redis_url) as conn:
+        queue = conn.SimpleQueue("probe")
+        try:
+            queue.put({"task": "x", "attempt": 1})
+            message = queue.get(timeout=5)
+            message.ack()
+        finally:
+            queue.close()
+
+    assert message.payload == {"task": "x", "attempt": 1}
+
+
+def test_data_survives_stop_and_restart(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    first = start_embedded(data_dir)
+    try:
+        _insert_row(first.database_url, "kept")
+        _redis_roundtrip(first.redis_client_url, "kept", "yes")
+        with kombu.Connection(first.redis_url) as conn:
+            queue = conn.SimpleQueue("queued")
+            queue.put({"survives": True})
+            queue.close()
+    finally:
+        first.stop()
+
+    second = start_embedded(data_dir)
+    try:
+        assert _select_rows(second.database_url) == ["kept"]
+        client = redis.Redis.from_url(second.redis_client_url)
+        try:
+            assert client.get("kept") == b"yes"
+        finally:
+            client.close()
+        with kombu.Connection(second.redis_url) as conn:
+            queue = conn.SimpleQueue("queued")
+            try:
+                message = queue.get(timeout=5)
+                message.ack()
+            finally:
+                queue.close()
+        assert message.payload == {"survives": True}
+    finally:
+        second.stop()
+
+
+def test_second_start_while_another_process_runs_raises(
+    tmp_path: Path, holder_factory: Callable[[Path], _Holder]
+) -> None:
+    data_dir = tmp_path / "data"
+    holder = holder_factory(data_dir)
+
+    with pytest.raises(EmbeddedError, match=f"is in use by pid {holder.proc.pid}"):
+        start_embedded(data_dir)
+
+    # The failed start left the running servers alone.
+    assert _redis_roundtrip(holder.urls["redis_client_url"], "still", "up") == b"up"
+    assert holder.close() == 0
+    with start_embedded(data_dir) as again:
+        assert _redis_roundtrip(again.redis_client_url, "still", "up") == b"up"
+
+
+def test_second_start_in_the_same_process_raises(servers: EmbeddedServers, tmp_path: Path) -> None:
+    with pytest.raises(EmbeddedError, match=rf"is in use by pid {os.getpid()} \(this process\)"):
+        start_embedded(tmp_path / "data")
+
+
+def test_stop_ends_our_server_processes_leaves_no_stale_files_and_is_idempotent(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    started = start_embedded(data_dir)
+    procs = _server_processes(data_dir, started.redis_client_url)
+    assert len(procs) > 2 and not any(_exited(p) for p in procs)
+    valkey_socket = Path(started.redis_client_url.removeprefix("unix://"))
+
+    started.stop()
+
+    still_running = [p.pid for p in procs if not _exited(p)]
+    assert still_running == []
+    assert not (data_dir / "postgres" / "postmaster.pid").exists()
+    assert not valkey_socket.exists()
+    started.stop()  # idempotent
+
+
+def test_restart_after_the_owner_was_sigkilled(tmp_path: Path, holder_factory: Callable[[Path], _Holder]) -> None:
+    data_dir = tmp_path / "data"
+    holder = holder_factory(data_dir)
+    _insert_row(holder.urls["database_url"], "before the kill")
+    old_servers = _server_processes(data_dir, holder.urls["redis_client_url"])
+
+    holder.proc.kill()
+    holder.proc.wait()
+    # Its watchdog stops the orphaned servers; start_embedded waits for it to release the lock.
+    with start_embedded(data_dir) as again:
+        assert [p.pid for p in old_servers if not _exited(p)] == []
+        assert "owner exited without stop()" in (data_dir / "watchdog.log").read_text()
+        assert _select_rows(again.database_url) == ["before the kill"]
+
+
+def test_restart_after_owner_and_servers_were_sigkilled(
+    tmp_path: Path, holder_factory: Callable[[Path], _Holder]
+) -> None:
+    data_dir = tmp_path / "data"
+    holder = holder_factory(data_dir)
+    _insert_row(holder.urls["database_url"], "committed")
+    valkey_socket = Path(holder.urls["redis_client_url"].removeprefix("unix://"))
+    # Everything dies at once, as in a killed container: owner, watchdog, postgres, valkey.
+    victims = [psutil.Process(holder.proc.pid), *psutil.Process(holder.proc.pid).children(recursive=True)]
+    victims += _server_processes(data_dir, holder.urls["redis_client_url"])
+    for proc in victims:
+        proc.send_signal(signal.SIGKILL)
+    holder.proc.wait()
+    _wait_until(lambda: all(_exited(p) for p in victims), 10, "the killed processes are gone")
+    assert (data_dir / "postgres" / "postmaster.pid").exists()
+    assert valkey_socket.exists()
+
+    with start_embedded(data_dir) as again:
+        assert _select_rows(again.database_url) == ["committed"]
+        assert _redis_roundtrip(again.redis_client_url, "after", "restart") == b"restart"
+
+
+def test_restart_when_stale_postmaster_pid_names_a_live_unrelated_process(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with start_embedded(data_dir) as first:
+        _insert_row(first.database_url, "kept")
+    pid_file = data_dir / "postgres" / "postmaster.pid"
+    # A container restart: postmaster.pid survived (cut short by the kill), and its pid now belongs
+    # to an unrelated live process. PostgreSQL alone would refuse to start.
+    unrelated = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        pid_file.write_text(f"{unrelated.pid}\n{data_dir / 'postgres'}\n1700000000\n5432\n")
+
+        with start_embedded(data_dir) as again:
+            assert _select_rows(again.database_url) == ["kept"]
+        assert unrelated.poll() is None  # not ours: left alone
+    finally:
+        assert unrelated.stdin is not None
+        unrelated.stdin.close()
+        unrelated.wait()
+
+
+def test_long_data_dir_gets_short_socket_paths(tmp_path: Path) -> None:
+    data_dir = tmp_path / ("d" * 60) / ("e" * 60)
+    assert len(str(data_dir / "valkey" / "valkey.sock")) > 107
+
+    with start_embedded(data_dir) as started:
+        valkey_socket = Path(started.redis_client_url.removeprefix("unix://"))
+        pg_socket_dir = sa.make_url(started.database_url).query["host"]
+        assert len(str(valkey_socket)) <= 107 and not valkey_socket.is_relative_to(data_dir)
+        assert isinstance(pg_socket_dir, str) and len(pg_socket_dir) + len("/.s.PGSQL.5432") <= 107
+        assert _redis_roundtrip(started.redis_client_url, "long", "ok") == b"ok"
+        _insert_row(started.database_url, "long")
+        assert _select_rows(started.database_url) == ["long"]
+    assert not valkey_socket.parent.exists()
