@@ -34,6 +34,7 @@ import hashlib
 import logging
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -195,6 +196,8 @@ class _Runtime:
             if self._stopped or os.getpid() != self.owner_pid:  # a forked child never stops our servers
                 return
             self._stopped = True
+            if self._lock_file is None:  # the start failed before it owned the data dir
+                return
             errors: list[str] = []
             if self._valkey is not None:
                 try:
@@ -211,8 +214,7 @@ class _Runtime:
             if self.valkey_socket.parent != self.valkey_dir:
                 with contextlib.suppress(OSError):
                     self.valkey_socket.parent.rmdir()
-            if self._lock_file is not None:
-                _release_lock(self._lock_file)
+            _release_lock(self._lock_file)
             with _live_lock:
                 _live.discard(self)
         if errors and not quiet:
@@ -363,12 +365,16 @@ def _ensure_database(socket_dir: Path, port: int) -> None:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE_NAME)))
 
 
-def _postgres_processes(pgdata: Path) -> list[psutil.Process]:
-    """Live postgres processes (postmaster and backends) working in ``pgdata``: they all chdir there."""
+def _processes_in(directory: Path, name: str) -> list[psutil.Process]:
+    """Live processes called ``name`` whose working directory is ``directory``.
+
+    PostgreSQL's postmaster and backends chdir to their data directory, and we start Valkey in its
+    own, so this finds the servers of a data dir whatever their pid files or sockets say.
+    """
     found = []
     for proc in psutil.process_iter(["name"]):
         try:
-            if proc.info["name"] == "postgres" and proc.status() != psutil.STATUS_ZOMBIE and proc.cwd() == str(pgdata):
+            if proc.info["name"] == name and proc.status() != psutil.STATUS_ZOMBIE and proc.cwd() == str(directory):
                 found.append(proc)
         except psutil.Error:  # gone, or not ours to inspect (then not ours at all)
             continue
@@ -382,7 +388,7 @@ def _clear_previous_postgres(pgdata: Path) -> None:
     started by an earlier owner of this directory that died together with its watchdog.
     """
     pid_file = pgdata / "postmaster.pid"
-    procs = _postgres_processes(pgdata)
+    procs = _processes_in(pgdata, "postgres")
     if procs:
         pid = _read_first_int(pid_file)
         postmaster = [p for p in procs if p.pid == pid] or procs
@@ -390,7 +396,7 @@ def _clear_previous_postgres(pgdata: Path) -> None:
             "stopping PostgreSQL left running in %s by a previous owner (pids %s)", pgdata, [p.pid for p in procs]
         )
         _signal_and_wait(postmaster, signal.SIGINT, signal.SIGQUIT)
-        _signal_and_wait(_postgres_processes(pgdata), signal.SIGQUIT, signal.SIGKILL)
+        _signal_and_wait(_processes_in(pgdata, "postgres"), signal.SIGQUIT, signal.SIGKILL)
     if not pid_file.exists():
         return
     # No postgres works in pgdata now, so postmaster.pid is stale. PostgreSQL itself copes with a dead
@@ -399,13 +405,13 @@ def _clear_previous_postgres(pgdata: Path) -> None:
     # file has the same pid problem. Remove both.
     lines = pid_file.read_text(errors="replace").splitlines()
     if len(lines) >= 5 and lines[3].strip().isdigit() and lines[4].strip():
-        socket = Path(lines[4].strip()) / f".s.PGSQL.{lines[3].strip()}"
-        lock = socket.with_name(socket.name + ".lock")
+        pg_socket = Path(lines[4].strip()) / f".s.PGSQL.{lines[3].strip()}"
+        lock = pg_socket.with_name(pg_socket.name + ".lock")
         with contextlib.suppress(OSError):
             lock_lines = lock.read_text(errors="replace").splitlines()
             if len(lock_lines) >= 2 and lock_lines[1].strip() == str(pgdata):
                 lock.unlink()
-                socket.unlink(missing_ok=True)
+                pg_socket.unlink(missing_ok=True)
     _logger.info("removing stale %s", pid_file)
     pid_file.unlink(missing_ok=True)
 
@@ -469,26 +475,26 @@ def _valkey_client(socket_path: Path) -> redis.Redis:
 
 
 def _clear_previous_valkey(valkey_dir: Path, socket_path: Path) -> None:
-    """Remove a stale socket; shut down a Valkey left running on it by a previous owner of valkey_dir."""
-    if not socket_path.exists() and not socket_path.is_symlink():
+    """Stop a Valkey left running in ``valkey_dir`` by a previous owner; remove a stale socket file.
+
+    Only called while we hold the data-dir lock, so such a server was started by an earlier owner of
+    this directory that died together with its watchdog.
+    """
+    orphans = _processes_in(valkey_dir, "valkey-server")
+    if orphans:
+        _logger.warning(
+            "stopping Valkey left running in %s by a previous owner (pids %s)", valkey_dir, [p.pid for p in orphans]
+        )
+        _signal_and_wait(orphans, signal.SIGTERM, signal.SIGKILL)  # SIGTERM: fsync the AOF and exit
+    if not os.path.lexists(socket_path):
         return
-    client = _valkey_client(socket_path)
-    try:
-        info = client.info("server")
-        served_dir = client.config_get("dir").get("dir")
-    except redis.ConnectionError:  # nobody listens: stale socket file
-        socket_path.unlink(missing_ok=True)
-        return
-    finally:
-        client.close()
-    if served_dir != str(valkey_dir):
-        raise EmbeddedError(f"Valkey socket {socket_path} is in use by a Valkey server for {served_dir!r}")
-    pid = int(info["process_id"])
-    _logger.warning("stopping Valkey (pid %s) left running in %s by a previous owner", pid, valkey_dir)
-    with contextlib.suppress(psutil.Error):
-        proc = psutil.Process(pid)
-        _signal_and_wait([proc], signal.SIGTERM, signal.SIGKILL)
-    socket_path.unlink(missing_ok=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(socket_path))
+        except OSError:  # nobody listens: a stale socket file
+            socket_path.unlink(missing_ok=True)
+            return
+    raise EmbeddedError(f"Valkey socket {socket_path} is in use by a process not serving {valkey_dir}")
 
 
 def _valkey_config(valkey_dir: Path, socket_path: Path) -> str:
