@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 from enum import StrEnum
+from pathlib import Path
 from types import FrameType
 from typing import Annotated
 
@@ -129,6 +130,29 @@ def worker(
             "--without-heartbeat",
         ]
     )
+
+
+@app.command()
+def dev(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the API.")] = 8000,
+    data_dir: Annotated[Path, typer.Option(help="Where the embedded servers keep their data.")] = Path(
+        ".taskscheduler"
+    ),
+) -> None:
+    """Run everything on this machine: embedded PostgreSQL and Valkey (unless DATABASE_URL and
+    REDIS_URL are set), migrations, the API, the scheduler and the four workers. Ctrl-C stops all."""
+    from taskscheduler.dev import run_dev
+    from taskscheduler.embedded import EmbeddedError
+
+    def say(message: str) -> None:
+        typer.secho(f"[dev] {message}", err=True, fg=typer.colors.CYAN)
+
+    try:
+        code = run_dev(port=port, data_dir=data_dir.resolve(), environ=os.environ, say=say)
+    except EmbeddedError as exc:
+        typer.secho(f"[dev] {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
 
 
 def main() -> None:
