@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import uuid
 from collections.abc import Iterable
@@ -107,9 +108,18 @@ class Heartbeat:
                 return
 
 
+# \u0000 in JSON text, unless its backslash is itself escaped (an even run of backslashes before it).
+_ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
 def _json_result(value: Any) -> Any:
-    """The handler's result if it is strict JSON (no NaN), else a TypeError/ValueError."""
-    json.dumps(value, allow_nan=False)
+    """The handler's result if PostgreSQL's jsonb can store it, else a ValueError that fails the attempt."""
+    try:
+        encoded = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"the handler's result is not JSON-serialisable: {exc}") from None
+    if _ESCAPED_NUL.search(encoded):
+        raise ValueError("the handler's result contains a NUL character, which PostgreSQL cannot store")
     return value
 
 

@@ -274,6 +274,29 @@ def test_restart_after_owner_and_servers_were_sigkilled(
         assert _redis_roundtrip(again.redis_client_url, "after", "restart") == b"restart"
 
 
+def test_restart_stops_servers_orphaned_by_a_sigkilled_owner_and_watchdog(
+    tmp_path: Path, holder_factory: Callable[[Path], _Holder]
+) -> None:
+    data_dir = tmp_path / "data"
+    holder = holder_factory(data_dir)
+    _insert_row(holder.urls["database_url"], "orphaned")
+    orphans = _server_processes(data_dir, holder.urls["redis_client_url"])
+    owner = psutil.Process(holder.proc.pid)
+    watchdogs = [p for p in owner.children() if p.name() != "valkey-server"]
+    assert len(watchdogs) == 1
+    for proc in [owner, *watchdogs]:
+        proc.send_signal(signal.SIGKILL)
+    holder.proc.wait()
+    _wait_until(lambda: _exited(watchdogs[0]), 10, "the watchdog is gone")
+    assert not any(_exited(p) for p in orphans)  # the servers are still running, nobody to stop them
+
+    with start_embedded(data_dir) as again:
+        assert [p.pid for p in orphans if not _exited(p)] == []
+        assert "received fast shutdown request" in (data_dir / "postgres" / "log").read_text()
+        assert _select_rows(again.database_url) == ["orphaned"]
+        assert _redis_roundtrip(again.redis_client_url, "fresh", "server") == b"server"
+
+
 def test_restart_when_stale_postmaster_pid_names_a_live_unrelated_process(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     with start_embedded(data_dir) as first:

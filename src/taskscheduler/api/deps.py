@@ -12,10 +12,12 @@ from taskscheduler.config import Settings, get_settings
 from taskscheduler.store import db
 
 
-def get_conn() -> Iterator[Connection]:
-    with db.transaction() as conn:
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_conn(settings: SettingsDep) -> Iterator[Connection]:
+    with db.transaction(settings.database_url or None) as conn:
         yield conn
 
 
 ConnDep = Annotated[Connection, Depends(get_conn)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
