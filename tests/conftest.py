@@ -1,8 +1,12 @@
 """Shared fixtures: one private database and one Redis key space per test run.
 
-Servers come from TEST_DATABASE_URL / TEST_REDIS_URL (or DATABASE_URL / REDIS_URL), else the
-machine's PostgreSQL and Redis on 127.0.0.1. When they are not reachable the tests that need them
-are skipped, unless TASKSCHEDULER_REQUIRE_SERVICES=1 (CI), which makes that a failure.
+Which servers:
+- TEST_DATABASE_URL / TEST_REDIS_URL (or DATABASE_URL / REDIS_URL) when set;
+- else, with TASKSCHEDULER_REQUIRE_SERVICES=1 (CI), the machine's PostgreSQL and Redis on 127.0.0.1;
+- else the embedded servers (`taskscheduler.embedded`), started once for the run, so `pytest` works
+  on a fresh machine with nothing installed.
+When given servers are not reachable the tests that need them are skipped, unless
+TASKSCHEDULER_REQUIRE_SERVICES=1, which makes that a failure.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from dataclasses import dataclass
 import psycopg
 import pytest
 import redis
+from sqlalchemy.engine import make_url
 
-from taskscheduler.config import Settings, get_settings, normalize_database_url
+from taskscheduler.config import Settings, get_settings, normalize_database_url, redis_client_url
 
 REQUIRE_SERVICES = os.environ.get("TASKSCHEDULER_REQUIRE_SERVICES") == "1"
 RUN_ID = uuid.uuid4().hex[:10]
@@ -48,19 +53,37 @@ def _libpq(url: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def services() -> Iterator[Services]:
-    admin_url = _libpq(
-        os.environ.get("TEST_DATABASE_URL")
-        or os.environ.get("DATABASE_URL")
-        or "postgresql://postgres@127.0.0.1:5432/postgres"
-    )
-    redis_url = os.environ.get("TEST_REDIS_URL") or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(database URL to administer, Redis URL) of the servers this run uses."""
+    database_url = os.environ.get("TEST_DATABASE_URL") or os.environ.get("DATABASE_URL")
+    redis_url = os.environ.get("TEST_REDIS_URL") or os.environ.get("REDIS_URL")
+    if REQUIRE_SERVICES:
+        yield (
+            database_url or "postgresql://postgres@127.0.0.1:5432/postgres",
+            redis_url or "redis://127.0.0.1:6379/0",
+        )
+    elif database_url and redis_url:
+        yield database_url, redis_url
+    else:
+        from taskscheduler.embedded import start_embedded
+
+        servers = start_embedded(tmp_path_factory.mktemp("embedded"))
+        try:
+            yield database_url or servers.database_url, redis_url or servers.redis_url
+        finally:
+            servers.stop()
+
+
+@pytest.fixture(scope="session")
+def services(server_urls: tuple[str, str]) -> Iterator[Services]:
+    admin_url = _libpq(server_urls[0])
+    redis_url = server_urls[1]
     try:
         admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
         _unavailable("PostgreSQL", exc)
     try:
-        client = redis.Redis.from_url(redis_url, socket_connect_timeout=5)
+        client = redis.Redis.from_url(redis_client_url(redis_url), socket_connect_timeout=5)
         client.ping()
     except redis.RedisError as exc:
         admin.close()
@@ -68,11 +91,7 @@ def services() -> Iterator[Services]:
 
     db_name = f"taskscheduler_test_{RUN_ID}"
     admin.execute(f'CREATE DATABASE "{db_name}"')
-    base, _, _ = admin_url.rpartition("/")
-    query = ""
-    if "?" in admin_url:
-        query = "?" + admin_url.split("?", 1)[1]
-    database_url = normalize_database_url(f"{base}/{db_name}{query}")
+    database_url = make_url(normalize_database_url(admin_url)).set(database=db_name).render_as_string(False)
     svc = Services(database_url=database_url, redis_url=redis_url, redis_key_prefix=f"tstest-{RUN_ID}:")
 
     from taskscheduler.migrations import run_migrations
@@ -107,7 +126,7 @@ def clean_db(services: Services) -> Iterator[Services]:
 
     with db.transaction(services.database_url) as conn:
         conn.exec_driver_sql("TRUNCATE tasks, task_events, dlq_events RESTART IDENTITY")
-    client = redis.Redis.from_url(services.redis_url)
+    client = redis.Redis.from_url(redis_client_url(services.redis_url))
     for key in client.scan_iter(match=f"{services.redis_key_prefix}*", count=1000):
         client.delete(key)
     client.close()
@@ -124,6 +143,6 @@ def settings(clean_db: Services, monkeypatch: pytest.MonkeyPatch) -> Iterator[Se
 
 @pytest.fixture
 def redis_client(services: Services) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(services.redis_url)
+    client = redis.Redis.from_url(redis_client_url(services.redis_url))
     yield client
     client.close()

@@ -17,6 +17,11 @@ def normalize_database_url(url: str) -> str:
     raise ValueError(f"DATABASE_URL must be a PostgreSQL URL (postgresql://...), got scheme {url.split(':', 1)[0]!r}")
 
 
+def redis_client_url(url: str) -> str:
+    """REDIS_URL as redis-py wants it: kombu's `redis+socket:///path` is redis-py's `unix:///path`."""
+    return "unix://" + url[len("redis+socket://") :] if url.startswith("redis+socket://") else url
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 

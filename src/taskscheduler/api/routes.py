@@ -14,6 +14,7 @@ from sqlalchemy import text
 from taskscheduler import handlers
 from taskscheduler.api.deps import ConnDep, SettingsDep
 from taskscheduler.api.schemas import DlqEventOut, Health, TaskCreate, TaskEventOut, TaskOut
+from taskscheduler.config import redis_client_url
 from taskscheduler.lifecycle import queue_for_priority
 from taskscheduler.store import db
 from taskscheduler.store import dlq as dlq_store
@@ -87,13 +88,14 @@ def healthz() -> Health:
 def readyz(settings: SettingsDep) -> Health | JSONResponse:
     """Readiness: the database and the broker are reachable."""
     database = broker = "ok"
+    database_url, redis_url = settings.require_urls()
     try:
-        with db.get_engine(settings.require_urls()[0]).connect() as conn:
+        with db.get_engine(database_url).connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as exc:
         database = f"unreachable: {type(exc).__name__}"
     try:
-        client = redis.Redis.from_url(settings.require_urls()[1], socket_timeout=2, socket_connect_timeout=2)
+        client = redis.Redis.from_url(redis_client_url(redis_url), socket_timeout=2, socket_connect_timeout=2)
         client.ping()
         client.close()
     except Exception as exc:
