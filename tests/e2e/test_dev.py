@@ -1,0 +1,139 @@
+"""`taskscheduler dev` with no server URLs: embedded servers, every role, clean stop, data kept."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.e2e.conftest import CLI, free_port
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.e2e
+
+SERVER_ENV_NAMES = ("DATABASE_URL", "REDIS_URL", "REDIS_KEY_PREFIX", "TEST_DATABASE_URL", "TEST_REDIS_URL")
+
+
+class Dev:
+    def __init__(self, data_dir: Path, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV_NAMES}
+        env.update({"RETRY_BACKOFF_BASE_SEC": "0.2", "RETRY_BACKOFF_MAX_SEC": "1"})
+        self.log_path = log_path
+        with log_path.open("wb") as out:
+            self.popen = subprocess.Popen(
+                [CLI, "dev", "--port", str(self.port), "--data-dir", str(data_dir)],
+                env=env,
+                cwd=data_dir.parent,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        def up() -> bool:
+            assert self.popen.poll() is None, self.log()
+            try:
+                return httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout=90, what="taskscheduler dev to be ready")
+        # Workers log "ready." once consuming; four of them.
+        wait_until(lambda: self.log().count("ready.") >= 4, timeout=60, what="the four workers")
+
+    def processes(self) -> list[psutil.Process]:
+        """dev and everything it started, the servers included (they may be re-parented)."""
+        root = psutil.Process(self.popen.pid)
+        procs = [root, *root.children(recursive=True)]
+        return procs
+
+    def create(self, **body: object) -> str:
+        r = httpx.post(f"{self.url}/tasks", json=body, timeout=10)
+        assert r.status_code == 201, r.text
+        return str(r.json()["id"])
+
+    def task(self, task_id: str) -> dict:
+        return httpx.get(f"{self.url}/tasks/{task_id}", timeout=10).json()
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _server_processes(data_dir: Path) -> list[psutil.Process]:
+    """The embedded PostgreSQL and Valkey processes that serve `data_dir`."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if str(data_dir) in cmdline and ("postgres" in cmdline or "valkey" in cmdline):
+            found.append(p)
+    return found
+
+
+def test_dev_runs_everything_stops_cleanly_and_keeps_its_data(tmp_path: Path) -> None:
+    data_dir = tmp_path / "state"
+    dev = Dev(data_dir, tmp_path / "dev-1.log")
+    try:
+        dev.wait_ready()
+        assert f"http://127.0.0.1:{dev.port}/docs" in dev.log()
+
+        ok_id = dev.create(name="demo_ok", payload={"msg": "hi"}, priority=9)
+        fail_id = dev.create(name="demo_fail", payload={"fail": True}, max_retries=1)
+        wait_until(lambda: dev.task(ok_id)["status"] == "SUCCEEDED", timeout=30, what="demo_ok to succeed")
+        wait_until(lambda: dev.task(fail_id)["status"] == "DEAD", timeout=30, what="demo_fail to die")
+        dlq = wait_until(
+            lambda: [e for e in httpx.get(f"{dev.url}/dlq").json() if e["task_id"] == fail_id],
+            timeout=30,
+            what="the dlq row",
+        )
+        assert [e["reason"] for e in dlq] == ["max_retries_exceeded"]
+
+        # A second dev on the same data dir is refused while the first runs.
+        second = subprocess.run(
+            [CLI, "dev", "--port", str(free_port()), "--data-dir", str(data_dir)],
+            env={k: v for k, v in os.environ.items() if k not in SERVER_ENV_NAMES},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode != 0
+        assert "in use" in second.stderr and "Traceback" not in second.stderr
+
+        procs = dev.processes() + _server_processes(data_dir)
+        assert len(_alive(procs)) >= 7, "dev, api, scheduler, four workers"
+        dev.popen.send_signal(signal.SIGTERM)
+        dev.popen.wait(30)
+        assert dev.popen.returncode == 0, dev.log()
+        wait_until(lambda: not _alive(procs), timeout=10, what="every child and both servers to stop")
+        assert not _alive(_server_processes(data_dir))
+    finally:
+        if dev.popen.poll() is None:
+            os.killpg(dev.popen.pid, signal.SIGKILL)
+
+    # The next start finds the tasks of the first.
+    again = Dev(data_dir, tmp_path / "dev-2.log")
+    try:
+        again.wait_ready()
+        assert again.task(ok_id)["status"] == "SUCCEEDED"
+        assert again.task(fail_id)["status"] == "DEAD"
+    finally:
+        again.popen.send_signal(signal.SIGTERM)
+        again.popen.wait(30)
+    assert again.popen.returncode == 0, again.log()
