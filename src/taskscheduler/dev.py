@@ -7,6 +7,7 @@ The children run the very commands compose runs (`taskscheduler api`, `... sched
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -123,10 +124,8 @@ class Supervisor:
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def run_dev(*, port: int, data_dir: Path, environ: Mapping[str, str], say: Callable[[str], None]) -> int:

@@ -11,7 +11,6 @@ from sqlalchemy import Connection
 from taskscheduler.config import Settings, get_settings
 from taskscheduler.store import db
 
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
