@@ -12,9 +12,12 @@ TASKSCHEDULER_REQUIRE_SERVICES=1, which makes that a failure.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -53,7 +56,7 @@ def _libpq(url: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+def server_urls() -> Iterator[tuple[str, str]]:
     """(database URL to administer, Redis URL) of the servers this run uses."""
     database_url = os.environ.get("TEST_DATABASE_URL") or os.environ.get("DATABASE_URL")
     redis_url = os.environ.get("TEST_REDIS_URL") or os.environ.get("REDIS_URL")
@@ -67,11 +70,15 @@ def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
     else:
         from taskscheduler.embedded import start_embedded
 
-        servers = start_embedded(tmp_path_factory.mktemp("embedded"))
+        # Not under pytest's basetemp: each new pytest session (as root) resets the permissions of
+        # /tmp/pytest-of-root, which would cut the embedded server (another user) off from its data.
+        data_dir = Path(tempfile.mkdtemp(prefix="taskscheduler-test-"))
+        servers = start_embedded(data_dir)
         try:
             yield database_url or servers.database_url, redis_url or servers.redis_url
         finally:
             servers.stop()
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -125,7 +132,7 @@ def clean_db(services: Services) -> Iterator[Services]:
     from taskscheduler.store import db
 
     with db.transaction(services.database_url) as conn:
-        conn.exec_driver_sql("TRUNCATE tasks, task_events, dlq_events RESTART IDENTITY")
+        conn.exec_driver_sql("TRUNCATE tasks, task_events, dlq_events, process_heartbeats RESTART IDENTITY")
     client = redis.Redis.from_url(redis_client_url(services.redis_url))
     for key in client.scan_iter(match=f"{services.redis_key_prefix}*", count=1000):
         client.delete(key)
@@ -146,3 +153,11 @@ def redis_client(services: Services) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_client_url(services.redis_url))
     yield client
     client.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    # Lets fixtures see whether the test failed (request.node.rep_call), to print process logs.
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

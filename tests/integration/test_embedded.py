@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -101,7 +104,9 @@ class _Holder:
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # blocks until the servers are up (or the holder died)
-        assert line, f"holder exited with {self.proc.wait()}: {log.read_text()}"
+        if not line:
+            code = self.close()
+            raise AssertionError(f"holder exited with {code}: {log.read_text()}")
         self.urls: dict[str, str] = json.loads(line)
 
     def close(self) -> int:
@@ -129,11 +134,65 @@ def holder_factory(tmp_path: Path) -> Iterator[Callable[[Path], _Holder]]:
         holder.close()
 
 
+@contextlib.contextmanager
+def _scratch_base() -> Iterator[Path]:
+    """A fresh directory for data dirs, deliberately not under tmp_path.
+
+    As root, embedded PostgreSQL runs as its own system user, which must be able to traverse every
+    ancestor of its data directory for as long as it runs. Every pytest session started by the same
+    user chmods /tmp/pytest-of-<user> back to 0700, which would cut a running server off from its
+    data (it crashes at its next checkpoint) whenever another pytest run starts meanwhile.
+    """
+    base = Path(tempfile.mkdtemp(prefix="taskscheduler-embedded-test-"))
+    try:
+        yield base
+    finally:
+        _stop_servers_left_in(base)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[EmbeddedServers]:
-    started = start_embedded(tmp_path / "data")
-    yield started
-    started.stop()
+def data_dir() -> Iterator[Path]:
+    with _scratch_base() as base:
+        yield base / "data"
+
+
+def _stop_servers_left_in(base: Path) -> None:
+    """Safety net for a failed test: stop servers that still work in ``base`` (only this test's own).
+
+    A test that kills an owner and its watchdog leaves orphans until the next start cleans them up;
+    if the test fails before that, nobody else would.
+    """
+    leftovers = []
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if proc.info["name"] in ("postgres", "valkey-server") and Path(proc.cwd()).is_relative_to(base):
+                leftovers.append(proc)
+        except psutil.Error:
+            continue
+    for proc in leftovers:  # postgres: SIGINT = fast shutdown; valkey: SIGTERM = shutdown
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGINT if proc.info["name"] == "postgres" else signal.SIGTERM)
+    _gone, alive = psutil.wait_procs(leftovers, timeout=30)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[tuple[Path, EmbeddedServers]]:
+    """One running set for the tests that only use the servers (a first start runs initdb: seconds)."""
+    with _scratch_base() as base:
+        started = start_embedded(base / "data")
+        try:
+            yield base / "data", started
+        finally:
+            started.stop()
+
+
+@pytest.fixture
+def servers(shared: tuple[Path, EmbeddedServers]) -> EmbeddedServers:
+    return shared[1]
 
 
 def test_database_url_serves_sqlalchemy_with_psycopg(servers: EmbeddedServers) -> None:
@@ -167,8 +226,7 @@ def test_redis_url_carries_a_kombu_message(servers: EmbeddedServers) -> None:
     assert message.payload == {"task": "x", "attempt": 1}
 
 
-def test_data_survives_stop_and_restart(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
+def test_data_survives_stop_and_restart(data_dir: Path) -> None:
     first = start_embedded(data_dir)
     try:
         _insert_row(first.database_url, "kept")
@@ -201,9 +259,8 @@ def test_data_survives_stop_and_restart(tmp_path: Path) -> None:
 
 
 def test_second_start_while_another_process_runs_raises(
-    tmp_path: Path, holder_factory: Callable[[Path], _Holder]
+    data_dir: Path, holder_factory: Callable[[Path], _Holder]
 ) -> None:
-    data_dir = tmp_path / "data"
     holder = holder_factory(data_dir)
 
     with pytest.raises(EmbeddedError, match=f"is in use by pid {holder.proc.pid}"):
@@ -216,13 +273,14 @@ def test_second_start_while_another_process_runs_raises(
         assert _redis_roundtrip(again.redis_client_url, "still", "up") == b"up"
 
 
-def test_second_start_in_the_same_process_raises(servers: EmbeddedServers, tmp_path: Path) -> None:
+def test_second_start_in_the_same_process_raises(shared: tuple[Path, EmbeddedServers]) -> None:
+    data_dir, servers = shared
     with pytest.raises(EmbeddedError, match=rf"is in use by pid {os.getpid()} \(this process\)"):
-        start_embedded(tmp_path / "data")
+        start_embedded(data_dir)
+    assert _redis_roundtrip(servers.redis_client_url, "still", "served") == b"served"
 
 
-def test_stop_ends_our_server_processes_leaves_no_stale_files_and_is_idempotent(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
+def test_stop_ends_our_server_processes_leaves_no_stale_files_and_is_idempotent(data_dir: Path) -> None:
     started = start_embedded(data_dir)
     procs = _server_processes(data_dir, started.redis_client_url)
     assert len(procs) > 2 and not any(_exited(p) for p in procs)
@@ -237,8 +295,7 @@ def test_stop_ends_our_server_processes_leaves_no_stale_files_and_is_idempotent(
     started.stop()  # idempotent
 
 
-def test_restart_after_the_owner_was_sigkilled(tmp_path: Path, holder_factory: Callable[[Path], _Holder]) -> None:
-    data_dir = tmp_path / "data"
+def test_restart_after_the_owner_was_sigkilled(data_dir: Path, holder_factory: Callable[[Path], _Holder]) -> None:
     holder = holder_factory(data_dir)
     _insert_row(holder.urls["database_url"], "before the kill")
     old_servers = _server_processes(data_dir, holder.urls["redis_client_url"])
@@ -253,9 +310,8 @@ def test_restart_after_the_owner_was_sigkilled(tmp_path: Path, holder_factory: C
 
 
 def test_restart_after_owner_and_servers_were_sigkilled(
-    tmp_path: Path, holder_factory: Callable[[Path], _Holder]
+    data_dir: Path, holder_factory: Callable[[Path], _Holder]
 ) -> None:
-    data_dir = tmp_path / "data"
     holder = holder_factory(data_dir)
     _insert_row(holder.urls["database_url"], "committed")
     valkey_socket = Path(holder.urls["redis_client_url"].removeprefix("unix://"))
@@ -275,9 +331,8 @@ def test_restart_after_owner_and_servers_were_sigkilled(
 
 
 def test_restart_stops_servers_orphaned_by_a_sigkilled_owner_and_watchdog(
-    tmp_path: Path, holder_factory: Callable[[Path], _Holder]
+    data_dir: Path, holder_factory: Callable[[Path], _Holder]
 ) -> None:
-    data_dir = tmp_path / "data"
     holder = holder_factory(data_dir)
     _insert_row(holder.urls["database_url"], "orphaned")
     orphans = _server_processes(data_dir, holder.urls["redis_client_url"])
@@ -297,8 +352,7 @@ def test_restart_stops_servers_orphaned_by_a_sigkilled_owner_and_watchdog(
         assert _redis_roundtrip(again.redis_client_url, "fresh", "server") == b"server"
 
 
-def test_restart_when_stale_postmaster_pid_names_a_live_unrelated_process(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
+def test_restart_when_stale_postmaster_pid_names_a_live_unrelated_process(data_dir: Path) -> None:
     with start_embedded(data_dir) as first:
         _insert_row(first.database_url, "kept")
     pid_file = data_dir / "postgres" / "postmaster.pid"
@@ -317,14 +371,14 @@ def test_restart_when_stale_postmaster_pid_names_a_live_unrelated_process(tmp_pa
         unrelated.wait()
 
 
-def test_long_data_dir_gets_short_socket_paths(tmp_path: Path) -> None:
-    data_dir = tmp_path / ("d" * 60) / ("e" * 60)
-    assert len(str(data_dir / "valkey" / "valkey.sock")) > 107
+def test_long_data_dir_gets_short_socket_paths(data_dir: Path) -> None:
+    long_dir = data_dir / ("d" * 60) / ("e" * 60)
+    assert len(str(long_dir / "valkey" / "valkey.sock")) > 107
 
-    with start_embedded(data_dir) as started:
+    with start_embedded(long_dir) as started:
         valkey_socket = Path(started.redis_client_url.removeprefix("unix://"))
         pg_socket_dir = sa.make_url(started.database_url).query["host"]
-        assert len(str(valkey_socket)) <= 107 and not valkey_socket.is_relative_to(data_dir)
+        assert len(str(valkey_socket)) <= 107 and not valkey_socket.is_relative_to(long_dir)
         assert isinstance(pg_socket_dir, str) and len(pg_socket_dir) + len("/.s.PGSQL.5432") <= 107
         assert _redis_roundtrip(started.redis_client_url, "long", "ok") == b"ok"
         _insert_row(started.database_url, "long")

@@ -1,0 +1,137 @@
+"""Workers that die, freeze, crash themselves or get the same message twice."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import httpx
+
+from taskscheduler.store import db
+from taskscheduler.store import tasks as task_store
+from tests.chaos.conftest import assert_invariants, settle
+from tests.helpers import new_task, wait_until
+
+
+def create(cluster, **body) -> str:
+    r = httpx.post(f"{cluster.url}/tasks", json=body, timeout=10)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def get(cluster, task_id: str) -> dict:
+    return httpx.get(f"{cluster.url}/tasks/{task_id}", timeout=10).json()
+
+
+def history(cluster, task_id: str) -> list[tuple[str | None, str, int]]:
+    events = httpx.get(f"{cluster.url}/tasks/{task_id}/events", timeout=10).json()
+    return [(e["from_status"], e["to_status"], e["attempt"]) for e in events]
+
+
+def dlq_rows(cluster, task_id: str) -> list[dict]:
+    return [e for e in httpx.get(f"{cluster.url}/dlq", timeout=10).json() if e["task_id"] == task_id]
+
+
+def the_worker(cluster, queue: str):
+    (proc,) = [p for p in cluster.procs if p.name == f"worker-{queue}" and p.popen.poll() is None]
+    return proc
+
+
+def test_sigkill_mid_task_is_rescued_and_the_next_attempt_succeeds(clean_db, make_cluster, tmp_path: Path):
+    cluster = make_cluster(clean_db)
+    cluster.start_all()
+    runs = tmp_path / "runs"
+    task_id = create(cluster, name="chaos_record", payload={"path": str(runs), "sleep_sec": 2}, max_retries=2)
+    wait_until(lambda: get(cluster, task_id)["status"] == "STARTED", timeout=20, what="STARTED")
+    the_worker(cluster, "default").signal_group(signal.SIGKILL)
+    cluster.start_worker("default")
+
+    settle(clean_db.database_url, timeout=60)
+    task = get(cluster, task_id)
+    assert task["status"] == "SUCCEEDED" and task["attempt"] == 2
+    assert ("STARTED", "FAILED", 1) in history(cluster, task_id)
+    assert len(runs.read_text().splitlines()) == 2  # the killed run and the one that finished
+    assert_invariants(clean_db.database_url)
+
+
+def test_sigkill_with_no_retries_left_is_dead_with_one_stuck_dlq_row(clean_db, make_cluster, tmp_path: Path):
+    cluster = make_cluster(clean_db)
+    cluster.start_all()
+    payload = {"path": str(tmp_path / "runs"), "sleep_sec": 30}
+    task_id = create(cluster, name="chaos_record", payload=payload, max_retries=0)
+    wait_until(lambda: get(cluster, task_id)["status"] == "STARTED", timeout=20, what="STARTED")
+    the_worker(cluster, "default").signal_group(signal.SIGKILL)
+
+    settle(clean_db.database_url, timeout=60)
+    task = get(cluster, task_id)
+    assert task["status"] == "DEAD" and task["attempt"] == 1
+    assert [(e["reason"], e["attempt"]) for e in dlq_rows(cluster, task_id)] == [("stuck_task_timeout", 1)]
+    assert_invariants(clean_db.database_url)
+
+
+def test_a_frozen_worker_that_wakes_up_late_is_fenced(clean_db, make_cluster, tmp_path: Path):
+    cluster = make_cluster(clean_db)
+    cluster.start_all()
+    frozen = the_worker(cluster, "default")
+    runs = tmp_path / "runs"
+    task_id = create(cluster, name="chaos_record", payload={"path": str(runs), "sleep_sec": 2}, max_retries=2)
+    wait_until(lambda: get(cluster, task_id)["status"] == "STARTED", timeout=20, what="STARTED")
+    frozen.signal_group(signal.SIGSTOP)
+    try:
+        cluster.start_worker("default")  # a healthy worker to take over
+        # Rescued (no heartbeat), run again elsewhere, and finished there.
+        wait_until(lambda: get(cluster, task_id)["status"] == "SUCCEEDED", timeout=60, what="the re-run")
+    finally:
+        frozen.signal_group(signal.SIGCONT)
+    # The woken worker finishes its sleep and tries to record success for attempt 1: refused.
+    wait_until(lambda: "fenced" in frozen.log(), timeout=30, what="the woken worker's write to be fenced")
+
+    task = get(cluster, task_id)
+    assert task["status"] == "SUCCEEDED" and task["attempt"] == 2
+    assert [to for _, to, _ in history(cluster, task_id)].count("SUCCEEDED") == 1
+    assert len(runs.read_text().splitlines()) == 2
+    assert_invariants(clean_db.database_url)
+
+
+def test_a_handler_that_kills_its_worker_gets_max_retries_plus_one_attempts(clean_db, make_cluster):
+    cluster = make_cluster(clean_db)
+    cluster.start_all()
+    task_id = create(cluster, name="chaos_crash", max_retries=2)
+
+    settle(clean_db.database_url, timeout=90)
+    task = get(cluster, task_id)
+    assert task["status"] == "DEAD" and task["attempt"] == 3
+    started = [a for _, to, a in history(cluster, task_id) if to == "STARTED"]
+    assert started == [1, 2, 3]
+    assert [(e["reason"], e["attempt"]) for e in dlq_rows(cluster, task_id)] == [("stuck_task_timeout", 3)]
+    # It does not loop: a later sweep leaves it alone.
+    with db.transaction(clean_db.database_url) as conn:
+        assert task_store.dispatch_due(conn, limit=10) == []
+    assert get(cluster, task_id)["attempt"] == 3
+    assert_invariants(clean_db.database_url)
+
+
+def test_the_same_message_delivered_twice_runs_once(clean_db, make_cluster, tmp_path: Path):
+    from taskscheduler.worker import configure_celery, publish_attempts
+
+    cluster = make_cluster(clean_db)
+    cluster.start_api()
+    workers = [cluster.start("worker", "--queues", "default") for _ in range(2)]
+    for w in workers:
+        cluster.wait_worker_ready(w)
+    runs = tmp_path / "runs"
+    task_id = new_task(name="chaos_record", payload={"path": str(runs), "sleep_sec": 0.5})
+    with db.transaction(clean_db.database_url) as conn:
+        (item,) = task_store.dispatch_due(conn, limit=10)
+    configure_celery()
+    publish_attempts([item, item], default_timeout_sec=30)
+
+    wait_until(lambda: get(cluster, str(task_id))["status"] == "SUCCEEDED", timeout=30, what="SUCCEEDED")
+    wait_until(
+        lambda: sum(w.log().count("stale message dropped") for w in workers) == 1,
+        timeout=30,
+        what="the duplicate to be dropped",
+    )
+    assert len(runs.read_text().splitlines()) == 1
+    assert [to for _, to, _ in history(cluster, str(task_id))].count("STARTED") == 1
+    assert_invariants(clean_db.database_url)
