@@ -58,6 +58,9 @@ tasks = Table(
     Column("started_at", DateTime(timezone=True), nullable=True),
     Column("heartbeat_at", DateTime(timezone=True), nullable=True),
     Column("finished_at", DateTime(timezone=True), nullable=True),
+    # Idempotent creation: the client's key, and a hash of the canonical request it first came with.
+    Column("idempotency_key", Text, nullable=True),
+    Column("request_hash", Text, nullable=True),
     CheckConstraint(f"status IN ({_STATUSES})", name="tasks_status_valid"),
     CheckConstraint("priority BETWEEN 1 AND 10", name="tasks_priority_range"),
     CheckConstraint("max_retries >= 0", name="tasks_max_retries_nonnegative"),
@@ -77,7 +80,18 @@ tasks = Table(
         "published_at",
         postgresql_where=text("status = 'DEAD' AND NOT dlq_recorded"),
     ),
-    Index("tasks_created_idx", "created_at"),
+    # Newest-first listing with keyset pagination on (created_at, id), unfiltered or by status.
+    Index("tasks_created_id_idx", "created_at", "id"),
+    Index("tasks_status_created_idx", "status", "created_at", "id"),
+    # Retention: finished tasks by age.
+    Index("tasks_finished_idx", "finished_at", postgresql_where=text(_TERMINAL_SQL)),
+    # One task per idempotency key; INSERT ... ON CONFLICT relies on it under concurrent requests.
+    Index(
+        "tasks_idempotency_key_idx",
+        "idempotency_key",
+        unique=True,
+        postgresql_where=text("idempotency_key IS NOT NULL"),
+    ),
 )
 
 task_events = Table(
@@ -106,4 +120,20 @@ dlq_events = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     UniqueConstraint("task_id", "attempt", name="dlq_events_task_attempt_key"),
     Index("dlq_events_created_idx", "created_at"),
+)
+
+# Liveness of the long-running processes, for `taskscheduler check <role>` (compose healthchecks).
+# Each process upserts its own row every PROCESS_HEARTBEAT_SEC and deletes it when it stops cleanly.
+process_heartbeats = Table(
+    "process_heartbeats",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("role", Text, nullable=False),
+    Column("hostname", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    # The worker's queues (comma-separated); empty for the other roles.
+    Column("detail", Text, nullable=False, server_default=text("''")),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("seen_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("process_heartbeats_role_idx", "role", "hostname", "seen_at"),
 )
