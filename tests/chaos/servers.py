@@ -6,6 +6,7 @@ machine's own servers are never touched.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -99,8 +100,6 @@ class PrivatePostgres:
         self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
 
     def destroy(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):
             self.stop()
-        except subprocess.CalledProcessError:
-            pass
         shutil.rmtree(self.folder, ignore_errors=True)

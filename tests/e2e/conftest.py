@@ -85,11 +85,15 @@ class Cluster:
         return env
 
     def start(self, *args: str, env: dict[str, str] | None = None) -> Proc:
+        return self.start_with_prefix([], *args, env=env)
+
+    def start_with_prefix(self, prefix: list[str], *args: str, env: dict[str, str] | None = None) -> Proc:
+        """Start `taskscheduler *args` under a wrapper command such as `faketime -f +1h`."""
         name = "-".join(args).replace("--queues-", "")
         log_path = self.tmp / f"{name}-{len(self.procs)}.log"
         with log_path.open("wb") as out:
             popen = subprocess.Popen(
-                [CLI, *args],
+                [*prefix, CLI, *args],
                 env={**self.env, **(env or {})},
                 stdout=out,
                 stderr=subprocess.STDOUT,
