@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     api_host: str = "0.0.0.0"
     api_port: int = Field(8000, ge=1, le=65535)
     worker_concurrency: int = Field(1, ge=1, description="Worker processes per `taskscheduler worker`.")
+    # Retention: finished tasks (and their events) and dlq_events older than this are deleted; 0 keeps them.
+    retention_days: float = Field(30.0, ge=0, description="Finished tasks are deleted this many days after finishing.")
+    dlq_retention_days: float = Field(180.0, ge=0, description="dlq_events are deleted this many days after creation.")
+    retention_interval_sec: float = Field(60.0, gt=0, description="How often the scheduler runs the retention sweep.")
+    # Liveness rows for `taskscheduler check <role>`.
+    process_heartbeat_sec: float = Field(10.0, gt=0, description="How often each process records that it is alive.")
+    # Prometheus endpoint of `taskscheduler scheduler` and `taskscheduler worker`; 0: none (the API serves /metrics).
+    metrics_port: int = Field(0, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
     # Test-only: a fault point name; see scheduler/dispatch.py. Never set in production.
     fault_point: str = ""
 

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
+from taskscheduler import metrics
 from taskscheduler.config import Settings
 from taskscheduler.lifecycle import DlqReason, backoff_sec, has_retries_left
 from taskscheduler.scheduler.publisher import DeadMessage, Publisher
@@ -40,6 +41,7 @@ def rescue_stuck(*, settings: Settings, publisher: Publisher, now: datetime | No
         )
         for task in stuck:
             why = "no heartbeat" if task.by_heartbeat else "ran past its timeout"
+            metrics.RESCUES.labels(reason="no_heartbeat" if task.by_heartbeat else "timeout").inc()
             error = f"stuck: {why} (worker crashed or hung)"
             fields = {"task_id": str(task.id), "attempt": task.attempt, "event": "rescued"}
             if has_retries_left(task.attempt, task.max_retries, task.retry_base_attempt):
@@ -68,7 +70,11 @@ def republish_lost(*, settings: Settings, publisher: Publisher, now: datetime | 
             conn, timeout_sec=settings.enqueue_timeout_sec, limit=settings.dispatch_batch_size, now=now
         )
     for item in lost:
-        log.info("ENQUEUED message re-published", extra={"task_id": str(item.id), "attempt": item.attempt})
+        metrics.RESCUES.labels(reason="lost_message").inc()
+        log.info(
+            "ENQUEUED message re-published",
+            extra={"task_id": str(item.id), "attempt": item.attempt, "event": "republished"},
+        )
     return publisher.publish_attempts(lost)
 
 
@@ -79,7 +85,11 @@ def republish_dead(*, settings: Settings, publisher: Publisher, now: datetime | 
             conn, timeout_sec=settings.enqueue_timeout_sec, limit=settings.dispatch_batch_size, now=now
         )
     for item in dead:
-        log.info("DLQ message re-published", extra={"task_id": str(item.id), "attempt": item.attempt})
+        metrics.RESCUES.labels(reason="dlq_republished").inc()
+        log.info(
+            "DLQ message re-published",
+            extra={"task_id": str(item.id), "attempt": item.attempt, "event": "dlq_republished"},
+        )
     return publisher.publish_dead([(d.id, d.attempt, d.name, d.reason, d.error) for d in dead])
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from taskscheduler.config import Settings
-from taskscheduler.scheduler import dispatch, rescue
+from taskscheduler.liveness import ProcessHeartbeat
+from taskscheduler.scheduler import dispatch, rescue, retention
 from taskscheduler.scheduler.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -16,10 +18,13 @@ MAX_BATCHES_PER_TICK = 20
 
 
 class SchedulerService:
-    def __init__(self, settings: Settings, publisher: Publisher) -> None:
+    def __init__(self, settings: Settings, publisher: Publisher, *, heartbeat: ProcessHeartbeat | None = None) -> None:
         self.settings = settings
         self.publisher = publisher
         self.stopping = threading.Event()
+        # Written from the loop, so a scheduler whose loop hangs stops looking alive.
+        self.heartbeat = heartbeat
+        self._retention_due = time.monotonic()
 
     def stop(self) -> None:
         """Ask the loop to exit after the batch in hand (SIGTERM, Ctrl-C)."""
@@ -37,6 +42,11 @@ class SchedulerService:
             log.info("dispatched %d", dispatched, extra={"event": "dispatch", "count": dispatched})
         if counts:
             log.info("rescue: %s", counts, extra={"event": "rescue"})
+        if time.monotonic() >= self._retention_due and not self.stopping.is_set():
+            self._retention_due = time.monotonic() + self.settings.retention_interval_sec
+            retention.run_once(settings=self.settings)
+        if self.heartbeat is not None:
+            self.heartbeat.beat_if_due()
         return dispatched
 
     def run_forever(self) -> None:
@@ -49,4 +59,6 @@ class SchedulerService:
                 busy = False
             if not busy:
                 self.stopping.wait(self.settings.poll_interval_sec)
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         log.info("scheduler stopped", extra={"event": "scheduler_stopped"})

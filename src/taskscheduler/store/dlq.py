@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 from sqlalchemy import Connection, RowMapping, text
+
+from taskscheduler import metrics
 
 _RECORD = text(
     """
@@ -27,7 +30,10 @@ def record_dlq_event(
 ) -> bool:
     """Idempotent: a duplicate DLQ message for the same (task, attempt) adds nothing. True if inserted."""
     params = {"task_id": task_id, "attempt": attempt, "task_name": task_name, "reason": reason, "error": error}
-    return bool(conn.execute(_RECORD, params).scalar_one())
+    inserted = bool(conn.execute(_RECORD, params).scalar_one())
+    if inserted:
+        metrics.DLQ_EVENTS.labels(reason=reason).inc()
+    return inserted
 
 
 def list_dlq_events(conn: Connection, *, limit: int = 100) -> list[RowMapping]:
@@ -40,3 +46,20 @@ def list_dlq_events(conn: Connection, *, limit: int = 100) -> list[RowMapping]:
             {"limit": limit},
         ).mappings()
     )
+
+
+_DELETE_OLD = text(
+    """
+    DELETE FROM dlq_events WHERE id IN (
+        SELECT id FROM dlq_events
+        WHERE created_at < COALESCE(CAST(:now AS timestamptz), now()) - make_interval(secs => :older_than_sec)
+        ORDER BY created_at
+        LIMIT :limit
+    )
+    """
+)
+
+
+def delete_old(conn: Connection, *, older_than_sec: float, limit: int, now: datetime | None = None) -> int:
+    """Delete up to `limit` dlq_events created more than `older_than_sec` ago. Returns how many."""
+    return conn.execute(_DELETE_OLD, {"older_than_sec": older_than_sec, "limit": limit, "now": now}).rowcount

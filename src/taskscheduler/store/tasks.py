@@ -8,14 +8,16 @@ drops its stale work. Nothing outside this package writes `tasks.status`.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, bindparam, text
+from sqlalchemy import Connection, Row, RowMapping, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 
-from taskscheduler.lifecycle import DlqReason, TaskStatus
+from taskscheduler import metrics
+from taskscheduler.lifecycle import CANCELLABLE, RETRYABLE, TERMINAL, DlqReason, TaskStatus
 
 MAX_ERROR_CHARS = 4000
 
@@ -64,12 +66,62 @@ class DeadUnrecorded:
     error: str | None
 
 
+@dataclass(frozen=True)
+class NewTask:
+    """A task to create. With an `idempotency_key`, `request_hash` identifies the request it came with."""
+
+    name: str
+    payload: dict[str, Any]
+    priority: int
+    queue: str
+    run_at: datetime | None
+    max_retries: int
+    timeout_sec: float | None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class CreateResult:
+    """A task row, and whether this call created it (False: an earlier request with its key did)."""
+
+    row: RowMapping
+    created: bool
+
+
+class IdempotencyConflict(Exception):
+    """An idempotency key already names a task created from a different request."""
+
+    def __init__(self, key: str, task_id: uuid.UUID | None) -> None:
+        where = f" (task {task_id})" if task_id else " in this batch"
+        super().__init__(f"idempotency key {key!r} was already used for a different request{where}")
+        self.key = key
+        self.task_id = task_id
+
+
+class IdempotencyKeyInFlux(Exception):
+    """The task holding an idempotency key was deleted while the key was being looked up: try again."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"idempotency key {key!r} was just released (its task was deleted); send the request again")
+
+
+# Many tasks in one statement. A task whose idempotency key exists already is skipped (ON CONFLICT DO
+# NOTHING waits for a concurrent insert of the same key to commit or roll back, then decides), and
+# only the rows inserted get their 'created' event.
 _CREATE = text(
     """
-    WITH created AS (
-        INSERT INTO tasks (id, name, payload, priority, queue, status, run_at, max_retries, timeout_sec)
-        VALUES (:id, :name, :payload, :priority, :queue, 'PENDING', COALESCE(:run_at, now()),
-                :max_retries, :timeout_sec)
+    WITH input AS (
+        SELECT * FROM jsonb_to_recordset(:rows) AS r(
+            id uuid, name text, payload jsonb, priority smallint, queue text, run_at timestamptz,
+            max_retries integer, timeout_sec double precision, idempotency_key text, request_hash text, ord integer)
+    ), created AS (
+        INSERT INTO tasks (id, name, payload, priority, queue, status, run_at, max_retries, timeout_sec,
+                           idempotency_key, request_hash)
+        SELECT id, name, payload, priority, queue, 'PENDING', COALESCE(run_at, now()), max_retries, timeout_sec,
+               idempotency_key, request_hash
+        FROM input ORDER BY ord
+        ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
         RETURNING *
     ), event AS (
         INSERT INTO task_events (task_id, from_status, to_status, attempt, detail)
@@ -77,7 +129,79 @@ _CREATE = text(
     )
     SELECT * FROM created
     """
-).bindparams(bindparam("payload", type_=JSONB))
+).bindparams(bindparam("rows", type_=JSONB))
+
+_BY_KEYS = text("SELECT * FROM tasks WHERE idempotency_key = ANY(:keys)")
+
+
+def create_tasks(conn: Connection, specs: Sequence[NewTask]) -> list[CreateResult]:
+    """Create `specs` in one statement; the results are in the order of `specs`.
+
+    A spec whose idempotency key names an existing task created with the same `request_hash` gets
+    that task (created=False); with a different hash, IdempotencyConflict (the caller rolls back).
+    Specs that share a key must share the hash too, and get one task.
+    """
+    rows: list[dict[str, Any]] = []
+    ids: list[str | None] = []  # per spec: the id it is inserted under, None when its key came earlier
+    first_with_key: dict[str, int] = {}  # key -> index of the first spec with it
+    for index, spec in enumerate(specs):
+        key = spec.idempotency_key
+        if key is not None:
+            first = first_with_key.setdefault(key, index)
+            if first != index:
+                if specs[first].request_hash != spec.request_hash:
+                    raise IdempotencyConflict(key, None)
+                ids.append(None)
+                continue
+        task_id = str(uuid.uuid4())
+        ids.append(task_id)
+        rows.append(
+            {
+                "id": task_id,
+                "name": spec.name,
+                "payload": spec.payload,
+                "priority": spec.priority,
+                "queue": spec.queue,
+                "run_at": None if spec.run_at is None else spec.run_at.isoformat(),
+                "max_retries": spec.max_retries,
+                "timeout_sec": spec.timeout_sec,
+                "idempotency_key": key,
+                "request_hash": spec.request_hash,
+                "ord": len(rows),
+            }
+        )
+    inserted = {str(row["id"]): row for row in conn.execute(_CREATE, {"rows": rows}).mappings()} if rows else {}
+    for row in inserted.values():
+        metrics.TASKS_CREATED.labels(queue=row["queue"]).inc()
+
+    # Keys that did not insert: an earlier request (maybe a concurrent one, now committed) holds them.
+    taken = [key for key, index in first_with_key.items() if ids[index] not in inserted]
+    existing: dict[str, RowMapping] = {}
+    if taken:
+        existing = {row["idempotency_key"]: row for row in conn.execute(_BY_KEYS, {"keys": taken}).mappings()}
+        for key in taken:
+            holder = existing.get(key)
+            if holder is None:
+                # Its task was deleted (retention) between the two statements: rare; sent again, the
+                # request creates the task.
+                raise IdempotencyKeyInFlux(key)
+            if holder["request_hash"] != specs[first_with_key[key]].request_hash:
+                raise IdempotencyConflict(key, holder["id"])
+
+    results: list[CreateResult] = []
+    for spec, spec_id in zip(specs, ids, strict=True):
+        if spec_id is not None and spec_id in inserted:
+            results.append(CreateResult(inserted[spec_id], created=True))
+            continue
+        spec_key = spec.idempotency_key
+        assert spec_key is not None
+        if spec_key in existing:
+            results.append(CreateResult(existing[spec_key], created=False))
+        else:  # a later spec with a key this call inserted
+            first_id = ids[first_with_key[spec_key]]
+            assert first_id is not None
+            results.append(CreateResult(inserted[first_id], created=False))
+    return results
 
 
 def create_task(
@@ -90,29 +214,30 @@ def create_task(
     run_at: datetime | None,
     max_retries: int,
     timeout_sec: float | None,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
 ) -> RowMapping:
-    row = (
-        conn.execute(
-            _CREATE,
-            {
-                "id": uuid.uuid4(),
-                "name": name,
-                "payload": payload,
-                "priority": priority,
-                "queue": queue,
-                "run_at": run_at,
-                "max_retries": max_retries,
-                "timeout_sec": timeout_sec,
-            },
-        )
-        .mappings()
-        .one()
+    """Create one task (see `create_tasks`); returns its row, or that of the task holding its key."""
+    spec = NewTask(
+        name=name,
+        payload=payload,
+        priority=priority,
+        queue=queue,
+        run_at=run_at,
+        max_retries=max_retries,
+        timeout_sec=timeout_sec,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
     )
-    return row
+    return create_tasks(conn, [spec])[0].row
 
 
 def get_task(conn: Connection, task_id: uuid.UUID) -> RowMapping | None:
     return conn.execute(text("SELECT * FROM tasks WHERE id = :id"), {"id": task_id}).mappings().one_or_none()
+
+
+def get_by_idempotency_key(conn: Connection, key: str) -> RowMapping | None:
+    return conn.execute(_BY_KEYS, {"keys": [key]}).mappings().one_or_none()
 
 
 def list_events(conn: Connection, task_id: uuid.UUID) -> list[RowMapping]:
@@ -144,17 +269,23 @@ _DISPATCH = text(
         INSERT INTO task_events (task_id, from_status, to_status, attempt)
         SELECT id, from_status, 'ENQUEUED', attempt FROM moved
     )
-    SELECT id, attempt, queue, timeout_sec FROM moved ORDER BY priority DESC, run_at
+    SELECT id, attempt, queue, timeout_sec, from_status FROM moved ORDER BY priority DESC, run_at
     """
 )
 
 
 def dispatch_due(conn: Connection, *, limit: int, now: datetime | None = None) -> list[Dispatched]:
-    rows = conn.execute(_DISPATCH, {"limit": limit, "now": now})
+    rows = conn.execute(_DISPATCH, {"limit": limit, "now": now}).all()
+    for r in rows:
+        metrics.transition(r.from_status, TaskStatus.ENQUEUED, r.queue)
     return [Dispatched(id=r.id, attempt=r.attempt, queue=r.queue, timeout_sec=r.timeout_sec) for r in rows]
 
 
-def _guarded(set_clause: str, *, src: TaskStatus, dst: TaskStatus, returning: str = "t.id") -> str:
+# What the outcome transitions return: the queue and the attempt's run time, for the metrics.
+_OUTCOME = "t.id, t.queue, EXTRACT(EPOCH FROM now() - t.started_at)::float8 AS run_sec"
+
+
+def _guarded(set_clause: str, *, src: TaskStatus, dst: TaskStatus, returning: str = _OUTCOME) -> str:
     """One statement: move (id, attempt) from `src` to `dst` and append the event row."""
     return f"""
     WITH moved AS (
@@ -174,7 +305,8 @@ _CLAIM = text(
         "started_at = now(), heartbeat_at = now()",
         src=TaskStatus.ENQUEUED,
         dst=TaskStatus.STARTED,
-        returning="t.id, t.name, t.payload, t.timeout_sec, t.max_retries, t.retry_base_attempt",
+        returning="t.id, t.name, t.payload, t.timeout_sec, t.max_retries, t.retry_base_attempt, t.queue,"
+        " EXTRACT(EPOCH FROM t.started_at - t.run_at)::float8 AS lag_sec",
     )
 )
 
@@ -184,6 +316,8 @@ def claim(conn: Connection, *, task_id: uuid.UUID, attempt: int, worker: str | N
     row = conn.execute(_CLAIM, {"id": task_id, "attempt": attempt, "detail": worker}).one_or_none()
     if row is None:
         return None
+    metrics.transition(TaskStatus.ENQUEUED, TaskStatus.STARTED, row.queue)
+    metrics.DISPATCH_LAG.labels(queue=row.queue).observe(max(0.0, row.lag_sec))
     return Claimed(
         name=row.name,
         payload=row.payload,
@@ -212,7 +346,16 @@ _SUCCEED = text(
 
 def succeed(conn: Connection, *, task_id: uuid.UUID, attempt: int, result: Any) -> bool:
     params = {"id": task_id, "attempt": attempt, "result": result, "detail": None}
-    return conn.execute(_SUCCEED, params).first() is not None
+    return _counted(conn.execute(_SUCCEED, params).first(), TaskStatus.STARTED, TaskStatus.SUCCEEDED)
+
+
+def _counted(row: Row[Any] | None, src: TaskStatus, dst: TaskStatus) -> bool:
+    """Count an outcome transition that happened (row is not None) in the metrics."""
+    if row is None:
+        return False
+    metrics.transition(src, dst, row.queue)
+    metrics.observe_run_time(row.queue, dst.lower(), row.run_sec)
+    return True
 
 
 _FAIL = text(
@@ -228,7 +371,7 @@ def fail(conn: Connection, *, task_id: uuid.UUID, attempt: int, error: str, retr
     """STARTED -> FAILED, due again after `retry_in_sec`."""
     error = _clip(error) or ""
     params = {"id": task_id, "attempt": attempt, "error": error, "retry_in_sec": retry_in_sec, "detail": error}
-    return conn.execute(_FAIL, params).first() is not None
+    return _counted(conn.execute(_FAIL, params).first(), TaskStatus.STARTED, TaskStatus.FAILED)
 
 
 _KILL = text(
@@ -236,7 +379,7 @@ _KILL = text(
         "last_error = :error, dead_reason = :reason, dlq_recorded = false, finished_at = now(), published_at = now()",
         src=TaskStatus.STARTED,
         dst=TaskStatus.DEAD,
-        returning="t.id, t.name",
+        returning=f"{_OUTCOME}, t.name",
     )
 )
 
@@ -246,7 +389,9 @@ def kill(conn: Connection, *, task_id: uuid.UUID, attempt: int, error: str, reas
     error = _clip(error) or ""
     params = {"id": task_id, "attempt": attempt, "error": error, "reason": reason.value, "detail": f"{reason}: {error}"}
     row = conn.execute(_KILL, params).first()
-    return None if row is None else str(row.name)
+    if row is None or not _counted(row, TaskStatus.STARTED, TaskStatus.DEAD):
+        return None
+    return str(row.name)
 
 
 _LOCK_STUCK = text(
@@ -343,3 +488,199 @@ def take_unrecorded_dead(
     return [
         DeadUnrecorded(id=r.id, attempt=r.attempt, name=r.name, reason=r.dead_reason, error=r.last_error) for r in rows
     ]
+
+
+# --- operators: list, cancel, retry -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskFilter:
+    statuses: Sequence[TaskStatus] = ()
+    name: str | None = None
+    queue: str | None = None
+    created_after: datetime | None = None  # inclusive
+    created_before: datetime | None = None  # exclusive
+
+
+_LIST_COLUMNS = (
+    "id, name, priority, queue, status, run_at, attempt, max_retries, timeout_sec, last_error, dead_reason,"
+    " idempotency_key, created_at, updated_at, started_at, finished_at"
+)
+
+
+def list_tasks(
+    conn: Connection, where: TaskFilter, *, limit: int, after: tuple[datetime, uuid.UUID] | None = None
+) -> list[RowMapping]:
+    """Tasks newest first, without payload and result, ordered by (created_at, id) descending.
+
+    `after` is the (created_at, id) of the last task of the previous page (keyset pagination: a page
+    never shifts when tasks are created meanwhile, and costs the same however deep it is).
+    """
+    clauses: list[str] = []
+    params: dict[str, Any] = {"limit": limit}
+    if where.statuses:
+        clauses.append("status = ANY(:statuses)")
+        params["statuses"] = [str(s) for s in where.statuses]
+    if where.name is not None:
+        clauses.append("name = :name")
+        params["name"] = where.name
+    if where.queue is not None:
+        clauses.append("queue = :queue")
+        params["queue"] = where.queue
+    if where.created_after is not None:
+        clauses.append("created_at >= :created_after")
+        params["created_after"] = where.created_after
+    if where.created_before is not None:
+        clauses.append("created_at < :created_before")
+        params["created_before"] = where.created_before
+    if after is not None:
+        clauses.append("(created_at, id) < (:after_created_at, :after_id)")
+        params["after_created_at"], params["after_id"] = after
+    sql = f"SELECT {_LIST_COLUMNS} FROM tasks"
+    if clauses:
+        sql += " WHERE " + " AND ".join(clauses)
+    sql += " ORDER BY created_at DESC, id DESC LIMIT :limit"
+    return list(conn.execute(text(sql), params).mappings())
+
+
+def _sql_list(statuses: frozenset[TaskStatus]) -> str:
+    return ", ".join(f"'{s.value}'" for s in sorted(statuses))
+
+
+@dataclass(frozen=True)
+class Moved:
+    """The outcome of an operator's transition: `row` when it happened, else the status that prevented it."""
+
+    row: RowMapping | None
+    status: TaskStatus | None  # the status the task is in now; None: no such task
+
+
+def _by_id(set_clause: str, *, src: frozenset[TaskStatus], dst: TaskStatus) -> str:
+    """One statement: move the task `:id` from any status in `src` to `dst` and append its event.
+
+    The task's row is locked first (FOR UPDATE waits for a transition in flight, then sees its
+    result), so the status the event records as `from_status` is the one the update replaced.
+    The statement returns the task's status either way, to tell "not found" from "not allowed".
+    """
+    return f"""
+    WITH cur AS (
+        SELECT id, status FROM tasks WHERE id = :id FOR UPDATE
+    ), moved AS (
+        UPDATE tasks t SET status = '{dst.value}', updated_at = now(), {set_clause}
+        FROM cur
+        WHERE t.id = cur.id AND cur.status IN ({_sql_list(src)}) AND t.status = cur.status
+        RETURNING t.id, t.attempt, t.queue, cur.status AS from_status
+    ), event AS (
+        INSERT INTO task_events (task_id, from_status, to_status, attempt, detail)
+        SELECT id, from_status, '{dst.value}', attempt, :detail FROM moved
+    )
+    SELECT cur.status AS current_status, moved.queue AS moved_queue
+    FROM cur LEFT JOIN moved ON moved.id = cur.id
+    """
+
+
+_CANCEL = text(_by_id("finished_at = now()", src=CANCELLABLE, dst=TaskStatus.CANCELLED))
+
+# A fresh retry budget from the current attempt (never reset: it is the fencing token), due now.
+_RETRY_SET = (
+    "run_at = now(), retry_base_attempt = t.attempt, finished_at = NULL, dead_reason = NULL, dlq_recorded = false"
+)
+_RETRY = text(_by_id(_RETRY_SET, src=RETRYABLE, dst=TaskStatus.PENDING))
+
+
+def _moved(conn: Connection, statement: Any, task_id: uuid.UUID, detail: str, dst: TaskStatus) -> Moved:
+    result = conn.execute(statement, {"id": task_id, "detail": detail}).one_or_none()
+    if result is None:
+        return Moved(row=None, status=None)
+    if result.moved_queue is None:
+        return Moved(row=None, status=TaskStatus(result.current_status))
+    metrics.transition(result.current_status, dst, result.moved_queue)
+    return Moved(row=get_task(conn, task_id), status=dst)
+
+
+def cancel(conn: Connection, task_id: uuid.UUID, *, detail: str = "cancelled") -> Moved:
+    """PENDING, FAILED or ENQUEUED -> CANCELLED. A message already published for it is then dropped by
+    the worker's guarded claim; a STARTED or finished task is left alone (`row` None, `status` says why)."""
+    return _moved(conn, _CANCEL, task_id, detail, TaskStatus.CANCELLED)
+
+
+def retry(conn: Connection, task_id: uuid.UUID, *, detail: str = "retried") -> Moved:
+    """DEAD or CANCELLED -> PENDING, due now, with a fresh retry budget; the events so far are kept."""
+    return _moved(conn, _RETRY, task_id, detail, TaskStatus.PENDING)
+
+
+_RETRY_DEAD = text(
+    f"""
+    WITH picked AS (
+        SELECT id FROM tasks
+        WHERE status = 'DEAD'
+          AND (CAST(:name AS text) IS NULL OR name = :name)
+          AND (CAST(:reason AS text) IS NULL OR dead_reason = :reason)
+          AND (CAST(:since AS timestamptz) IS NULL OR finished_at >= :since)
+          AND finished_at <= :until
+        ORDER BY finished_at
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    ), moved AS (
+        UPDATE tasks t SET status = 'PENDING', updated_at = now(), {_RETRY_SET}
+        FROM picked
+        WHERE t.id = picked.id AND t.status = 'DEAD'
+        RETURNING t.id, t.attempt, t.queue
+    ), event AS (
+        INSERT INTO task_events (task_id, from_status, to_status, attempt, detail)
+        SELECT id, 'DEAD', 'PENDING', attempt, :detail FROM moved
+    )
+    SELECT queue, count(*) AS n FROM moved GROUP BY queue
+    """
+)
+
+
+def retry_dead(
+    conn: Connection,
+    *,
+    name: str | None,
+    reason: str | None,
+    since: datetime | None,
+    until: datetime,
+    limit: int,
+    detail: str = "retried from the DLQ",
+) -> int:
+    """Up to `limit` DEAD tasks (by name, DLQ reason, finished at or after `since` and not after `until`)
+    -> PENDING, as `retry` does. Returns how many. Tasks locked by another transaction are skipped."""
+    params = {"name": name, "reason": reason, "since": since, "until": until, "limit": limit, "detail": detail}
+    total = 0
+    for row in conn.execute(_RETRY_DEAD, params):
+        metrics.transition(TaskStatus.DEAD, TaskStatus.PENDING, row.queue, row.n)
+        total += row.n
+    return total
+
+
+def task_counts(conn: Connection) -> list[tuple[str, str, int]]:
+    """(status, queue, count) of every task now: one GROUP BY, for /metrics."""
+    conn.execute(text("SET LOCAL statement_timeout = '5s'"))
+    rows = conn.execute(text("SELECT status, queue, count(*) FROM tasks GROUP BY status, queue"))
+    return [(r[0], r[1], int(r[2])) for r in rows]
+
+
+# --- retention ----------------------------------------------------------------------------------------------------
+
+_DELETE_FINISHED = text(
+    f"""
+    WITH old AS (
+        SELECT id FROM tasks
+        WHERE status IN ({_sql_list(TERMINAL)})
+          AND finished_at < {_NOW} - make_interval(secs => :older_than_sec)
+        ORDER BY finished_at
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    )
+    DELETE FROM tasks t USING old WHERE t.id = old.id AND t.status IN ({_sql_list(TERMINAL)})
+    """
+)
+
+
+def delete_finished(conn: Connection, *, older_than_sec: float, limit: int, now: datetime | None = None) -> int:
+    """Delete up to `limit` SUCCEEDED, DEAD or CANCELLED tasks finished more than `older_than_sec` ago, and
+    their events (ON DELETE CASCADE). Not a transition: the task is gone. Returns how many."""
+    params = {"older_than_sec": older_than_sec, "limit": limit, "now": now}
+    return conn.execute(_DELETE_FINISHED, params).rowcount

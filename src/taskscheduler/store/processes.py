@@ -1,0 +1,68 @@
+"""Liveness of the long-running processes: one `process_heartbeats` row per running api, scheduler or worker.
+
+`taskscheduler check <role>` (the compose healthcheck) asks whether a process of that role on this
+host wrote its row recently. Times are the database's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection, text
+
+_BEAT = text(
+    """
+    INSERT INTO process_heartbeats (id, role, hostname, pid, detail)
+    VALUES (:id, :role, :hostname, :pid, :detail)
+    ON CONFLICT (id) DO UPDATE SET seen_at = now()
+    """
+)
+
+
+def beat(conn: Connection, *, process_id: str, role: str, hostname: str, pid: int, detail: str = "") -> None:
+    """Record that the process is alive now."""
+    conn.execute(_BEAT, {"id": process_id, "role": role, "hostname": hostname, "pid": pid, "detail": detail})
+
+
+def remove(conn: Connection, process_id: str) -> None:
+    """A clean stop: the process is gone, say so at once."""
+    conn.execute(text("DELETE FROM process_heartbeats WHERE id = :id"), {"id": process_id})
+
+
+@dataclass(frozen=True)
+class LastSeen:
+    pid: int
+    hostname: str
+    detail: str
+    age_sec: float
+
+
+_LAST_SEEN = text(
+    """
+    SELECT pid, hostname, detail, EXTRACT(EPOCH FROM now() - seen_at)::float8 AS age_sec
+    FROM process_heartbeats
+    WHERE role = :role
+      AND (CAST(:hostname AS text) IS NULL OR hostname = :hostname)
+      AND (CAST(:queue AS text) IS NULL OR :queue = ANY(string_to_array(detail, ',')))
+    ORDER BY seen_at DESC
+    LIMIT 1
+    """
+)
+
+
+def last_seen(conn: Connection, *, role: str, hostname: str | None, queue: str | None = None) -> LastSeen | None:
+    """The most recent heartbeat of a `role` process (on `hostname`, serving `queue`, when given)."""
+    row = conn.execute(_LAST_SEEN, {"role": role, "hostname": hostname, "queue": queue}).one_or_none()
+    if row is None:
+        return None
+    return LastSeen(pid=row.pid, hostname=row.hostname, detail=row.detail, age_sec=max(0.0, row.age_sec))
+
+
+def delete_stale(conn: Connection, *, older_than_sec: float, now: datetime | None = None) -> int:
+    """Forget processes silent for `older_than_sec` (they died without a clean stop)."""
+    sql = text(
+        "DELETE FROM process_heartbeats"
+        " WHERE seen_at < COALESCE(CAST(:now AS timestamptz), now()) - make_interval(secs => :older_than_sec)"
+    )
+    return conn.execute(sql, {"older_than_sec": older_than_sec, "now": now}).rowcount
