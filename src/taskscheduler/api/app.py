@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from taskscheduler import __version__, handlers
+from taskscheduler.api.auth import ApiKeyAuth
 from taskscheduler.api.body_guard import BodyGuard
-from taskscheduler.api.routes import router
+from taskscheduler.api.routes import health_router, router
 from taskscheduler.config import Settings, get_settings
+from taskscheduler.liveness import ProcessHeartbeat
+from taskscheduler.store.tasks import IdempotencyKeyInFlux
 
 log = logging.getLogger(__name__)
 
@@ -19,17 +24,57 @@ DESCRIPTION = """
 Run named tasks at a given time on a pool of workers, with retries, a dead-letter queue and
 rescue of tasks from crashed or hung workers. Every task's state lives in PostgreSQL;
 `GET /tasks/{id}/events` shows everything that happened to it.
+
+**Operating it:** `GET /tasks` finds tasks (by status, name, queue, creation time; paginated),
+`POST /tasks/{id}/cancel` stops one that has not started, `POST /tasks/{id}/retry` and
+`POST /dlq/retry` bring dead ones back, `GET /metrics` is for Prometheus.
+
+**Authentication:** when the server sets `API_KEYS`, every route but `/healthz`, `/readyz` and these
+docs needs `Authorization: Bearer <key>`: press **Authorize** and enter a key.
 """
 
+TAGS = [
+    {"name": "tasks", "description": "Create, find, cancel and retry tasks."},
+    {"name": "dlq", "description": "The dead-letter queue: tasks that ran out of retries or got stuck."},
+    {"name": "operations", "description": "Metrics for Prometheus."},
+    {"name": "health", "description": "Probes for orchestrators; no API key needed."},
+]
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+
+def create_app(settings: Settings | None = None, *, process_heartbeat: bool = True) -> FastAPI:
+    """The API. With `process_heartbeat`, it records its liveness for `taskscheduler check api`
+    while it runs (between its startup and shutdown)."""
     settings = settings or get_settings()
     handlers.load_task_modules(settings.task_module_list)
-    app = FastAPI(title="taskscheduler", version=__version__, description=DESCRIPTION)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        heartbeat = None
+        if process_heartbeat:
+            heartbeat = ProcessHeartbeat(
+                "api", interval_sec=settings.process_heartbeat_sec, database_url=settings.database_url or None
+            ).start()
+        try:
+            yield
+        finally:
+            if heartbeat is not None:
+                heartbeat.stop()
+
+    app = FastAPI(
+        title="taskscheduler", version=__version__, description=DESCRIPTION, openapi_tags=TAGS, lifespan=lifespan
+    )
     # The routes ask for settings through `get_settings`; give them the ones this app was built with.
     app.dependency_overrides[get_settings] = lambda: settings
     app.include_router(router)
+    app.include_router(health_router)
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
+    # Outermost: a request without a valid key is refused before its body is read.
+    public = {"/healthz", "/readyz", app.docs_url, app.swagger_ui_oauth2_redirect_url, app.openapi_url, app.redoc_url}
+    app.add_middleware(ApiKeyAuth, keys=settings.api_key_list, public_paths={p for p in public if p})
+
+    @app.exception_handler(IdempotencyKeyInFlux)
+    async def key_in_flux(request: Request, exc: IdempotencyKeyInFlux) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(OperationalError)
     async def database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:

@@ -1,49 +1,97 @@
-"""The routes. Each reads or writes through `store`; errors are 4xx with a clear `detail`."""
+"""The routes. Each reads or writes through `store`; errors are 4xx with a clear `detail`.
+
+`router` holds every route that asks for an API key when API_KEYS is set (enforced by
+`api.auth.ApiKeyAuth`, for every path but the public ones); `health_router` the public probes.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import redis
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Response, Security, status
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
+from pydantic import AwareDatetime
 from sqlalchemy import text
 
-from taskscheduler import handlers
+from taskscheduler import handlers, metrics
 from taskscheduler.api.deps import ConnDep, SettingsDep
-from taskscheduler.api.schemas import DlqEventOut, Health, TaskCreate, TaskEventOut, TaskOut
-from taskscheduler.config import redis_client_url
-from taskscheduler.lifecycle import queue_for_priority
+from taskscheduler.api.schemas import (
+    IDEMPOTENCY_KEY_MAX,
+    DlqEventOut,
+    DlqRetryFilter,
+    DlqRetryOut,
+    Health,
+    TaskBatchCreate,
+    TaskBatchOut,
+    TaskCreate,
+    TaskEventOut,
+    TaskOut,
+    TaskPage,
+    TaskSummary,
+)
+from taskscheduler.config import Settings, redis_client_url
+from taskscheduler.lifecycle import CANCELLABLE, RETRYABLE, TERMINAL, TaskStatus, queue_for_priority
 from taskscheduler.store import db
 from taskscheduler.store import dlq as dlq_store
 from taskscheduler.store import tasks as task_store
 
-router = APIRouter()
+# Declares the scheme in the OpenAPI document, so Swagger shows "Authorize"; ApiKeyAuth enforces it.
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="One of the keys in API_KEYS, sent as `Authorization: Bearer <key>`. Needed only when the"
+    " server sets API_KEYS.",
+)
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: {"description": "API_KEYS is set and no valid key was sent."}}
+
+router = APIRouter(dependencies=[Security(bearer)], responses=UNAUTHORIZED)
+health_router = APIRouter(tags=["health"])
 
 TASK_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No task with this id."}}
+CONFLICT = {"description": "The task is in a status that does not allow this; `detail` says which."}
+
+# Tasks moved per transaction by POST /dlq/retry.
+DLQ_RETRY_BATCH = 1000
 
 
-def _validation_error(field: str, message: str) -> HTTPException:
-    return HTTPException(
-        status.HTTP_422_UNPROCESSABLE_CONTENT,
-        detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}],
-    )
+def _validation_error(errors: list[dict[str, Any]]) -> HTTPException:
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=errors)
 
 
-@router.post("/tasks", status_code=status.HTTP_201_CREATED, response_model=TaskOut, tags=["tasks"])
-def create_task(body: TaskCreate, conn: ConnDep, settings: SettingsDep) -> TaskOut:
-    """Create a task that runs `name` with `payload` at `run_at` (default now)."""
+def _error(loc: list[str | int], message: str) -> dict[str, Any]:
+    return {"loc": loc, "msg": message, "type": "value_error"}
+
+
+def _not_found(task_id: uuid.UUID) -> HTTPException:
+    return HTTPException(status.HTTP_404_NOT_FOUND, detail=f"task {task_id} not found")
+
+
+# --- create -------------------------------------------------------------------------------------------------------
+
+
+def check_new_task(body: TaskCreate, settings: Settings, loc: list[str | int]) -> list[dict[str, Any]]:
+    """What the schema cannot check about a task to create: a registered name, a run_at not in the past."""
+    errors = []
     if handlers.get_handler(body.name) is None:
         known = ", ".join(handlers.registered_names())
-        raise _validation_error("name", f"unknown task name {body.name!r}; registered: {known}")
+        errors.append(_error([*loc, "name"], f"unknown task name {body.name!r}; registered: {known}"))
     if body.run_at is not None:
         earliest = datetime.now(UTC) - timedelta(seconds=settings.run_at_grace_sec)
         if body.run_at < earliest:
-            raise _validation_error("run_at", f"run_at is in the past (more than {settings.run_at_grace_sec:g}s ago)")
-    row = task_store.create_task(
-        conn,
+            message = f"run_at is in the past (more than {settings.run_at_grace_sec:g}s ago)"
+            errors.append(_error([*loc, "run_at"], message))
+    return errors
+
+
+def new_task_spec(body: TaskCreate, idempotency_key: str | None) -> task_store.NewTask:
+    return task_store.NewTask(
         name=body.name,
         payload=body.payload,
         priority=body.priority,
@@ -51,15 +99,180 @@ def create_task(body: TaskCreate, conn: ConnDep, settings: SettingsDep) -> TaskO
         run_at=body.run_at,
         max_retries=body.max_retries,
         timeout_sec=body.timeout_sec,
+        idempotency_key=idempotency_key,
+        request_hash=None if idempotency_key is None else body.request_hash(),
     )
-    return TaskOut.model_validate(dict(row))
+
+
+def _conflict(exc: task_store.IdempotencyConflict) -> HTTPException:
+    return HTTPException(status.HTTP_409_CONFLICT, detail=str(exc))
+
+
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=IDEMPOTENCY_KEY_MAX,
+        description="The same as the body's `idempotency_key`; when both are given they must be equal.",
+    ),
+]
+
+
+@router.post(
+    "/tasks",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TaskOut,
+    tags=["tasks"],
+    responses={
+        200: {"description": "An earlier request with this idempotency key and the same body created the task.",
+              "model": TaskOut},
+        409: {"description": "The idempotency key was used before with a different request."},
+    },
+)  # fmt: skip
+def create_task(
+    body: TaskCreate,
+    conn: ConnDep,
+    settings: SettingsDep,
+    response: Response,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> TaskOut:
+    """Create a task that runs `name` with `payload` at `run_at` (default now): 201 with the task.
+
+    With an idempotency key (the `idempotency_key` field or the `Idempotency-Key` header), sending
+    the same request again returns the task the first one created, with 200: safe to retry after a
+    timeout. The same key with a different request is a 409.
+    """
+    if idempotency_key is not None and body.idempotency_key not in (None, idempotency_key):
+        raise _validation_error(
+            [_error(["header", "Idempotency-Key"], "the Idempotency-Key header and the body's idempotency_key differ")]
+        )
+    key = idempotency_key or body.idempotency_key
+    if key is not None:
+        # A replay returns the first task even if its run_at has passed since.
+        existing = task_store.get_by_idempotency_key(conn, key)
+        if existing is not None:
+            if existing["request_hash"] != body.request_hash():
+                raise _conflict(task_store.IdempotencyConflict(key, existing["id"]))
+            response.status_code = status.HTTP_200_OK
+            return TaskOut.model_validate(dict(existing))
+    errors = check_new_task(body, settings, ["body"])
+    if errors:
+        raise _validation_error(errors)
+    try:
+        (result,) = task_store.create_tasks(conn, [new_task_spec(body, key)])
+    except task_store.IdempotencyConflict as exc:
+        raise _conflict(exc) from None
+    if not result.created:
+        response.status_code = status.HTTP_200_OK
+    return TaskOut.model_validate(dict(result.row))
+
+
+@router.post(
+    "/tasks/batch",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TaskBatchOut,
+    tags=["tasks"],
+    responses={409: {"description": "A task's idempotency key was used before with a different request."}},
+)
+def create_tasks(
+    body: TaskBatchCreate,
+    conn: ConnDep,
+    settings: SettingsDep,
+    response: Response,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> TaskBatchOut:
+    """Create up to 1,000 tasks in one transaction: all or none.
+
+    Every task is checked as `POST /tasks` checks it before any is created; any error is a 422 that
+    names each bad task by its index (`loc: ["body", "tasks", 3, "name"]`). Tasks may carry their
+    own `idempotency_key`: those found are returned as they are, and `created` counts the new ones.
+    201, or 200 when every task already existed.
+    """
+    if idempotency_key is not None:
+        message = "a batch has no Idempotency-Key header: give each task its own idempotency_key"
+        raise _validation_error([_error(["header", "Idempotency-Key"], message)])
+    errors = [e for i, task in enumerate(body.tasks) for e in check_new_task(task, settings, ["body", "tasks", i])]
+    if errors:
+        raise _validation_error(errors)
+    try:
+        results = task_store.create_tasks(conn, [new_task_spec(t, t.idempotency_key) for t in body.tasks])
+    except task_store.IdempotencyConflict as exc:
+        raise _conflict(exc) from None
+    created = sum(r.created for r in results)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return TaskBatchOut(tasks=[TaskOut.model_validate(dict(r.row)) for r in results], created=created)
+
+
+# --- read ---------------------------------------------------------------------------------------------------------
+
+
+def encode_cursor(created_at: datetime, task_id: uuid.UUID) -> str:
+    raw = json.dumps([created_at.isoformat(), str(task_id)], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at_text, task_id_text = json.loads(raw)
+        created_at = datetime.fromisoformat(created_at_text)
+        if created_at.tzinfo is None:
+            raise ValueError("naive time")
+        return created_at, uuid.UUID(task_id_text)
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        raise _validation_error(
+            [_error(["query", "cursor"], "invalid cursor: pass the next_cursor of a previous page unchanged")]
+        ) from None
+
+
+@router.get("/tasks", response_model=TaskPage, tags=["tasks"])
+def list_tasks(
+    conn: ConnDep,
+    status_: Annotated[
+        list[TaskStatus] | None,
+        Query(alias="status", description="Only tasks in these statuses; repeat it: ?status=DEAD&status=FAILED"),
+    ] = None,
+    name: Annotated[str | None, Query(min_length=1, max_length=200, description="Only tasks of this name.")] = None,
+    queue: Annotated[Literal["high", "default", "low"] | None, Query(description="Only tasks of this queue.")] = None,
+    created_after: Annotated[
+        AwareDatetime | None, Query(description="Only tasks created at or after this time (ISO 8601 with offset).")
+    ] = None,
+    created_before: Annotated[
+        AwareDatetime | None, Query(description="Only tasks created before this time (ISO 8601 with offset).")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=500, description="Tasks per page.")] = 100,
+    cursor: Annotated[
+        str | None, Query(max_length=200, description="The `next_cursor` of the previous page; omit for the first.")
+    ] = None,
+) -> TaskPage:
+    """Tasks, newest first (by `created_at`, then `id`), without `payload` and `result`.
+
+    Pages are keyset-paginated: follow `next_cursor` until it is null and you see every task that
+    existed when you started exactly once, however many are created meanwhile (those may or may not
+    appear). Filters combine with AND; the cursor must be used with the same filters.
+    """
+    after = decode_cursor(cursor) if cursor is not None else None
+    where = task_store.TaskFilter(
+        statuses=status_ or (),
+        name=name,
+        queue=queue,
+        created_after=created_after,
+        created_before=created_before,
+    )
+    rows = task_store.list_tasks(conn, where, limit=limit + 1, after=after)
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1]["created_at"], page[-1]["id"]) if len(rows) > limit else None
+    return TaskPage(tasks=[TaskSummary.model_validate(dict(r)) for r in page], next_cursor=next_cursor)
 
 
 @router.get("/tasks/{task_id}", response_model=TaskOut, responses=TASK_NOT_FOUND, tags=["tasks"])
 def get_task(task_id: uuid.UUID, conn: ConnDep) -> TaskOut:
+    """The task, with its payload, result, status, attempt, last error and timestamps."""
     row = task_store.get_task(conn, task_id)
     if row is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"task {task_id} not found")
+        raise _not_found(task_id)
     return TaskOut.model_validate(dict(row))
 
 
@@ -68,8 +281,60 @@ def get_task_events(task_id: uuid.UUID, conn: ConnDep) -> list[TaskEventOut]:
     """Every transition of the task, oldest first."""
     events = task_store.list_events(conn, task_id)
     if not events and task_store.get_task(conn, task_id) is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"task {task_id} not found")
+        raise _not_found(task_id)
     return [TaskEventOut.model_validate(dict(e)) for e in events]
+
+
+# --- cancel and retry ---------------------------------------------------------------------------------------------
+
+
+def _names(statuses: frozenset[TaskStatus]) -> str:
+    return ", ".join(sorted(statuses))
+
+
+def _refusal(
+    task_id: uuid.UUID, current: TaskStatus | None, verb: str, past: str, allowed: frozenset[TaskStatus]
+) -> HTTPException:
+    if current is None:
+        return _not_found(task_id)
+    if current == TaskStatus.STARTED:
+        why = "it is running (STARTED); it will succeed, fail or be rescued"
+    elif current in TERMINAL:
+        why = f"it has already finished ({current})"
+    else:
+        why = f"it is {current}"
+    detail = f"cannot {verb} task {task_id}: {why}. Only {_names(allowed)} tasks can be {past}"
+    return HTTPException(status.HTTP_409_CONFLICT, detail=detail)
+
+
+@router.post(
+    "/tasks/{task_id}/cancel", response_model=TaskOut, responses={**TASK_NOT_FOUND, 409: CONFLICT}, tags=["tasks"]
+)
+def cancel_task(task_id: uuid.UUID, conn: ConnDep) -> TaskOut:
+    """Cancel a PENDING, FAILED or ENQUEUED task: it becomes CANCELLED and never runs.
+
+    A message already on its way to a worker is dropped when it arrives. A STARTED task cannot be
+    cancelled (409), nor a finished one. A cancelled task can be brought back with `retry`.
+    """
+    moved = task_store.cancel(conn, task_id, detail="cancelled via the API")
+    if moved.row is None:
+        raise _refusal(task_id, moved.status, "cancel", "cancelled", CANCELLABLE)
+    return TaskOut.model_validate(dict(moved.row))
+
+
+@router.post(
+    "/tasks/{task_id}/retry", response_model=TaskOut, responses={**TASK_NOT_FOUND, 409: CONFLICT}, tags=["tasks"]
+)
+def retry_task(task_id: uuid.UUID, conn: ConnDep) -> TaskOut:
+    """Run a DEAD or CANCELLED task again: PENDING now, with a fresh retry budget (`max_retries` more
+    retries), the same id, and its events so far kept. Other statuses are a 409."""
+    moved = task_store.retry(conn, task_id, detail="retried via the API")
+    if moved.row is None:
+        raise _refusal(task_id, moved.status, "retry", "retried", RETRYABLE)
+    return TaskOut.model_validate(dict(moved.row))
+
+
+# --- DLQ ----------------------------------------------------------------------------------------------------------
 
 
 @router.get("/dlq", response_model=list[DlqEventOut], tags=["dlq"])
@@ -78,15 +343,64 @@ def list_dlq(conn: ConnDep, limit: Annotated[int, Query(ge=1, le=500)] = 100) ->
     return [DlqEventOut.model_validate(dict(e)) for e in dlq_store.list_dlq_events(conn, limit=limit)]
 
 
-@router.get("/healthz", response_model=Health, tags=["health"])
+@router.post("/dlq/retry", response_model=DlqRetryOut, tags=["dlq"])
+def retry_dlq(settings: SettingsDep, body: Annotated[DlqRetryFilter | None, Body()] = None) -> DlqRetryOut:
+    """Retry every DEAD task that matches the filter (all of them with an empty body), as
+    `POST /tasks/{id}/retry` does each. Returns how many. Tasks that die again while this runs are
+    not retried twice."""
+    where = body or DlqRetryFilter()
+    total = 0
+    with db.transaction(settings.database_url or None) as conn:
+        until = conn.execute(text("SELECT now()")).scalar_one()
+    while True:
+        with db.transaction(settings.database_url or None) as conn:
+            n = task_store.retry_dead(
+                conn,
+                name=where.name,
+                reason=where.reason,
+                since=where.since,
+                until=until,
+                limit=DLQ_RETRY_BATCH,
+            )
+        total += n
+        if n < DLQ_RETRY_BATCH:
+            return DlqRetryOut(retried=total)
+
+
+# --- metrics ------------------------------------------------------------------------------------------------------
+
+
+@router.get(
+    "/metrics",
+    tags=["operations"],
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+)
+def get_metrics(settings: SettingsDep) -> Response:
+    """Prometheus metrics of this API process, and `taskscheduler_tasks_current{status,queue}`: the number of
+    tasks in each status now, from the database. The scheduler and workers serve theirs on
+    METRICS_PORT."""
+
+    def count() -> list[tuple[str, str, int]]:
+        with db.transaction(settings.database_url or None) as conn:
+            return task_store.task_counts(conn)
+
+    body = metrics.render(metrics.TaskCountCollector(count))
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+# --- health -------------------------------------------------------------------------------------------------------
+
+
+@health_router.get("/healthz", response_model=Health)
 def healthz() -> Health:
-    """Liveness: the process answers."""
+    """Liveness: the process answers. No API key needed."""
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": Health}}, tags=["health"])
+@health_router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
 def readyz(settings: SettingsDep) -> Health | JSONResponse:
-    """Readiness: the database and the broker are reachable."""
+    """Readiness: the database and the broker are reachable. No API key needed."""
     database = broker = "ok"
     database_url, redis_url = settings.require_urls()
     try:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-from taskscheduler.lifecycle import MAX_PRIORITY, MIN_PRIORITY, TaskStatus
+from taskscheduler.lifecycle import MAX_PRIORITY, MIN_PRIORITY, DlqReason, TaskStatus
 
 _NUMERIC = re.compile(r"^\s*[-+]?\d+(\.\d*)?\s*$")
+IDEMPOTENCY_KEY_MAX = 200
+MAX_BATCH = 1000
 
 
 class TaskCreate(BaseModel):
@@ -40,6 +44,16 @@ class TaskCreate(BaseModel):
         float | None,
         Field(gt=0, le=7 * 24 * 3600, allow_inf_nan=False, description="Run-time limit; default STUCK_AFTER_SEC."),
     ] = None
+    idempotency_key: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            max_length=IDEMPOTENCY_KEY_MAX,
+            description="Optional. Sending the same key again with the same request returns the first task"
+            " (200) instead of creating another; with a different request it is a 409. The same as the"
+            " `Idempotency-Key` header. Remembered as long as the task is kept (RETENTION_DAYS).",
+        ),
+    ] = None
 
     @field_validator("run_at", mode="before")
     @classmethod
@@ -57,23 +71,96 @@ class TaskCreate(BaseModel):
         return value
 
 
-class TaskOut(BaseModel):
+    def request_hash(self) -> str:
+        """A hash of the request without its idempotency key, defaults applied and run_at in UTC: two
+        requests that mean the same task hash the same."""
+        canonical = self.model_dump(mode="json", exclude={"idempotency_key"})
+        if self.run_at is not None:
+            canonical["run_at"] = self.run_at.astimezone(UTC).isoformat()
+        encoded = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(encoded.encode("utf-8")).hexdigest()
+
+
+class TaskBatchCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"tasks": [{"name": "demo_ok", "payload": {"n": 1}}, {"name": "demo_ok", "payload": {"n": 2}}]},
+            ]
+        },
+    )
+
+    tasks: Annotated[
+        list[TaskCreate],
+        Field(min_length=1, max_length=MAX_BATCH, description=f"1 to {MAX_BATCH} tasks, each as for POST /tasks."),
+    ]
+
+
+class _TaskBase(BaseModel):
     id: uuid.UUID
     name: str
-    payload: dict[str, Any]
     priority: int
     queue: str
     status: TaskStatus
     run_at: datetime
-    attempt: int
+    attempt: int = Field(description="Dispatches so far; the fencing token of the current attempt.")
     max_retries: int
     timeout_sec: float | None
     last_error: str | None
-    result: Any
+    dead_reason: str | None = Field(
+        None, description="Why the task is DEAD: max_retries_exceeded or stuck_task_timeout."
+    )
+    idempotency_key: str | None = None
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+
+class TaskOut(_TaskBase):
+    payload: dict[str, Any]
+    result: Any
+
+
+class TaskSummary(_TaskBase):
+    """A task as listed: everything but `payload` and `result` (GET /tasks/{id} has them)."""
+
+
+class TaskPage(BaseModel):
+    tasks: list[TaskSummary]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null when this is the last page."
+    )
+
+
+class TaskBatchOut(BaseModel):
+    tasks: list[TaskOut] = Field(description="The tasks, in the order of the request.")
+    created: int = Field(description="How many were created (the rest were found by their idempotency key).")
+
+
+class DlqRetryFilter(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"name": "send_email", "reason": "max_retries_exceeded"}, {}]},
+    )
+
+    name: Annotated[str | None, Field(min_length=1, max_length=200, description="Only tasks of this name.")] = None
+    reason: Annotated[DlqReason | None, Field(description="Only tasks that died for this reason.")] = None
+    since: Annotated[
+        AwareDatetime | None, Field(description="Only tasks that died at or after this time (ISO 8601 with offset).")
+    ] = None
+
+    @field_validator("since", mode="before")
+    @classmethod
+    def _iso_string_only(cls, value: Any) -> Any:
+        if value is not None and (not isinstance(value, str) or _NUMERIC.match(value)):
+            raise ValueError("since must be an ISO 8601 string with a UTC offset, e.g. 2030-01-01T12:00:00Z")
+        return value
+
+
+class DlqRetryOut(BaseModel):
+    retried: int = Field(description="How many DEAD tasks are PENDING again.")
 
 
 class TaskEventOut(BaseModel):
