@@ -5,15 +5,21 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
 from taskscheduler.config import Settings, get_settings
 from taskscheduler.logs import configure_logging
+
+if TYPE_CHECKING:
+    from rich.text import Text
+
+    from taskscheduler.client import ApiClient
 
 app = typer.Typer(help="A fault-tolerant distributed task scheduler.", no_args_is_help=True, add_completion=False)
 log = logging.getLogger("taskscheduler")
@@ -82,6 +88,8 @@ def api(
 @app.command()
 def scheduler() -> None:
     """Dispatch due tasks to the queues and rescue stuck and lost ones, every POLL_INTERVAL_SEC."""
+    from taskscheduler import metrics
+    from taskscheduler.liveness import ProcessHeartbeat
     from taskscheduler.scheduler.publisher import CeleryPublisher
     from taskscheduler.scheduler.service import SchedulerService
     from taskscheduler.worker import configure_celery
@@ -89,7 +97,10 @@ def scheduler() -> None:
     settings = _settings()
     _wait_for_database(settings)
     configure_celery(settings)
-    service = SchedulerService(settings, CeleryPublisher(settings.stuck_after_sec))
+    heartbeat = ProcessHeartbeat("scheduler", interval_sec=settings.process_heartbeat_sec)
+    service = SchedulerService(settings, CeleryPublisher(settings.stuck_after_sec), heartbeat=heartbeat)
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_host, settings.metrics_port, settings.api_key_list)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: finishing the current batch, then stopping", signum)
@@ -105,11 +116,17 @@ def worker(
     queues: Annotated[QueueName, typer.Option(help="The queue this worker consumes.")] = QueueName.default,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Pool processes (default WORKER_CONCURRENCY).")] = None,
 ) -> None:
-    """Run a Celery worker for one queue (high, default, low, or dlq for the dead-letter recorder)."""
+    """Run a Celery worker for one queue (high, default, low, or dlq for the dead-letter recorder).
+
+    SIGTERM is a warm shutdown: the worker takes no new task, finishes the one it runs, and exits."""
+    settings = _settings()
+    if settings.metrics_port:
+        # Before prometheus_client is imported: the pool processes write their samples to files.
+        _enable_multiprocess_metrics()
+
     from taskscheduler import handlers
     from taskscheduler.worker import configure_celery
 
-    settings = _settings()
     try:
         handlers.load_task_modules(settings.task_module_list)
     except RuntimeError as exc:
@@ -130,6 +147,86 @@ def worker(
             "--without-heartbeat",
         ]
     )
+
+
+def _enable_multiprocess_metrics() -> None:
+    """prometheus-client's multiprocess mode for this worker and its pool processes: each writes its
+    samples to files in PROMETHEUS_MULTIPROC_DIR (a private temporary directory unless set), and the
+    main process serves their sum on METRICS_PORT."""
+    import atexit
+    import shutil
+    import sys
+    import tempfile
+
+    if "prometheus_client" in sys.modules:
+        log.warning("prometheus_client was imported before the worker started: pool metrics are not collected")
+        return
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for entry in Path(path).glob("*.db"):  # stale samples of an earlier run would be summed in
+            entry.unlink()
+    else:
+        path = tempfile.mkdtemp(prefix="taskscheduler-metrics-")
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+
+
+class Role(StrEnum):
+    api = "api"
+    scheduler = "scheduler"
+    worker = "worker"
+
+
+@app.command()
+def check(
+    role: Annotated[Role, typer.Argument(help="api, scheduler or worker.")],
+    queue: Annotated[
+        QueueName | None, typer.Option("--queue", help="For a worker: only one that consumes this queue.")
+    ] = None,
+    max_age: Annotated[
+        float | None,
+        typer.Option(min=0, help="Seconds; default 3 x PROCESS_HEARTBEAT_SEC."),
+    ] = None,
+    any_host: Annotated[bool, typer.Option(help="Accept a process on any host, not only this one.")] = False,
+) -> None:
+    """Exit 0 if a process of ROLE on this host heartbeated recently, else 1: for healthchecks.
+
+    Every api, scheduler and worker process records that it is alive every PROCESS_HEARTBEAT_SEC in
+    the `process_heartbeats` table (the scheduler from its loop, so a hung loop goes stale) and
+    deletes its row when it stops.
+    """
+    import socket
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from taskscheduler.store import db
+    from taskscheduler.store import processes as process_store
+
+    settings = _settings()
+    limit = max_age if max_age is not None else 3 * settings.process_heartbeat_sec
+    hostname = None if any_host else socket.gethostname()
+    where = f"{role.value}{f' (queue {queue.value})' if queue else ''}{f' on {hostname}' if hostname else ''}"
+    try:
+        with db.transaction(settings.database_url) as conn:
+            seen = process_store.last_seen(
+                conn, role=role.value, hostname=hostname, queue=queue.value if queue else None
+            )
+    except SQLAlchemyError as exc:
+        typer.secho(f"unhealthy: cannot reach the database to check: {exc}".splitlines()[0], err=True, fg="red")
+        raise typer.Exit(1) from None
+    if seen is None:
+        typer.secho(f"unhealthy: no {where} has recorded a heartbeat (not running?)", err=True, fg="red")
+        raise typer.Exit(1)
+    if seen.age_sec > limit:
+        typer.secho(
+            f"unhealthy: the last heartbeat of a {where} (pid {seen.pid}) is {seen.age_sec:.1f}s old"
+            f" (more than {limit:g}s)",
+            err=True,
+            fg="red",
+        )
+        raise typer.Exit(1)
+    typer.echo(f"ok: {role.value} pid {seen.pid} on {seen.hostname}, last heartbeat {seen.age_sec:.1f}s ago")
 
 
 @app.command()
@@ -153,6 +250,282 @@ def dev(
         typer.secho(f"[dev] {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from None
     raise typer.Exit(code)
+
+
+# --- commands for people: they talk to the API over HTTP ------------------------------------------------------------
+
+UrlOption = Annotated[
+    str, typer.Option("--url", envvar="TASKSCHEDULER_URL", help="The API's base URL.", rich_help_panel="API")
+]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="TASKSCHEDULER_API_KEY",
+        help="A key of the API's API_KEYS, if it sets any.",
+        show_default=False,
+        rich_help_panel="API",
+    ),
+]
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+
+STATUS_STYLE = {
+    "PENDING": "cyan",
+    "ENQUEUED": "blue",
+    "STARTED": "yellow",
+    "SUCCEEDED": "green",
+    "FAILED": "magenta",
+    "DEAD": "bold red",
+    "CANCELLED": "dim",
+}
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def _task_id(value: str) -> str:
+    import uuid
+
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        _fail(f"{value!r} is not a task id (a UUID such as 6f1c2d3e-...)", 2)
+
+
+def _call(url: str, api_key: str | None, action: Callable[[ApiClient], Any]) -> Any:
+    from taskscheduler.client import ApiClient, ClientError
+
+    try:
+        with ApiClient(url, api_key) as client:
+            return action(client)
+    except ClientError as exc:
+        _fail(str(exc))
+
+
+def _styled(status: str) -> Text:
+    from rich.text import Text
+
+    return Text(status, style=STATUS_STYLE.get(status, ""))
+
+
+def _plain(value: str) -> Text:
+    """User data (names, payloads, errors) as it is: never read as rich markup."""
+    from rich.text import Text
+
+    return Text(value)
+
+
+def _when(value: str | None) -> str:
+    if not value:
+        return "-"
+    return value.replace("T", " ")[:19] + (" UTC" if value.endswith(("Z", "+00:00")) else value[26:])
+
+
+def _print_task(task: dict[str, Any]) -> None:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    rows: list[tuple[str, str | Text]] = [
+        ("id", task["id"]),
+        ("name", task["name"]),
+        ("status", _styled(task["status"])),
+        ("queue", f"{task['queue']} (priority {task['priority']})"),
+        ("attempt", f"{task['attempt']} (max_retries {task['max_retries']})"),
+        ("run_at", _when(task["run_at"])),
+        ("created_at", _when(task["created_at"])),
+        ("started_at", _when(task.get("started_at"))),
+        ("finished_at", _when(task.get("finished_at"))),
+    ]
+    if "payload" in task:
+        rows.append(("payload", json.dumps(task["payload"])))
+    if task.get("result") is not None:
+        rows.append(("result", json.dumps(task["result"])))
+    if task.get("last_error"):
+        rows.append(("last_error", task["last_error"]))
+    if task.get("dead_reason"):
+        rows.append(("dead_reason", task["dead_reason"]))
+    if task.get("idempotency_key"):
+        rows.append(("idempotency_key", task["idempotency_key"]))
+    for key, value in rows:
+        table.add_row(key, _plain(value) if isinstance(value, str) else value)
+    Console().print(table)
+
+
+@app.command(rich_help_panel="Using the API")
+def submit(
+    name: Annotated[str, typer.Argument(help="A registered handler name, e.g. demo_ok.")],
+    payload: Annotated[str, typer.Option(help="The payload, a JSON object.")] = "{}",
+    priority: Annotated[int, typer.Option(min=1, max=10, help="8-10 high, 4-7 default, 1-3 low.")] = 5,
+    in_: Annotated[
+        str | None, typer.Option("--in", help="Run after this delay: 30s, 10m, 1h30m, 2d.", show_default=False)
+    ] = None,
+    at: Annotated[
+        str | None,
+        typer.Option(
+            "--at", help="Run at this time: ISO 8601 with an offset, e.g. 2030-01-01T12:00:00Z.", show_default=False
+        ),
+    ] = None,
+    max_retries: Annotated[
+        int | None, typer.Option(min=0, help="Retries after the first attempt (API default 3).")
+    ] = None,
+    timeout: Annotated[float | None, typer.Option(min=0.001, help="Run-time limit in seconds.")] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Submitting again with the same key returns the first task.")
+    ] = None,
+    url: UrlOption = DEFAULT_API_URL,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Create a task: prints its id (and its details on stderr)."""
+    import json
+    from datetime import UTC, datetime
+
+    from taskscheduler.client import ClientError, parse_duration
+
+    try:
+        body_payload = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        _fail(f"--payload is not valid JSON: {exc}", 2)
+    if not isinstance(body_payload, dict):
+        _fail('--payload must be a JSON object, e.g. \'{"msg": "hi"}\'', 2)
+    if in_ is not None and at is not None:
+        _fail("give --in or --at, not both", 2)
+    body: dict[str, Any] = {"name": name, "payload": body_payload, "priority": priority}
+    if in_ is not None:
+        try:
+            body["run_at"] = (datetime.now(UTC) + parse_duration(in_)).isoformat()
+        except ClientError as exc:
+            _fail(f"--in: {exc}", 2)
+    if at is not None:
+        try:
+            moment = datetime.fromisoformat(at.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            _fail(f"--at {at!r} is not an ISO 8601 time, e.g. 2030-01-01T12:00:00Z", 2)
+        if moment.tzinfo is None:
+            _fail(f"--at {at!r} has no UTC offset: add Z or e.g. +02:00", 2)
+        body["run_at"] = moment.isoformat()
+    if max_retries is not None:
+        body["max_retries"] = max_retries
+    if timeout is not None:
+        body["timeout_sec"] = timeout
+    task = _call(url, api_key, lambda client: client.submit(body, idempotency_key))
+    typer.echo(task["id"])
+    typer.secho(f"{task['name']} {task['status']} on {task['queue']}, run_at {_when(task['run_at'])}", err=True)
+
+
+@app.command(rich_help_panel="Using the API")
+def status(
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="The task's id.")],
+    url: UrlOption = DEFAULT_API_URL,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Show a task and every transition it went through."""
+    from rich.console import Console
+    from rich.table import Table
+
+    task_id = _task_id(task_id)
+    task, events = _call(url, api_key, lambda client: (client.get(task_id), client.events(task_id)))
+    _print_task(task)
+    table = Table(title="events", title_justify="left")
+    table.add_column("at", no_wrap=True)
+    table.add_column("from")
+    table.add_column("to")
+    table.add_column("attempt", justify="right")
+    table.add_column("detail", overflow="fold")
+    for event in events:
+        table.add_row(
+            _when(event["at"]),
+            event["from_status"] or "-",
+            _styled(event["to_status"]),
+            str(event["attempt"]),
+            _plain(event["detail"] or ""),
+        )
+    Console().print(table)
+
+
+@app.command("list", rich_help_panel="Using the API")
+def list_(
+    status_: Annotated[
+        list[str] | None,
+        typer.Option("--status", help="Only tasks in this status (repeat for several), e.g. DEAD.", show_default=False),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Only tasks of this name.")] = None,
+    queue: Annotated[str | None, typer.Option(help="Only tasks of this queue: high, default or low.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500, help="How many (newest first).")] = 20,
+    cursor: Annotated[str | None, typer.Option(help="Continue after a previous page (printed below it).")] = None,
+    url: UrlOption = DEFAULT_API_URL,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """List tasks, newest first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from taskscheduler.lifecycle import TaskStatus
+
+    statuses = [s.upper() for s in status_ or []]
+    unknown = [s for s in statuses if s not in TaskStatus.__members__]
+    if unknown:
+        _fail(f"unknown status {unknown[0]!r}; one of {', '.join(TaskStatus)}", 2)
+    params: dict[str, Any] = {"status": statuses, "limit": limit}
+    for key, value in (("name", name), ("queue", queue), ("cursor", cursor)):
+        if value is not None:
+            params[key] = value
+    page = _call(url, api_key, lambda client: client.list(params))
+    table = Table()
+    table.add_column("id", no_wrap=True)
+    table.add_column("name")
+    table.add_column("status")
+    table.add_column("queue")
+    table.add_column("attempt", justify="right")
+    table.add_column("created", no_wrap=True)
+    table.add_column("last error", overflow="ellipsis", max_width=40)
+    for task in page["tasks"]:
+        error = (task.get("last_error") or "").strip()
+        table.add_row(
+            task["id"],
+            _plain(task["name"]),
+            _styled(task["status"]),
+            task["queue"],
+            str(task["attempt"]),
+            _when(task["created_at"]),
+            _plain(error.splitlines()[0][:200] if error else ""),
+        )
+    console = Console()
+    console.print(table)
+    if not page["tasks"]:
+        console.print("no tasks")
+    if page.get("next_cursor"):
+        console.print(f"more: --cursor {page['next_cursor']}", soft_wrap=True)
+
+
+@app.command(rich_help_panel="Using the API")
+def retry(
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="A DEAD or CANCELLED task's id.")],
+    url: UrlOption = DEFAULT_API_URL,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Run a DEAD or CANCELLED task again, with a fresh retry budget."""
+    task_id = _task_id(task_id)
+    task = _call(url, api_key, lambda client: client.retry(task_id))
+    typer.echo(f"{task['id']} {task['status']}")
+
+
+@app.command(rich_help_panel="Using the API")
+def cancel(
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="A PENDING, FAILED or ENQUEUED task's id.")],
+    url: UrlOption = DEFAULT_API_URL,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Cancel a task that has not started."""
+    task_id = _task_id(task_id)
+    task = _call(url, api_key, lambda client: client.cancel(task_id))
+    typer.echo(f"{task['id']} {task['status']}")
 
 
 def main() -> None:

@@ -208,6 +208,43 @@ def test_restart_and_graceful_stop() -> None:
         assert services()[name]["stop_grace_period"], name
 
 
+def test_scheduler_and_workers_are_checked_by_their_heartbeat() -> None:
+    assert argv_of(services()["scheduler"]["healthcheck"]["test"]) == ["CMD", "taskscheduler", "check", "scheduler"]
+    for queue in QUEUES:
+        healthcheck = services()[f"worker_{queue}"]["healthcheck"]
+        expected = ["CMD", "taskscheduler", "check", "worker", "--queue", queue]
+        assert argv_of(healthcheck["test"]) == expected, queue
+    for name in ("scheduler", *WORKERS):
+        healthcheck = services()[name]["healthcheck"]
+        assert healthcheck["interval"] and healthcheck["retries"] >= 1 and healthcheck["start_period"], name
+    # And the command lines are ones the CLI accepts.
+    for where, argv in healthcheck_commands():
+        _assert_cli_accepts(where, argv)
+
+
+def healthcheck_commands() -> list[tuple[str, list[str]]]:
+    out = []
+    for name, svc in sorted(services().items()):
+        test = svc.get("healthcheck", {}).get("test")
+        if runs_our_image(svc) and test and argv_of(test)[:2] == ["CMD", "taskscheduler"]:
+            out.append((f"{name} healthcheck", argv_of(test)[1:]))
+    return out
+
+
+def _assert_cli_accepts(where: str, argv: list[str]) -> None:
+    from taskscheduler.cli import app
+
+    group = typer.main.get_command(app)
+    with group.context_class(group, info_name="taskscheduler") as ctx:
+        command = group.get_command(ctx, argv[1])  # type: ignore[attr-defined]
+        assert command is not None, f"{where}: no subcommand {argv[1]!r}"
+        try:
+            command.make_context(argv[1], argv[2:], parent=ctx).close()
+        except Exception as exc:
+            message = exc.format_message() if hasattr(exc, "format_message") else repr(exc)
+            pytest.fail(f"{where}: `{shlex.join(argv)}` is not a valid command line: {message}")
+
+
 def test_api_port_is_published() -> None:
     api = services()["api"]
     assert any(str(port).endswith("8000:8000") for port in api["ports"]), api["ports"]

@@ -1,0 +1,93 @@
+"""A small HTTP client of the API, for the people commands of the CLI (`submit`, `status`, `list`, ...)."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SEC = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class ClientError(Exception):
+    """Something a person should read: a bad argument, an unreachable API or an HTTP error."""
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90`, `10s`, `1.5m`, `2h`, `1h30m`, `500ms`, `1d` -> timedelta. A bare number is seconds."""
+    value = text.strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(?:\.\d+)?", value):
+        return timedelta(seconds=float(value))
+    parts = _DURATION_PART.findall(value)
+    if not value or "".join(n + u for n, u in parts) != value:
+        raise ClientError(f"invalid duration {text!r}: use e.g. 30s, 10m, 1h30m, 2d or a number of seconds")
+    return timedelta(seconds=sum(float(n) * _UNIT_SEC[u] for n, u in parts))
+
+
+def describe_error(response: httpx.Response) -> str:
+    """`HTTP 409: cannot cancel ...`, with each validation error as `field: message`."""
+    try:
+        detail: Any = response.json().get("detail")
+    except ValueError:
+        detail = response.text.strip()[:300] or response.reason_phrase
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                loc = ".".join(str(p) for p in item.get("loc", []) if p not in ("body", "query", "path"))
+                parts.append(f"{loc}: {item.get('msg')}" if loc else str(item.get("msg")))
+            else:
+                parts.append(str(item))
+        detail = "; ".join(parts)
+    message = f"HTTP {response.status_code}: {detail}"
+    if response.status_code == 401:
+        message += " (pass --api-key or set TASKSCHEDULER_API_KEY)"
+    return message
+
+
+class ApiClient:
+    def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ClientError(f"cannot reach the API at {self.url}: {exc or type(exc).__name__}") from None
+        if response.status_code >= 400:
+            raise ClientError(describe_error(response))
+        try:
+            return response.json()
+        except ValueError:
+            raise ClientError(f"the API at {self.url} answered something that is not JSON") from None
+
+    def submit(self, body: dict[str, Any], idempotency_key: str | None = None) -> Any:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self.request("POST", "/tasks", json=body, headers=headers)
+
+    def get(self, task_id: str) -> Any:
+        return self.request("GET", f"/tasks/{task_id}")
+
+    def events(self, task_id: str) -> Any:
+        return self.request("GET", f"/tasks/{task_id}/events")
+
+    def list(self, params: dict[str, Any]) -> Any:
+        return self.request("GET", "/tasks", params=params)
+
+    def cancel(self, task_id: str) -> Any:
+        return self.request("POST", f"/tasks/{task_id}/cancel")
+
+    def retry(self, task_id: str) -> Any:
+        return self.request("POST", f"/tasks/{task_id}/retry")
