@@ -702,3 +702,15 @@ def test_batch_refuses_the_idempotency_key_header(client: TestClient) -> None:
     response = client.post("/tasks/batch", json={"tasks": [{"name": "demo_ok"}]}, headers={"Idempotency-Key": "b"})
     assert response.status_code == 422
     assert _count("SELECT count(*) FROM tasks") == 0
+
+
+def test_a_response_is_sent_only_once_its_transaction_committed(live_api: Any) -> None:
+    """What a client is told has happened has happened: read from another connection right after."""
+    with httpx.Client(base_url=live_api.url, timeout=10) as http:
+        for _ in range(30):
+            created = http.post("/tasks", json={"name": "demo_ok", "run_at": "2030-01-01T00:00:00Z"})
+            assert created.status_code == 201
+            task_id = uuid.UUID(created.json()["id"])
+            assert task_row(task_id)["status"] == "PENDING"
+            assert http.post(f"/tasks/{task_id}/cancel").status_code == 200
+            assert task_row(task_id)["status"] == "CANCELLED"

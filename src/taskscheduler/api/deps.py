@@ -19,4 +19,7 @@ def get_conn(settings: SettingsDep) -> Iterator[Connection]:
         yield conn
 
 
-ConnDep = Annotated[Connection, Depends(get_conn)]
+# scope="function": the transaction commits when the route returns, before the response is sent. (With
+# FastAPI's default, "request", it would commit after: a client could be told 201 for a task whose
+# commit then failed, and could read the state from before its own write.)
+ConnDep = Annotated[Connection, Depends(get_conn, scope="function")]
