@@ -17,6 +17,7 @@ from taskscheduler.config import Settings, get_settings
 from taskscheduler.logs import configure_logging
 
 if TYPE_CHECKING:
+    from rich.console import Console
     from rich.text import Text
 
     from taskscheduler.client import ApiClient
@@ -304,6 +305,14 @@ def _call(url: str, api_key: str | None, action: Callable[[ApiClient], Any]) -> 
         _fail(str(exc))
 
 
+def _console() -> Console:
+    """A terminal's width on a terminal; piped or captured, wide enough that ids are never cut."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
 def _styled(status: str) -> Text:
     from rich.text import Text
 
@@ -326,7 +335,6 @@ def _when(value: str | None) -> str:
 def _print_task(task: dict[str, Any]) -> None:
     import json
 
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(show_header=False, box=None, pad_edge=False)
@@ -355,7 +363,7 @@ def _print_task(task: dict[str, Any]) -> None:
         rows.append(("idempotency_key", task["idempotency_key"]))
     for key, value in rows:
         table.add_row(key, _plain(value) if isinstance(value, str) else value)
-    Console().print(table)
+    _console().print(table)
 
 
 @app.command(rich_help_panel="Using the API")
@@ -426,7 +434,6 @@ def status(
     api_key: ApiKeyOption = None,
 ) -> None:
     """Show a task and every transition it went through."""
-    from rich.console import Console
     from rich.table import Table
 
     task_id = _task_id(task_id)
@@ -446,7 +453,7 @@ def status(
             str(event["attempt"]),
             _plain(event["detail"] or ""),
         )
-    Console().print(table)
+    _console().print(table)
 
 
 @app.command("list", rich_help_panel="Using the API")
@@ -463,7 +470,6 @@ def list_(
     api_key: ApiKeyOption = None,
 ) -> None:
     """List tasks, newest first."""
-    from rich.console import Console
     from rich.table import Table
 
     from taskscheduler.lifecycle import TaskStatus
@@ -479,11 +485,11 @@ def list_(
     page = _call(url, api_key, lambda client: client.list(params))
     table = Table()
     table.add_column("id", no_wrap=True)
-    table.add_column("name")
-    table.add_column("status")
-    table.add_column("queue")
-    table.add_column("attempt", justify="right")
-    table.add_column("created", no_wrap=True)
+    table.add_column("name", min_width=8)
+    table.add_column("status", min_width=9)
+    table.add_column("queue", min_width=7)
+    table.add_column("attempt", justify="right", min_width=7)
+    table.add_column("created", min_width=10)
     table.add_column("last error", overflow="ellipsis", max_width=40)
     for task in page["tasks"]:
         error = (task.get("last_error") or "").strip()
@@ -496,7 +502,7 @@ def list_(
             _when(task["created_at"]),
             _plain(error.splitlines()[0][:200] if error else ""),
         )
-    console = Console()
+    console = _console()
     console.print(table)
     if not page["tasks"]:
         console.print("no tasks")

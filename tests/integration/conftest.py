@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import uvicorn
@@ -46,12 +47,26 @@ def serve_api(settings: Settings) -> tuple[uvicorn.Server, threading.Thread, str
 
 
 @pytest.fixture
-def live_api(settings: Settings) -> Iterator[LiveApi]:
-    """The API served by uvicorn from a thread of this process, on a free port: real HTTP, real concurrency."""
-    server, thread, url = serve_api(settings)
-    yield LiveApi(url=url, settings=settings)
-    server.should_exit = True
-    thread.join(timeout=15)
+def live_api_factory(settings: Settings) -> Iterator[Callable[..., LiveApi]]:
+    """Serve the API with uvicorn from a thread of this process, on a free port: real HTTP, real
+    concurrency. Keyword arguments change the settings (`api_keys="k"`)."""
+    running: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(**changes: Any) -> LiveApi:
+        app_settings = settings.model_copy(update=changes)
+        server, thread, url = serve_api(app_settings)
+        running.append((server, thread))
+        return LiveApi(url=url, settings=app_settings)
+
+    yield start
+    for server, thread in running:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+@pytest.fixture
+def live_api(live_api_factory: Callable[..., LiveApi]) -> LiveApi:
+    return live_api_factory()
 
 
 @pytest.fixture
