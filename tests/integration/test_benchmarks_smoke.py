@@ -1,0 +1,117 @@
+"""Every benchmark at its smoke size, so they cannot rot. Speed is never asserted here: only that each
+one ran the real processes to the end and wrote a sane JSON result (see BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.conftest import Services
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_benchmark(kind: str, services: Services, tmp_path: Path, *extra: str) -> dict[str, Any]:
+    results = tmp_path / "results"
+    argv = [
+        sys.executable, "-m", f"benchmarks.{kind}", "--smoke",
+        "--admin-database-url", services.database_url,
+        "--redis-url", services.redis_url,
+        "--redis-key-prefix", f"{services.redis_key_prefix}bench-{uuid.uuid4().hex[:6]}:",
+        "--results-dir", str(results),
+        *extra,
+    ]  # fmt: skip
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=280)
+    output = f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, output
+    latest = results / f"{kind}-latest.json"
+    assert latest.exists(), output
+    data = json.loads(latest.read_text())
+    assert data["benchmark"] == kind
+    assert data["smoke"] is True
+    assert data["machine"]["cpus"] >= 1
+    return data
+
+
+def positive(value: float) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.timeout(300)
+def test_throughput_smoke(services: Services, tmp_path: Path) -> None:
+    data = run_benchmark("throughput", services, tmp_path)
+    n = data["params"]["tasks"]
+    (ours,) = data["ours"]["runs"]
+    (raw,) = data["raw_celery"]["runs"]
+    assert ours["statuses"] == {"SUCCEEDED": n}
+    assert raw["tasks"] == n
+    assert positive(ours["rate"]) and positive(raw["rate"])
+    assert positive(data["ratio"])
+    assert all(v >= 0 for v in ours["cpu_seconds"].values())
+    assert ours["cpu_seconds"]["workers"] > 0 and ours["cpu_seconds"]["scheduler"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_lag_smoke(services: Services, tmp_path: Path) -> None:
+    data = run_benchmark("lag", services, tmp_path)
+    n = data["params"]["tasks"]
+    assert data["statuses"] == {"SUCCEEDED": n}
+    lag = data["lag_ms"]
+    assert lag["tasks_measured"] == n
+    for measure in ("start_ms", "finish_ms"):
+        p = lag[measure]
+        assert 0 <= p["p50"] <= p["p95"] <= p["p99"] <= p["max"]
+    assert lag["finish_ms"]["p50"] >= lag["start_ms"]["p50"]
+    assert positive(lag["achieved_rate"])
+
+
+@pytest.mark.timeout(300)
+def test_api_smoke(services: Services, tmp_path: Path) -> None:
+    data = run_benchmark("api", services, tmp_path)
+    single = data["single"]
+    assert single["requests"] > 0 and single["non_2xx"] == 0
+    assert single["created"] >= single["requests"] > 0
+    assert positive(single["requests_per_sec"]) and single["p50_ms"] <= single["p99_ms"]
+    batch = data["batch"]
+    assert batch["status"] in ("ok", "skip"), batch
+    if batch["status"] == "ok":
+        params = data["params"]
+        assert batch["non_2xx"] == 0
+        assert batch["created"] == params["batch_size"] * params["batch_requests"]
+        assert positive(batch["tasks_per_sec"])
+
+
+@pytest.mark.timeout(300)
+def test_scale_smoke(services: Services, tmp_path: Path) -> None:
+    data = run_benchmark("scale", services, tmp_path)
+    params = data["params"]
+    size = data["size"]
+    assert size["by_status"]["PENDING"] == params["pending"]
+    assert sum(size["by_status"].get(s, 0) for s in ("SUCCEEDED", "DEAD", "CANCELLED")) == params["finished"]
+    assert positive(size["database_bytes_per_million_tasks"])
+    queries = data["queries"]
+    names = " ".join(queries)
+    for name in ("_DISPATCH", "_LOCK_STUCK", "_REPUBLISH_ENQUEUED", "_REPUBLISH_DEAD"):
+        assert name in names
+    for result in queries.values():
+        assert result["custom"]["execution_ms"] >= 0 and result["generic"]["execution_ms"] >= 0
+        assert result["custom"]["plan"]
+    batch = params["query_params"]["limit"]
+    (due,) = [r for c, r in queries.items() if c.endswith(f": {batch} due")]
+    assert due["custom"]["rows"] == batch
+
+
+@pytest.mark.timeout(300)
+def test_cost_smoke(services: Services, tmp_path: Path) -> None:
+    data = run_benchmark("cost", services, tmp_path)
+    assert data["run"]["statuses"] == {"SUCCEEDED": data["tasks"]}
+    per_1000 = data["cpu_seconds_per_1000"]
+    assert all(v >= 0 for v in per_1000.values())
+    assert per_1000["api"] > 0 and per_1000["workers"] > 0
+    assert positive(data["ours_total_per_1000"]) and positive(data["raw_total_per_1000"])
