@@ -146,19 +146,26 @@ def run_attempt(task_id: uuid.UUID, attempt: int, *, worker: str | None = None) 
     error: str | None = None
     timed_out = False
     result: Any = None
-    with Heartbeat(task_id, attempt, settings.heartbeat_sec):
-        token = handlers.current_attempt.set(attempt - claimed.retry_base_attempt)
-        try:
-            if handler is None:
-                raise handlers.HandlerError(f"no handler registered for {claimed.name!r} (check TASK_MODULES)")
-            result = _json_result(handler(claimed.payload))
-        except SoftTimeLimitExceeded:
+    handler_returned = False
+    # The soft time limit is a signal: it can land anywhere, also after the handler returned (while
+    # the heartbeat thread is joined, say, after the process was frozen). Work that is done counts.
+    try:
+        with Heartbeat(task_id, attempt, settings.heartbeat_sec):
+            token = handlers.current_attempt.set(attempt - claimed.retry_base_attempt)
+            try:
+                if handler is None:
+                    raise handlers.HandlerError(f"no handler registered for {claimed.name!r} (check TASK_MODULES)")
+                result = _json_result(handler(claimed.payload))
+                handler_returned = True
+            finally:
+                handlers.current_attempt.reset(token)
+    except SoftTimeLimitExceeded:
+        if not handler_returned:
             timed_out = True
             error = f"timed out after {timeout:g}s"
-        except Exception as exc:  # any handler failure is a failed attempt
+    except Exception as exc:  # any handler failure is a failed attempt
+        if not handler_returned:
             error = f"{type(exc).__name__}: {exc}"
-        finally:
-            handlers.current_attempt.reset(token)
 
     if error is None:
         with db.transaction() as conn:

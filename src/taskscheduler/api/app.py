@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None, *, process_heartbeat: bool = Tr
     app = FastAPI(
         title="taskscheduler", version=__version__, description=DESCRIPTION, openapi_tags=TAGS, lifespan=lifespan
     )
+    app.openapi = _openapi_listing_task_names(app)  # type: ignore[method-assign]
     # The routes ask for settings through `get_settings`; give them the ones this app was built with.
     app.dependency_overrides[get_settings] = lambda: settings
     app.include_router(router)
@@ -91,3 +93,18 @@ def create_app(settings: Settings | None = None, *, process_heartbeat: bool = Tr
         raise exc
 
     return app
+
+
+def _openapi_listing_task_names(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """The schema, with `name` limited to the registered handlers: Swagger then offers them in a
+    list, and a client generated from the schema cannot send a name the API would refuse."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()  # FastAPI's own builder caches it in app.openapi_schema
+            name = schema["components"]["schemas"]["TaskCreate"]["properties"]["name"]
+            name["enum"] = handlers.registered_names()
+        return app.openapi_schema  # type: ignore[return-value]
+
+    return openapi

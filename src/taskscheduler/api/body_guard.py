@@ -120,7 +120,9 @@ class BodyGuard:
             try:
                 check_strict_json(body)
             except NotStrictJSON as exc:
-                await self._reject(scope, receive, send, 422, f"invalid JSON: {exc}")
+                # Shaped like FastAPI's own 422s, so every 422 matches the documented schema.
+                errors = [{"loc": ["body"], "msg": f"invalid JSON: {exc}", "type": "json_invalid"}]
+                await self._reject(scope, receive, send, 422, errors)
                 return
             except json.JSONDecodeError:
                 pass  # FastAPI reports the syntax error, with its position
@@ -137,5 +139,5 @@ class BodyGuard:
         await self.app(scope, replay, send)
 
     @staticmethod
-    async def _reject(scope: Scope, receive: Receive, send: Send, status: int, detail: str) -> None:
+    async def _reject(scope: Scope, receive: Receive, send: Send, status: int, detail: object) -> None:
         await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)

@@ -173,7 +173,10 @@ def create_task(
     status_code=status.HTTP_201_CREATED,
     response_model=TaskBatchOut,
     tags=["tasks"],
-    responses={409: {"description": "A task's idempotency key was used before with a different request."}},
+    responses={
+        200: {"description": "Every task already existed (found by its idempotency key).", "model": TaskBatchOut},
+        409: {"description": "A task's idempotency key was used before with a different request."},
+    },
 )
 def create_tasks(
     body: TaskBatchCreate,

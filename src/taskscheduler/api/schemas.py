@@ -9,9 +9,20 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator
 
 from taskscheduler.lifecycle import MAX_PRIORITY, MIN_PRIORITY, DlqReason, TaskStatus
+
+
+def _json_integer(value: Any) -> Any:
+    # JSON Schema counts 9.0 as an integer, so we do too; 9.5, "9" and true stay errors.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer as JSON Schema means it: no strings, no booleans, no fractions.
+JsonInt = Annotated[int, BeforeValidator(_json_integer), Strict()]
 
 _NUMERIC = re.compile(r"^\s*[-+]?\d+(\.\d*)?\s*$")
 IDEMPOTENCY_KEY_MAX = 200
@@ -33,13 +44,13 @@ class TaskCreate(BaseModel):
         Field(default_factory=dict)
     )
     priority: Annotated[
-        StrictInt, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY, description="8-10 high, 4-7 default, 1-3 low.")
+        JsonInt, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY, description="8-10 high, 4-7 default, 1-3 low.")
     ] = 5
     run_at: Annotated[
         AwareDatetime | None,
         Field(description="ISO 8601 with a UTC offset, e.g. 2030-01-01T12:00:00Z. Default: now."),
     ] = None
-    max_retries: Annotated[StrictInt, Field(ge=0, le=100, description="Retries after the first attempt.")] = 3
+    max_retries: Annotated[JsonInt, Field(ge=0, le=100, description="Retries after the first attempt.")] = 3
     timeout_sec: Annotated[
         float | None,
         Field(gt=0, le=7 * 24 * 3600, allow_inf_nan=False, description="Run-time limit; default STUCK_AFTER_SEC."),
