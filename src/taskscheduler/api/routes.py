@@ -120,7 +120,7 @@ IdempotencyKeyHeader = Annotated[
 
 
 @router.post(
-    "/tasks",
+    "/tasks", summary="Create a task",
     status_code=status.HTTP_201_CREATED,
     response_model=TaskOut,
     tags=["tasks"],
@@ -170,6 +170,7 @@ def create_task(
 
 @router.post(
     "/tasks/batch",
+    summary="Create up to 1,000 tasks at once",
     status_code=status.HTTP_201_CREATED,
     response_model=TaskBatchOut,
     tags=["tasks"],
@@ -230,7 +231,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         ) from None
 
 
-@router.get("/tasks", response_model=TaskPage, tags=["tasks"])
+@router.get("/tasks", summary="List tasks (filters, pagination)", response_model=TaskPage, tags=["tasks"])
 def list_tasks(
     conn: ConnDep,
     status_: Annotated[
@@ -270,7 +271,7 @@ def list_tasks(
     return TaskPage(tasks=[TaskSummary.model_validate(dict(r)) for r in page], next_cursor=next_cursor)
 
 
-@router.get("/tasks/{task_id}", response_model=TaskOut, responses=TASK_NOT_FOUND, tags=["tasks"])
+@router.get("/tasks/{task_id}", summary="Get a task", response_model=TaskOut, responses=TASK_NOT_FOUND, tags=["tasks"])
 def get_task(task_id: uuid.UUID, conn: ConnDep) -> TaskOut:
     """The task, with its payload, result, status, attempt, last error and timestamps."""
     row = task_store.get_task(conn, task_id)
@@ -279,7 +280,13 @@ def get_task(task_id: uuid.UUID, conn: ConnDep) -> TaskOut:
     return TaskOut.model_validate(dict(row))
 
 
-@router.get("/tasks/{task_id}/events", response_model=list[TaskEventOut], responses=TASK_NOT_FOUND, tags=["tasks"])
+@router.get(
+    "/tasks/{task_id}/events",
+    summary="A task's transitions",
+    response_model=list[TaskEventOut],
+    responses=TASK_NOT_FOUND,
+    tags=["tasks"],
+)
 def get_task_events(task_id: uuid.UUID, conn: ConnDep) -> list[TaskEventOut]:
     """Every transition of the task, oldest first."""
     events = task_store.list_events(conn, task_id)
@@ -311,7 +318,11 @@ def _refusal(
 
 
 @router.post(
-    "/tasks/{task_id}/cancel", response_model=TaskOut, responses={**TASK_NOT_FOUND, 409: CONFLICT}, tags=["tasks"]
+    "/tasks/{task_id}/cancel",
+    summary="Cancel a task",
+    response_model=TaskOut,
+    responses={**TASK_NOT_FOUND, 409: CONFLICT},
+    tags=["tasks"],
 )
 def cancel_task(task_id: uuid.UUID, conn: ConnDep) -> TaskOut:
     """Cancel a PENDING, FAILED or ENQUEUED task: it becomes CANCELLED and never runs.
@@ -326,7 +337,11 @@ def cancel_task(task_id: uuid.UUID, conn: ConnDep) -> TaskOut:
 
 
 @router.post(
-    "/tasks/{task_id}/retry", response_model=TaskOut, responses={**TASK_NOT_FOUND, 409: CONFLICT}, tags=["tasks"]
+    "/tasks/{task_id}/retry",
+    summary="Retry a DEAD or CANCELLED task",
+    response_model=TaskOut,
+    responses={**TASK_NOT_FOUND, 409: CONFLICT},
+    tags=["tasks"],
 )
 def retry_task(task_id: uuid.UUID, conn: ConnDep) -> TaskOut:
     """Run a DEAD or CANCELLED task again: PENDING now, with a fresh retry budget (`max_retries` more
@@ -340,13 +355,13 @@ def retry_task(task_id: uuid.UUID, conn: ConnDep) -> TaskOut:
 # --- DLQ ----------------------------------------------------------------------------------------------------------
 
 
-@router.get("/dlq", response_model=list[DlqEventOut], tags=["dlq"])
+@router.get("/dlq", summary="Dead-letter events", response_model=list[DlqEventOut], tags=["dlq"])
 def list_dlq(conn: ConnDep, limit: Annotated[int, Query(ge=1, le=500)] = 100) -> list[DlqEventOut]:
     """Dead-letter events, newest first: one per task attempt that ended DEAD."""
     return [DlqEventOut.model_validate(dict(e)) for e in dlq_store.list_dlq_events(conn, limit=limit)]
 
 
-@router.post("/dlq/retry", response_model=DlqRetryOut, tags=["dlq"])
+@router.post("/dlq/retry", summary="Retry DEAD tasks in bulk", response_model=DlqRetryOut, tags=["dlq"])
 def retry_dlq(settings: SettingsDep, body: Annotated[DlqRetryFilter | None, Body()] = None) -> DlqRetryOut:
     """Retry every DEAD task that matches the filter (all of them with an empty body), as
     `POST /tasks/{id}/retry` does each. Returns how many. Tasks that die again while this runs are
@@ -375,6 +390,7 @@ def retry_dlq(settings: SettingsDep, body: Annotated[DlqRetryFilter | None, Body
 
 @router.get(
     "/metrics",
+    summary="Prometheus metrics",
     tags=["operations"],
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
@@ -395,13 +411,13 @@ def get_metrics(settings: SettingsDep) -> Response:
 # --- health -------------------------------------------------------------------------------------------------------
 
 
-@health_router.get("/healthz", response_model=Health)
+@health_router.get("/healthz", summary="Liveness", response_model=Health)
 def healthz() -> Health:
     """Liveness: the process answers. No API key needed."""
     return Health(status="ok")
 
 
-@health_router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+@health_router.get("/readyz", summary="Readiness", response_model=Health, responses={503: {"model": Health}})
 def readyz(settings: SettingsDep) -> Health | JSONResponse:
     """Readiness: the database and the broker are reachable. No API key needed."""
     database = broker = "ok"
