@@ -120,7 +120,8 @@ IdempotencyKeyHeader = Annotated[
 
 
 @router.post(
-    "/tasks", summary="Create a task",
+    "/tasks",
+    summary="Create a task",
     status_code=status.HTTP_201_CREATED,
     response_model=TaskOut,
     tags=["tasks"],
