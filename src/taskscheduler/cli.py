@@ -214,7 +214,8 @@ def check(
                 conn, role=role.value, hostname=hostname, queue=queue.value if queue else None
             )
     except SQLAlchemyError as exc:
-        typer.secho(f"unhealthy: cannot reach the database to check: {exc}".splitlines()[0], err=True, fg="red")
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        typer.secho(f"unhealthy: cannot read the heartbeats from the database: {reason}", err=True, fg="red")
         raise typer.Exit(1) from None
     if seen is None:
         typer.secho(f"unhealthy: no {where} has recorded a heartbeat (not running?)", err=True, fg="red")

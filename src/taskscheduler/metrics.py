@@ -129,10 +129,12 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
 
-def serve(host: str, port: int, api_keys: list[str]) -> WSGIServer:
+def serve(host: str, port: int, api_keys: list[str]) -> WSGIServer | None:
     """Serve this process's metrics (all processes' in multiprocess mode) on host:port from a thread.
 
-    Behind the same API_KEYS as the API's `/metrics`.
+    Behind the same API_KEYS as the API's `/metrics`. A port that cannot be bound (taken by another
+    process) is logged as an error and the process goes on without its endpoint: running tasks
+    matters more than reporting on them.
     """
     if multiprocess_enabled():
         from prometheus_client import multiprocess
@@ -152,7 +154,11 @@ def serve(host: str, port: int, api_keys: list[str]) -> WSGIServer:
         result: Iterable[bytes] = metrics_app(environ, start_response)
         return result
 
-    server = make_server(host, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
+    try:
+        server = make_server(host, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
+    except OSError as exc:
+        log.error("metrics not served: cannot listen on %s:%d: %s", host, port, exc, extra={"event": "metrics_failed"})
+        return None
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()
     log.info("metrics on http://%s:%d/metrics", host, server.server_port, extra={"event": "metrics_serving"})

@@ -242,3 +242,11 @@ def test_the_scheduler_and_worker_endpoint_asks_for_a_key_too(settings: Settings
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_taken_metrics_port_is_an_error_in_the_log_not_a_crash(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert metrics.serve("127.0.0.1", taken.getsockname()[1], []) is None
+    assert "metrics not served" in caplog.text

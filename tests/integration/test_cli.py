@@ -210,7 +210,7 @@ def test_check_without_a_database(settings: Settings, monkeypatch: pytest.Monkey
     monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{port}/nowhere")
     get_settings.cache_clear()
     result = run("check", "worker")
-    assert result.exit_code == 1 and "cannot reach the database" in result.output
+    assert result.exit_code == 1 and "cannot read the heartbeats from the database" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 

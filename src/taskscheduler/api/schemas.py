@@ -81,7 +81,6 @@ class TaskCreate(BaseModel):
             raise ValueError("timeout_sec must be a number of seconds")
         return value
 
-
     def request_hash(self) -> str:
         """A hash of the request without its idempotency key, defaults applied and run_at in UTC: two
         requests that mean the same task hash the same."""
@@ -140,9 +139,7 @@ class TaskSummary(_TaskBase):
 
 class TaskPage(BaseModel):
     tasks: list[TaskSummary]
-    next_cursor: str | None = Field(
-        description="Pass as `cursor` for the next page; null when this is the last page."
-    )
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null when this is the last page.")
 
 
 class TaskBatchOut(BaseModel):
