@@ -22,3 +22,36 @@ def test_migrate_twice_is_a_no_op(services):
     run_migrations(services.database_url)
     with db.get_engine(services.database_url).connect() as conn:
         assert MigrationContext.configure(conn).get_current_revision() == "0002"
+
+
+def test_downgrade_to_0001_and_back(server_urls):
+    """On a scratch database: every migration's downgrade undoes its upgrade."""
+    import uuid
+
+    import psycopg
+    from alembic import command
+    from sqlalchemy import inspect
+    from sqlalchemy.engine import make_url
+
+    from taskscheduler.config import normalize_database_url
+    from taskscheduler.migrations import alembic_config
+
+    admin_url = normalize_database_url(server_urls[0]).replace("postgresql+psycopg://", "postgresql://", 1)
+    name = f"taskscheduler_migrations_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(normalize_database_url(admin_url)).set(database=name).render_as_string(False)
+    try:
+        run_migrations(url)
+        command.downgrade(alembic_config(url), "0001")
+        with db.get_engine(url).connect() as conn:
+            assert "process_heartbeats" not in inspect(conn).get_table_names()
+            assert "idempotency_key" not in {c["name"] for c in inspect(conn).get_columns("tasks")}
+        run_migrations(url)
+        with db.get_engine(url).connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+        assert diff == []
+    finally:
+        db.get_engine(url).dispose()
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
