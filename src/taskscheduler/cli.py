@@ -471,6 +471,7 @@ def list_(
     api_key: ApiKeyOption = None,
 ) -> None:
     """List tasks, newest first."""
+    from rich import box
     from rich.table import Table
 
     from taskscheduler.lifecycle import TaskStatus
@@ -484,26 +485,28 @@ def list_(
         if value is not None:
             params[key] = value
     page = _call(url, api_key, lambda client: client.list(params))
-    table = Table()
-    table.add_column("id", no_wrap=True)
-    table.add_column("name", min_width=8)
-    table.add_column("status", min_width=9)
-    table.add_column("queue", min_width=7)
-    table.add_column("attempt", justify="right", min_width=7)
-    table.add_column("created", min_width=10)
-    table.add_column("last error", overflow="ellipsis", max_width=40)
-    for task in page["tasks"]:
-        error = (task.get("last_error") or "").strip()
-        table.add_row(
-            task["id"],
-            _plain(task["name"]),
-            _styled(task["status"]),
-            task["queue"],
-            str(task["attempt"]),
-            _when(task["created_at"]),
-            _plain(error.splitlines()[0][:200] if error else ""),
-        )
     console = _console()
+    # Narrow terminals get the essentials: the queue from 100 columns, the last error from 120.
+    with_queue, with_error = console.width >= 100, console.width >= 120
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("id", no_wrap=True)
+    table.add_column("name", overflow="ellipsis", no_wrap=True, ratio=1)
+    table.add_column("status", no_wrap=True)
+    if with_queue:
+        table.add_column("queue", no_wrap=True)
+    table.add_column("att", justify="right", no_wrap=True)
+    table.add_column("created (UTC)", no_wrap=True)
+    if with_error:
+        table.add_column("last error", overflow="ellipsis", no_wrap=True, ratio=2)
+    for task in page["tasks"]:
+        row: list[str | Text] = [task["id"], _plain(task["name"]), _styled(task["status"])]
+        if with_queue:
+            row.append(task["queue"])
+        row += [str(task["attempt"]), task["created_at"].replace("T", " ")[5:19]]
+        if with_error:
+            error = (task.get("last_error") or "").strip()
+            row.append(_plain(error.splitlines()[0][:200] if error else ""))
+        table.add_row(*row)
     console.print(table)
     if not page["tasks"]:
         console.print("no tasks")
