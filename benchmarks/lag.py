@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from benchmarks import common
+from benchmarks.throughput import republished_count
 
 SMOKE_RATE = 50.0
 SMOKE_DURATION = 4.0
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
                 common.wait_until(all_done, timeout=args.lead + duration + 180, interval=0.5, what=f"{n} SUCCEEDED")
                 statuses = dict(conn.execute("SELECT status, count(*) FROM tasks GROUP BY status").fetchall())
+                republished = republished_count(conn)
             stats = lag_stats(pdb)
             ok = True
         finally:
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ("offered tasks/s", stats["offered_rate"]),
             ("achieved tasks/s (first run_at to last finish)", stats["achieved_rate"]),
             *[(f"p50 start lag, third {i + 1} (ms)", v) for i, v in enumerate(stats["start_ms_p50_by_third"])],
+            ("messages published again by the lost-message sweep", republished),
         ],
     )
     targets = {
@@ -206,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "servers": versions,
         "statuses": statuses,
+        "republished_by_lost_message_sweep": republished,
         "lag_ms": stats,
         "targets": targets,
     }
