@@ -250,3 +250,13 @@ def test_a_taken_metrics_port_is_an_error_in_the_log_not_a_crash(caplog: pytest.
         taken.listen()
         assert metrics.serve("127.0.0.1", taken.getsockname()[1], []) is None
     assert "metrics not served" in caplog.text
+
+
+def test_a_batch_refused_for_a_conflicting_key_counts_no_creation(client: TestClient) -> None:
+    assert client.post("/tasks", json={"name": "demo_ok", "idempotency_key": "taken"}).status_code == 201
+    before = _scrape(client)
+    tasks = [{"name": "demo_ok", "priority": 9}, {"name": "demo_fail", "idempotency_key": "taken"}]
+    assert client.post("/tasks/batch", json={"tasks": tasks}).status_code == 409
+    after = _scrape(client)
+    name = "taskscheduler_tasks_created_total"
+    assert _value(after, name, queue="high") == _value(before, name, queue="high")

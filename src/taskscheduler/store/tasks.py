@@ -171,8 +171,6 @@ def create_tasks(conn: Connection, specs: Sequence[NewTask]) -> list[CreateResul
             }
         )
     inserted = {str(row["id"]): row for row in conn.execute(_CREATE, {"rows": rows}).mappings()} if rows else {}
-    for row in inserted.values():
-        metrics.TASKS_CREATED.labels(queue=row["queue"]).inc()
 
     # Keys that did not insert: an earlier request (maybe a concurrent one, now committed) holds them.
     taken = [key for key, index in first_with_key.items() if ids[index] not in inserted]
@@ -188,6 +186,8 @@ def create_tasks(conn: Connection, specs: Sequence[NewTask]) -> list[CreateResul
             if holder["request_hash"] != specs[first_with_key[key]].request_hash:
                 raise IdempotencyConflict(key, holder["id"])
 
+    for row in inserted.values():  # counted once no conflict can roll them back
+        metrics.TASKS_CREATED.labels(queue=row["queue"]).inc()
     results: list[CreateResult] = []
     for spec, spec_id in zip(specs, ids, strict=True):
         if spec_id is not None and spec_id in inserted:
