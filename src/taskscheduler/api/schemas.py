@@ -25,6 +25,17 @@ def _json_integer(value: Any) -> Any:
 JsonInt = Annotated[int, BeforeValidator(_json_integer), Strict()]
 
 _NUMERIC = re.compile(r"^\s*[-+]?\d+(\.\d*)?\s*$")
+
+
+def _iso_string(value: Any) -> Any:
+    # Pydantic would read numbers (and numeric strings) as Unix times; we ask for ISO 8601.
+    if not isinstance(value, str) or _NUMERIC.match(value):
+        raise ValueError("must be an ISO 8601 string with a UTC offset, e.g. 2030-01-01T12:00:00Z")
+    return value
+
+
+# A moment in time as an ISO 8601 string with an offset: no naive times, no epoch numbers.
+IsoDatetime = Annotated[AwareDatetime, BeforeValidator(_iso_string)]
 IDEMPOTENCY_KEY_MAX = 200
 MAX_BATCH = 1000
 
@@ -47,7 +58,7 @@ class TaskCreate(BaseModel):
         JsonInt, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY, description="8-10 high, 4-7 default, 1-3 low.")
     ] = 5
     run_at: Annotated[
-        AwareDatetime | None,
+        IsoDatetime | None,
         Field(description="ISO 8601 with a UTC offset, e.g. 2030-01-01T12:00:00Z. Default: now."),
     ] = None
     max_retries: Annotated[JsonInt, Field(ge=0, le=100, description="Retries after the first attempt.")] = 3
@@ -65,14 +76,6 @@ class TaskCreate(BaseModel):
             " `Idempotency-Key` header. Remembered as long as the task is kept (RETENTION_DAYS).",
         ),
     ] = None
-
-    @field_validator("run_at", mode="before")
-    @classmethod
-    def _iso_string_only(cls, value: Any) -> Any:
-        # Pydantic would read numbers (and numeric strings) as Unix times; we ask for ISO 8601.
-        if value is not None and (not isinstance(value, str) or _NUMERIC.match(value)):
-            raise ValueError("run_at must be an ISO 8601 string with a UTC offset, e.g. 2030-01-01T12:00:00Z")
-        return value
 
     @field_validator("timeout_sec", mode="before")
     @classmethod
@@ -156,15 +159,8 @@ class DlqRetryFilter(BaseModel):
     name: Annotated[str | None, Field(min_length=1, max_length=200, description="Only tasks of this name.")] = None
     reason: Annotated[DlqReason | None, Field(description="Only tasks that died for this reason.")] = None
     since: Annotated[
-        AwareDatetime | None, Field(description="Only tasks that died at or after this time (ISO 8601 with offset).")
+        IsoDatetime | None, Field(description="Only tasks that died at or after this time (ISO 8601 with offset).")
     ] = None
-
-    @field_validator("since", mode="before")
-    @classmethod
-    def _iso_string_only(cls, value: Any) -> Any:
-        if value is not None and (not isinstance(value, str) or _NUMERIC.match(value)):
-            raise ValueError("since must be an ISO 8601 string with a UTC offset, e.g. 2030-01-01T12:00:00Z")
-        return value
 
 
 class DlqRetryOut(BaseModel):
