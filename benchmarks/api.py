@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks import common
+from benchmarks import common, profile_report, throughput
 
 BODY = {"name": "demo_ok", "payload": {}, "priority": 5}
 SMOKE = {"duration": 2.0, "connections": 4, "batch_size": 50, "batch_requests": 4}
@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=1000, help="tasks per POST /tasks/batch")
     parser.add_argument("--batch-requests", type=int, default=30, help="POST /tasks/batch requests in all")
     parser.add_argument("--batch-connections", type=int, default=2, help="concurrent batch requests")
+    parser.add_argument("--profile", action="store_true", help="record a py-spy profile of the api process")
     args = parser.parse_args(argv)
     if args.smoke:
         args.duration, args.connections = SMOKE["duration"], SMOKE["connections"]
@@ -198,12 +199,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             api_procs = lambda: api.tree()  # noqa: E731
             tracker = common.CpuTracker({"api": api_procs, "postgres": common.postgres_backends(pdb.name)})
             tracker.start()
+            profiler = (
+                throughput.start_profiler(
+                    "api", api.pid, args.results_dir / f"profiles-{common.run_id()}", subprocesses=False
+                )
+                if args.profile
+                else None
+            )
             single = (
                 run_wrk(f"{base}/tasks", connections=args.connections, duration=args.duration, body=BODY)
                 if client == "wrk"
                 else run_httpx(f"{base}/tasks", connections=args.connections, duration=args.duration, body=BODY)
             )
             cpu = tracker.stop()
+            if profiler is not None and profiler.stop() is not None:
+                single["profile"] = str(profiler.path)
+                single["profile_summary"] = profile_report.report(profiler.path)
             created = count_tasks(pdb) - before_count
             single["created"] = created
             single["cpu_seconds"] = cpu
@@ -265,6 +276,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if batch["status"] == "ok":
         cpu_rows += [("POST /tasks/batch", k, v) for k, v in batch["cpu_seconds_per_1000"].items()]
     common.print_table("CPU seconds per 1,000 tasks created", ["route", "process", "cpu s / 1000"], cpu_rows)
+    if "profile_summary" in single:
+        profile_report.print_report("api (POST /tasks, PROFILED run)", single["profile_summary"])
     targets = {"POST /tasks >= 1000 req/s": single["requests_per_sec"] >= 1000}
     if batch["status"] == "ok":
         targets["batch >= 20000 tasks/s"] = batch["tasks_per_sec"] >= 20000

@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks import common
+from benchmarks import common, profile_report
 from benchmarks.raw_celery import QUEUE as RAW_QUEUE
 
 SMOKE_TASKS = 300
@@ -120,45 +120,6 @@ def start_profiler(name: str, pid: int, out_dir: Path, *, subprocesses: bool, ra
     argv += ["--nonblocking"] + (["--subprocesses"] if subprocesses else [])
     popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return Profiler(name=name, popen=popen, path=path)
-
-
-def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
-    """Self and inclusive sample shares by function (file:line dropped) from py-spy's collapsed stacks."""
-    total = 0
-    self_counts: dict[str, int] = {}
-    incl_counts: dict[str, int] = {}
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, count_s = line.rpartition(" ")
-        if not stack or not count_s.isdigit():
-            continue
-        count = int(count_s)
-        total += count
-        frames = [_frame_name(f) for f in stack.split(";")]
-        frames = [f for f in frames if f]
-        if not frames:
-            continue
-        self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + count
-        for f in set(frames):
-            incl_counts[f] = incl_counts.get(f, 0) + count
-
-    def ranked(counts: dict[str, int]) -> list[tuple[str, float]]:
-        return [(k, round(100.0 * v / total, 1)) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:top]]
-
-    return {"samples": total, "self_pct": ranked(self_counts), "inclusive_pct": ranked(incl_counts)}
-
-
-def _frame_name(frame: str) -> str:
-    frame = frame.strip()
-    if frame.startswith(("process ", "thread ")):
-        return ""
-    # "function (path/to/module.py:123)" -> "function (module.py)"
-    if frame.endswith(")") and " (" in frame:
-        fn, _, where = frame.rpartition(" (")
-        where = where[:-1].rsplit(":", 1)[0]
-        parts = where.split("/")
-        short = "/".join(parts[-2:]) if "site-packages" in where or "taskscheduler" in where else parts[-1]
-        return f"{fn} ({short})"
-    return frame
 
 
 # --------------------------------------------------------------------------------------------- ours
@@ -279,7 +240,7 @@ def run_ours(
     assert int(total) == n
     if profilers:
         result["profiles"] = {p.name: str(p.path) for p in profilers if p.path.exists()}
-        result["profile_summary"] = {p.name: summarize_profile(p.path) for p in profilers if p.path.exists()}
+        result["profile_summary"] = {p.name: profile_report.report(p.path) for p in profilers if p.path.exists()}
     return result
 
 
@@ -485,12 +446,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         common.print_table("PostgreSQL work per task (ours)", ["counter", "per task"], list(per_task.items()))
     for run in ours_runs:
         for name, summary in run.get("profile_summary", {}).items():
-            common.print_table(
-                f"py-spy {name}: top self time ({summary['samples']} samples)",
-                ["function", "% self"],
-                summary["self_pct"][:15],
-            )
-            common.print_table(f"py-spy {name}: top inclusive", ["function", "% incl"], summary["inclusive_pct"][:20])
+            profile_report.print_report(name, summary)
 
     result = {
         "smoke": args.smoke,
