@@ -35,6 +35,7 @@ STARTED_IN_FLIGHT = 100
 # The values every query's parameters get (those not named are an error, so a new one is noticed).
 PARAMS: dict[str, Any] = {
     "now": None,
+    "queue": None,  # a dispatch per queue, where the statement takes one: None = every queue
     "limit": 500,
     "heartbeat_timeout_sec": 30.0,
     "default_timeout_sec": 180.0,

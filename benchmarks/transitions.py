@@ -33,21 +33,24 @@ from benchmarks.throughput import insert_due_tasks
 SMOKE_TASKS = 200
 
 
-def _dispatch_all(pdb: common.PrivateDatabase, n: int) -> list[tuple[uuid.UUID, int]]:
-    from taskscheduler.store import tasks as store
-
-    engine = create_engine(pdb.url)
-    out: list[tuple[uuid.UUID, int]] = []
-    with engine.begin() as conn:
-        while len(out) < n:
-            batch = store.dispatch_due(conn, limit=5000)
-            if not batch:
-                break
-            out += [(d.id, d.attempt) for d in batch]
-    engine.dispose()
+def _enqueue_all(pdb: common.PrivateDatabase, n: int) -> list[tuple[uuid.UUID, int]]:
+    """Every PENDING task -> ENQUEUED, attempt 1, with its event row (as a dispatch leaves it)."""
     with pdb.connect(autocommit=True) as conn:
+        rows = conn.execute(
+            """
+            WITH moved AS (
+                UPDATE tasks SET status = 'ENQUEUED', attempt = attempt + 1, published_at = now(), updated_at = now()
+                WHERE status = 'PENDING' RETURNING id, attempt
+            ), event AS (
+                INSERT INTO task_events (task_id, from_status, to_status, attempt)
+                SELECT id, 'PENDING', 'ENQUEUED', attempt FROM moved
+            )
+            SELECT id, attempt FROM moved
+            """
+        ).fetchall()
         conn.execute("ANALYZE tasks")
-    return out
+    assert len(rows) == n, (len(rows), n)
+    return [(r[0], r[1]) for r in rows]
 
 
 def variant_product(pdb: common.PrivateDatabase, *, pre_ping: bool) -> Callable[..., Any]:
@@ -101,8 +104,7 @@ def measure(
     pdb: common.PrivateDatabase, n: int, name: str, factory: Callable[[], Callable[..., Any]]
 ) -> dict[str, Any]:
     insert_due_tasks(pdb, n)
-    items = _dispatch_all(pdb, n)
-    assert len(items) == n, (len(items), n)
+    items = _enqueue_all(pdb, n)
     run = factory()
     me = psutil.Process()
     # Warm-up on the first 5% (connection, prepared statements), then measure the rest.

@@ -115,3 +115,34 @@ def test_cost_smoke(services: Services, tmp_path: Path) -> None:
     assert all(v >= 0 for v in per_1000.values())
     assert per_1000["api"] > 0 and per_1000["workers"] > 0
     assert positive(data["ours_total_per_1000"]) and positive(data["raw_total_per_1000"])
+
+
+@pytest.mark.timeout(300)
+def test_transitions_smoke(services: Services, tmp_path: Path) -> None:
+    data = run_benchmark("transitions", services, tmp_path)
+    variants = data["variants"]
+    assert len(variants) >= 3
+    for v in variants:
+        assert v["tasks"] > 0
+        assert positive(v["wall_ms_per_task"]) and positive(v["client_cpu_ms_per_task"])
+
+
+def test_profile_report_reads_collapsed_stacks(tmp_path: Path) -> None:
+    from benchmarks.profile_report import report
+
+    main = 'process 10:"taskscheduler worker"'
+    child = f'{main};process 11:"taskscheduler worker"'
+    collapsed = tmp_path / "worker.collapsed.txt"
+    collapsed.write_text(
+        f"{main};main (taskscheduler/cli.py:1);Channel._brpop_read (kombu/transport/redis.py:9) 30\n"
+        f"{child};run_attempt (taskscheduler/worker.py:2);Engine.begin (sqlalchemy/engine/base.py:3);"
+        "wait (psycopg/waiting.py:4) 60\n"
+        f"{child};run_attempt (taskscheduler/worker.py:2);Logger.info (logging/__init__.py:5) 10\n"
+    )
+    summary = report(collapsed)
+    assert summary["main"]["samples"] == 30 and summary["child"]["samples"] == 70
+    child_self = dict(summary["child"]["self_by_library_pct"])
+    assert child_self["psycopg (PostgreSQL client, incl. waiting)"] == pytest.approx(85.7)
+    inclusive = dict(summary["child"]["inclusive_pct"])
+    assert inclusive["Engine.begin (engine/base.py)"] == pytest.approx(85.7)
+    assert inclusive["Logger.info (logging/__init__.py)"] == pytest.approx(14.3)
