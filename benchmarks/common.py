@@ -198,6 +198,7 @@ class Proc:
     popen: subprocess.Popen[bytes]
     log_path: Path
     started_at: float  # time.time() just before the process was started
+    log_level: str = "INFO"
 
     @property
     def pid(self) -> int:
@@ -270,7 +271,8 @@ class Processes:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        proc = Proc(name=name, popen=popen, log_path=log_path, started_at=started_at)
+        level = {**self.env, **(env or {})}.get("LOG_LEVEL", "INFO")
+        proc = Proc(name=name, popen=popen, log_path=log_path, started_at=started_at, log_level=level)
         self.procs.append(proc)
         return proc
 
@@ -309,7 +311,13 @@ def wait_until(condition: Callable[[], Any], *, timeout: float, interval: float 
 
 
 def wait_worker_ready(proc: Proc, timeout: float = 60) -> None:
-    wait_until(lambda: "ready." in proc.log() or not proc.alive(), timeout=timeout, what=f"{proc.name} ready")
+    """Celery logs "ready." at INFO; above INFO, wait for its pool processes and give it a moment."""
+    level = proc.log_level.upper() if proc.log_level else "INFO"
+    if level in ("DEBUG", "INFO"):
+        wait_until(lambda: "ready." in proc.log() or not proc.alive(), timeout=timeout, what=f"{proc.name} ready")
+    else:
+        wait_until(lambda: len(proc.tree()) > 1 or not proc.alive(), timeout=timeout, what=f"{proc.name} pool")
+        time.sleep(3.0)
     if not proc.alive():
         raise RuntimeError(f"{proc.name} exited:\n{proc.log()[-3000:]}")
 

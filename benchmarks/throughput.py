@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--profile", action="store_true", help="record py-spy profiles of the scheduler and a worker")
     parser.add_argument("--raw-time-limits", action="store_true", help="raw messages carry time limits like ours")
     parser.add_argument("--skip-raw", action="store_true", help="only ours (no ratio)")
+    parser.add_argument("--skip-ours", action="store_true", help="only raw Celery (no ratio)")
     args = parser.parse_args(argv)
     n = SMOKE_TASKS if args.smoke else args.tasks
     timeout = args.timeout or max(120.0, n / 50)
@@ -386,6 +387,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     )
                 )
                 print(f"run {i + 1}: raw Celery {raw_runs[-1]['rate']:,.0f} tasks/s", flush=True)
+            if args.skip_ours:
+                continue
             ours_runs.append(
                 run_ours(
                     pdb=pdb,
@@ -419,8 +422,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     med(runs, "startup_seconds"),
                 )
             )
-    ratio = med(ours_runs, "rate") / med(raw_runs, "rate") if raw_runs else float("nan")
-    ratio_steady = med(ours_runs, "steady_rate") / med(raw_runs, "steady_rate") if raw_runs else float("nan")
+    both = bool(raw_runs and ours_runs)
+    ratio = med(ours_runs, "rate") / med(raw_runs, "rate") if both else float("nan")
+    ratio_steady = med(ours_runs, "steady_rate") / med(raw_runs, "steady_rate") if both else float("nan")
     title = (
         f"Throughput: {n:,} no-op tasks, {args.workers} worker(s) x prefork {args.concurrency}, "
         f"median of {args.repeat}{' (PROFILED: py-spy running)' if args.profile else ''}"
