@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     enqueue_timeout_sec: float = Field(60.0, gt=0, description="An ENQUEUED task unclaimed this long is re-published.")
     poll_interval_sec: float = Field(1.0, gt=0, description="Scheduler loop period.")
     dispatch_batch_size: int = Field(500, ge=1, le=10_000)
+    max_enqueued_per_queue: int = Field(
+        2000,
+        ge=1,
+        description="Back-pressure: dispatch no more while this many tasks of a queue wait unclaimed in the broker.",
+    )
     retry_backoff_base_sec: float = Field(2.0, gt=0)
     retry_backoff_max_sec: float = Field(300.0, gt=0)
     run_at_grace_sec: float = Field(60.0, ge=0, description="How far in the past a run_at may be.")

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from celery import Celery, bootsteps
@@ -74,42 +77,76 @@ def configure_celery(settings: Settings | None = None) -> Celery:
     return celery_app
 
 
-class Heartbeat:
-    """Refreshes `heartbeat_at` of a running attempt from a background thread."""
+class Heartbeats:
+    """Refreshes `heartbeat_at` of the attempts this process runs, from one background thread.
 
-    def __init__(self, task_id: uuid.UUID, attempt: int, interval_sec: float) -> None:
-        self._task_id = task_id
-        self._attempt = attempt
+    One thread per process, started on first use (after the pool's fork), rather than one per task:
+    most tasks finish long before their first heartbeat is due, and starting and joining a thread
+    for each of them was a measurable share of a worker's time.
+    """
+
+    def __init__(self, interval_sec: float) -> None:
         self._interval = interval_sec
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{task_id}", daemon=True)
+        self._running: dict[tuple[uuid.UUID, int], float] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
 
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
+    @contextmanager
+    def beating(self, task_id: uuid.UUID, attempt: int) -> Iterator[None]:
+        """Heartbeat this attempt while the block runs."""
+        self._ensure_thread()
+        with self._lock:
+            self._running[(task_id, attempt)] = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running.pop((task_id, attempt), None)
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self._interval + 5)
+    def _ensure_thread(self) -> None:
+        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._run, name="heartbeats", daemon=True)
+            self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                with db.transaction() as conn:
-                    alive = task_store.heartbeat(conn, task_id=self._task_id, attempt=self._attempt)
-            except Exception as exc:  # the database may be briefly away; the sweep decides, not us
-                log.warning(
-                    "heartbeat failed: %s",
-                    exc,
-                    extra={"task_id": str(self._task_id), "attempt": self._attempt, "event": "heartbeat_failed"},
-                )
-                continue
-            if not alive:
-                log.warning(
-                    "attempt was taken away while running; its outcome will be discarded",
-                    extra={"task_id": str(self._task_id), "attempt": self._attempt, "event": "fenced"},
-                )
+        while True:
+            time.sleep(self._interval / 2)
+            now = time.monotonic()
+            with self._lock:
+                due = [key for key, last in self._running.items() if now - last >= self._interval]
+            for task_id, attempt in due:
+                self._beat(task_id, attempt, now)
+
+    def _beat(self, task_id: uuid.UUID, attempt: int, now: float) -> None:
+        fields = {"task_id": str(task_id), "attempt": attempt}
+        try:
+            alive = db.run_statement(lambda conn: task_store.heartbeat(conn, task_id=task_id, attempt=attempt))
+        except Exception as exc:  # the database may be briefly away; the sweep decides, not us
+            log.warning("heartbeat failed: %s", exc, extra={**fields, "event": "heartbeat_failed"})
+            return
+        with self._lock:
+            if (task_id, attempt) not in self._running:
                 return
+            if alive:
+                self._running[(task_id, attempt)] = now
+                return
+            del self._running[(task_id, attempt)]
+        log.warning(
+            "attempt was taken away while running; its outcome will be discarded",
+            extra={**fields, "event": "fenced"},
+        )
+
+
+_heartbeats: Heartbeats | None = None
+
+
+def _process_heartbeats(interval_sec: float) -> Heartbeats:
+    global _heartbeats
+    if _heartbeats is None:
+        _heartbeats = Heartbeats(interval_sec)
+    return _heartbeats
 
 
 # \u0000 in JSON text, unless its backslash is itself escaped (an even run of backslashes before it).
@@ -134,8 +171,7 @@ def run_attempt(task_id: uuid.UUID, attempt: int, *, worker: str | None = None) 
     """
     settings = get_settings()
     fields: dict[str, Any] = {"task_id": str(task_id), "attempt": attempt}
-    with db.transaction() as conn:
-        claimed = task_store.claim(conn, task_id=task_id, attempt=attempt, worker=worker)
+    claimed = db.run_statement(lambda conn: task_store.claim(conn, task_id=task_id, attempt=attempt, worker=worker))
     if claimed is None:
         log.info("stale message dropped", extra={**fields, "event": "dropped"})
         return "dropped"
@@ -150,7 +186,7 @@ def run_attempt(task_id: uuid.UUID, attempt: int, *, worker: str | None = None) 
     # The soft time limit is a signal: it can land anywhere, also after the handler returned (while
     # the heartbeat thread is joined, say, after the process was frozen). Work that is done counts.
     try:
-        with Heartbeat(task_id, attempt, settings.heartbeat_sec):
+        with _process_heartbeats(settings.heartbeat_sec).beating(task_id, attempt):
             token = handlers.current_attempt.set(attempt - claimed.retry_base_attempt)
             try:
                 if handler is None:
@@ -168,8 +204,9 @@ def run_attempt(task_id: uuid.UUID, attempt: int, *, worker: str | None = None) 
             error = f"{type(exc).__name__}: {exc}"
 
     if error is None:
-        with db.transaction() as conn:
-            done = task_store.succeed(conn, task_id=task_id, attempt=attempt, result=result)
+        done = db.run_statement(
+            lambda conn: task_store.succeed(conn, task_id=task_id, attempt=attempt, result=result)
+        )
         return _logged(done, "STARTED -> SUCCEEDED", "succeeded", fields)
     return record_failure(
         task_id, attempt, error=error, timed_out=timed_out,
@@ -194,12 +231,14 @@ def record_failure(
         delay = backoff_sec(
             attempt - retry_base_attempt, base=settings.retry_backoff_base_sec, cap=settings.retry_backoff_max_sec
         )
-        with db.transaction() as conn:
-            done = task_store.fail(conn, task_id=task_id, attempt=attempt, error=error, retry_in_sec=delay)
+        done = db.run_statement(
+            lambda conn: task_store.fail(conn, task_id=task_id, attempt=attempt, error=error, retry_in_sec=delay)
+        )
         return _logged(done, f"STARTED -> FAILED, retry in {delay:.2f}s", "failed", fields)
     reason = DlqReason.STUCK_TASK_TIMEOUT if timed_out else DlqReason.MAX_RETRIES_EXCEEDED
-    with db.transaction() as conn:
-        name = task_store.kill(conn, task_id=task_id, attempt=attempt, error=error, reason=reason)
+    name = db.run_statement(
+        lambda conn: task_store.kill(conn, task_id=task_id, attempt=attempt, error=error, reason=reason)
+    )
     if name is not None:
         publish_dead([(task_id, attempt, name, reason.value, error)])
     return _logged(name is not None, f"STARTED -> DEAD ({reason})", "dead", fields)
@@ -220,10 +259,11 @@ def execute(self: Any, task_id: str, attempt: int) -> str:
 
 @celery_app.task(name=RECORD_DEAD, ignore_result=True)
 def record_dead(task_id: str, attempt: int, task_name: str, reason: str, error: str | None) -> bool:
-    with db.transaction() as conn:
-        inserted = dlq_store.record_dlq_event(
+    inserted = db.run_statement(
+        lambda conn: dlq_store.record_dlq_event(
             conn, task_id=uuid.UUID(task_id), attempt=int(attempt), task_name=task_name, reason=reason, error=error
         )
+    )
     log.info(
         "DLQ event recorded" if inserted else "DLQ event already recorded",
         extra={"task_id": task_id, "attempt": attempt, "event": "dlq", "reason": reason},

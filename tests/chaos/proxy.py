@@ -48,6 +48,9 @@ class FlakyProxy:
 
     def _connect(self, client: socket.socket) -> None:
         self._open.wait()  # a new connection during the cut hangs, as a SYN into the void would
+        if self._closing.is_set():
+            client.close()
+            return
         try:
             upstream = socket.create_connection(self.target)
         except OSError:
@@ -72,3 +75,5 @@ class FlakyProxy:
         finally:
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
+            if self._closing.is_set():
+                src.close()

@@ -102,7 +102,14 @@ def test_a_partitioned_worker_is_rescued_and_its_late_writes_are_fenced(clean_db
         runs = tmp_path / "runs"
         r = httpx.post(
             f"{cluster.url}/tasks",
-            json={"name": "chaos_record", "payload": {"path": str(runs), "sleep_sec": 2}, "max_retries": 2},
+            # A long run-time limit: the rescue comes from the missing heartbeat, and no soft time
+            # limit interrupts the cut-off worker while it waits for the network.
+            json={
+                "name": "chaos_record",
+                "payload": {"path": str(runs), "sleep_sec": 2},
+                "max_retries": 2,
+                "timeout_sec": 120,
+            },
         )
         task_id = r.json()["id"]
         get = lambda: httpx.get(f"{cluster.url}/tasks/{task_id}", timeout=10).json()  # noqa: E731

@@ -180,3 +180,68 @@ def _dispatch_order():
     with db.transaction() as conn:
         query = "SELECT task_id::text FROM task_events WHERE to_status = 'ENQUEUED' ORDER BY id"
         return conn.execute(text(query)).all()
+
+
+def test_back_pressure_holds_tasks_of_a_full_queue_in_pending(settings, publisher, monkeypatch):
+    monkeypatch.setattr(settings, "max_enqueued_per_queue", 3)
+    defaults = [new_task(priority=5) for _ in range(5)]
+    highs = [new_task(priority=9) for _ in range(2)]
+    assert dispatch.run_once(settings=settings, publisher=publisher) == 5  # 3 default + 2 high
+    assert sum(task_row(t)["status"] == "ENQUEUED" for t in defaults) == 3
+    assert all(task_row(t)["status"] == "ENQUEUED" for t in highs)
+    assert dispatch.run_once(settings=settings, publisher=publisher) == 0  # the default queue is full
+    # A worker claims one: room for one more.
+    claimed = next(t for t in defaults if task_row(t)["status"] == "ENQUEUED")
+    with db.transaction() as conn:
+        assert task_store.claim(conn, task_id=claimed, attempt=1) is not None
+    assert dispatch.run_once(settings=settings, publisher=publisher) == 1
+
+
+def test_seconds_until_next_due(settings):
+    with db.transaction() as conn:
+        assert task_store.seconds_until_next_due(conn) is None
+    new_task(run_at=datetime.now(UTC) + timedelta(seconds=30))
+    with db.transaction() as conn:
+        assert 28 < task_store.seconds_until_next_due(conn) <= 30
+    new_task()
+    with db.transaction() as conn:
+        assert task_store.seconds_until_next_due(conn) <= 0
+
+
+def test_creating_a_task_due_now_notifies_the_scheduler(settings, services):
+    import psycopg
+    from tests.conftest import _libpq
+
+    with psycopg.connect(_libpq(services.database_url), autocommit=True) as listener:
+        listener.execute(f"LISTEN {task_store.DUE_CHANNEL}")
+        new_task(run_at=datetime.now(UTC) + timedelta(hours=1))  # not due: no notification
+        assert list(listener.notifies(timeout=0.5)) == []
+        new_task()
+        (note,) = list(listener.notifies(timeout=5, stop_after=1))
+        assert note.channel == task_store.DUE_CHANNEL
+
+
+def test_the_scheduler_wakes_for_a_task_due_now_instead_of_sleeping_its_poll_interval(settings, monkeypatch):
+    from taskscheduler.scheduler.wakeup import Wakeup
+
+    monkeypatch.setattr(settings, "poll_interval_sec", 60.0)
+    wakeup = Wakeup(settings)
+    listening = threading.Event()
+    original = wakeup._listening
+
+    def listening_then_signal():  # type: ignore[no-untyped-def]
+        conn = original()
+        listening.set()
+        return conn
+
+    monkeypatch.setattr(wakeup, "_listening", listening_then_signal)
+    sleeper = threading.Thread(target=wakeup.wait)
+    try:
+        sleeper.start()
+        assert listening.wait(10)
+        new_task()  # due now: its NOTIFY ends the 60 s sleep
+        sleeper.join(timeout=20)
+        assert not sleeper.is_alive(), "still asleep: the notification did not wake it"
+    finally:
+        sleeper.join(timeout=70)
+        wakeup.close()

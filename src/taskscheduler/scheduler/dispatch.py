@@ -7,6 +7,7 @@ import os
 from datetime import datetime
 
 from taskscheduler.config import Settings
+from taskscheduler.lifecycle import TASK_QUEUES
 from taskscheduler.scheduler.publisher import Publisher
 from taskscheduler.store import db
 from taskscheduler.store import tasks as task_store
@@ -19,13 +20,22 @@ FAULT_AFTER_COMMIT = "dispatch_after_commit"
 
 
 def run_once(*, settings: Settings, publisher: Publisher, now: datetime | None = None) -> int:
-    """Dispatch one batch (at most DISPATCH_BATCH_SIZE). Returns how many were dispatched.
+    """Dispatch one batch per queue (at most DISPATCH_BATCH_SIZE each). Returns how many were dispatched.
 
     The attempt is incremented and committed before the message leaves: a crash in between leaves
     the task ENQUEUED, and the rescue sweep publishes it again with the same attempt.
+
+    Back-pressure: a queue holding MAX_ENQUEUED_PER_QUEUE unclaimed tasks gets no more until its
+    workers catch up. Due tasks wait in PENDING instead, where priorities still order them, and a
+    message never waits in the broker so long that the lost-message sweep publishes it twice.
     """
+    batch: list[task_store.Dispatched] = []
     with db.transaction() as conn:
-        batch = task_store.dispatch_due(conn, limit=settings.dispatch_batch_size, now=now)
+        waiting = task_store.enqueued_per_queue(conn)
+        for queue in TASK_QUEUES:
+            room = min(settings.dispatch_batch_size, settings.max_enqueued_per_queue - waiting.get(queue, 0))
+            if room > 0:
+                batch += task_store.dispatch_due(conn, queue=queue.value, limit=room, now=now)
     if not batch:
         return 0
     if settings.fault_point == FAULT_AFTER_COMMIT:

@@ -1,4 +1,5 @@
-"""The scheduler loop: dispatch until nothing is due, rescue, sleep POLL_INTERVAL_SEC, repeat."""
+"""The scheduler loop: dispatch what is due, rescue every POLL_INTERVAL_SEC, sleep until the next
+task is due (or a NOTIFY says one is), repeat."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from taskscheduler.config import Settings
 from taskscheduler.liveness import ProcessHeartbeat
 from taskscheduler.scheduler import dispatch, rescue, retention
 from taskscheduler.scheduler.publisher import Publisher
+from taskscheduler.scheduler.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,7 @@ class SchedulerService:
         # Written from the loop, so a scheduler whose loop hangs stops looking alive.
         self.heartbeat = heartbeat
         self._retention_due = time.monotonic()
+        self._rescue_due = time.monotonic()
 
     def stop(self) -> None:
         """Ask the loop to exit after the batch in hand (SIGTERM, Ctrl-C)."""
@@ -37,11 +40,14 @@ class SchedulerService:
             dispatched += n
             if n < self.settings.dispatch_batch_size or self.stopping.is_set():
                 break
-        counts = rescue.run_once(settings=self.settings, publisher=self.publisher)
         if dispatched:
             log.info("dispatched %d", dispatched, extra={"event": "dispatch", "count": dispatched})
-        if counts:
-            log.info("rescue: %s", counts, extra={"event": "rescue"})
+        # Ticks come as often as tasks fall due; the sweeps need not.
+        if time.monotonic() >= self._rescue_due:
+            self._rescue_due = time.monotonic() + self.settings.poll_interval_sec
+            counts = rescue.run_once(settings=self.settings, publisher=self.publisher)
+            if counts:
+                log.info("rescue: %s", counts, extra={"event": "rescue"})
         if time.monotonic() >= self._retention_due and not self.stopping.is_set():
             self._retention_due = time.monotonic() + self.settings.retention_interval_sec
             retention.run_once(settings=self.settings)
@@ -51,14 +57,17 @@ class SchedulerService:
 
     def run_forever(self) -> None:
         log.info("scheduler started", extra={"event": "scheduler_started"})
+        wakeup = Wakeup(self.settings)
         while not self.stopping.is_set():
             try:
                 busy = self.tick() >= self.settings.dispatch_batch_size
             except Exception as exc:  # the database or broker may be away; keep going, never die
                 log.warning("scheduler tick failed, retrying: %s", exc, extra={"event": "tick_failed"})
-                busy = False
-            if not busy:
                 self.stopping.wait(self.settings.poll_interval_sec)
+                continue
+            if not busy and not self.stopping.is_set():
+                wakeup.wait()
+        wakeup.close()
         if self.heartbeat is not None:
             self.heartbeat.stop()
         log.info("scheduler stopped", extra={"event": "scheduler_stopped"})

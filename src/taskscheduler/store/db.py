@@ -5,39 +5,64 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from taskscheduler.config import get_settings, normalize_database_url
 
 log = logging.getLogger(__name__)
 
-_engines: dict[tuple[int, str], Engine] = {}
+T = TypeVar("T")
+
+_engines: dict[tuple[int, str, bool], Engine] = {}
 
 
-def get_engine(url: str | None = None) -> Engine:
+def get_engine(url: str | None = None, *, autocommit: bool = False) -> Engine:
     """The process's engine for `url` (default: DATABASE_URL).
 
     Keyed by pid because a pooled connection must never be shared across a fork (Celery's prefork
-    children inherit the parent's memory).
+    children inherit the parent's memory). The autocommit engine serves `run_statement`.
     """
     url = normalize_database_url(url) if url else get_settings().require_urls()[0]
-    key = (os.getpid(), url)
+    key = (os.getpid(), url, autocommit)
     engine = _engines.get(key)
     if engine is None:
         engine = create_engine(
             url,
-            pool_pre_ping=True,
+            # run_statement retries a stale connection itself; elsewhere a ping per checkout is
+            # worth its round trip.
+            pool_pre_ping=not autocommit,
             pool_size=10,
             max_overflow=20,
             pool_recycle=1800,
             connect_args={"connect_timeout": 5, "application_name": "taskscheduler"},
+            **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
         )
         _engines[key] = engine
     return engine
+
+
+def run_statement(statement: Callable[[Connection], T], url: str | None = None) -> T:
+    """Run `statement`, a single guarded SQL statement, in autocommit mode: one round trip.
+
+    Every transition is one statement, atomic on its own, so BEGIN/COMMIT and a ping per checkout
+    would only add round trips on the workers' hot path. A connection found dead (the server
+    restarted) invalidates the pool and the statement runs once more on a fresh one: repeating a
+    guarded statement is safe, since a second run matches no row.
+    """
+    engine = get_engine(url, autocommit=True)
+    try:
+        with engine.connect() as conn:
+            return statement(conn)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+    with engine.connect() as conn:
+        return statement(conn)
 
 
 def dispose_engines() -> None:

@@ -8,9 +8,11 @@ from datetime import datetime
 from sqlalchemy import Connection, RowMapping, text
 
 from taskscheduler import metrics
+from taskscheduler.lifecycle import TaskStatus
+from taskscheduler.store.tasks import status_guard
 
 _RECORD = text(
-    """
+    f"""
     WITH inserted AS (
         INSERT INTO dlq_events (task_id, attempt, task_name, reason, error)
         VALUES (:task_id, :attempt, :task_name, :reason, :error)
@@ -18,7 +20,8 @@ _RECORD = text(
         RETURNING id
     ), flagged AS (
         UPDATE tasks SET dlq_recorded = true
-        WHERE id = :task_id AND attempt = :attempt AND status = 'DEAD' AND NOT dlq_recorded
+        WHERE id = :task_id AND attempt = :attempt AND NOT dlq_recorded
+          AND {status_guard("status", TaskStatus.DEAD)}
     )
     SELECT count(*) FROM inserted
     """

@@ -133,6 +133,11 @@ _CREATE = text(
 
 _BY_KEYS = text("SELECT * FROM tasks WHERE idempotency_key = ANY(:keys)")
 
+# The channel on which a scheduler waits between polls; NOTIFY is delivered when the transaction
+# that sent it commits, so a task due now is dispatched at once instead of at the next poll.
+DUE_CHANNEL = "taskscheduler_due"
+_NOTIFY_DUE = text(f"SELECT pg_notify('{DUE_CHANNEL}', '')")
+
 
 def create_tasks(conn: Connection, specs: Sequence[NewTask]) -> list[CreateResult]:
     """Create `specs` in one statement; the results are in the order of `specs`.
@@ -186,6 +191,8 @@ def create_tasks(conn: Connection, specs: Sequence[NewTask]) -> list[CreateResul
             if holder["request_hash"] != specs[first_with_key[key]].request_hash:
                 raise IdempotencyConflict(key, holder["id"])
 
+    if any(row["run_at"] <= row["created_at"] for row in inserted.values()):
+        conn.execute(_NOTIFY_DUE)
     for row in inserted.values():  # counted once no conflict can roll them back
         metrics.TASKS_CREATED.labels(queue=row["queue"]).inc()
     results: list[CreateResult] = []
@@ -256,6 +263,7 @@ _DISPATCH = text(
     WITH due AS (
         SELECT id, status FROM tasks
         WHERE status IN ('PENDING', 'FAILED') AND run_at <= {_NOW}
+          AND (CAST(:queue AS text) IS NULL OR queue = :queue)
         ORDER BY priority DESC, run_at
         LIMIT :limit
         FOR UPDATE SKIP LOCKED
@@ -274,15 +282,47 @@ _DISPATCH = text(
 )
 
 
-def dispatch_due(conn: Connection, *, limit: int, now: datetime | None = None) -> list[Dispatched]:
-    rows = conn.execute(_DISPATCH, {"limit": limit, "now": now}).all()
+def dispatch_due(
+    conn: Connection, *, limit: int, queue: str | None = None, now: datetime | None = None
+) -> list[Dispatched]:
+    """PENDING/FAILED tasks due at `now` (of `queue`, or of all) -> ENQUEUED, at most `limit`, priority first."""
+    rows = conn.execute(_DISPATCH, {"queue": queue, "limit": limit, "now": now}).all()
     for r in rows:
         metrics.transition(r.from_status, TaskStatus.ENQUEUED, r.queue)
     return [Dispatched(id=r.id, attempt=r.attempt, queue=r.queue, timeout_sec=r.timeout_sec) for r in rows]
 
 
+_ENQUEUED_PER_QUEUE = text("SELECT queue, count(*) FROM tasks WHERE status = 'ENQUEUED' GROUP BY queue")
+
+
+def enqueued_per_queue(conn: Connection) -> dict[str, int]:
+    """How many tasks wait in each queue, published but not yet claimed."""
+    return {queue: int(n) for queue, n in conn.execute(_ENQUEUED_PER_QUEUE)}
+
+
+_NEXT_DUE = text(
+    f"SELECT EXTRACT(EPOCH FROM min(run_at) - {_NOW})::float8 FROM tasks WHERE status IN ('PENDING', 'FAILED')"
+)
+
+
+def seconds_until_next_due(conn: Connection, *, now: datetime | None = None) -> float | None:
+    """Seconds until the earliest PENDING/FAILED task is due (<= 0: due now); None if there is none."""
+    value = conn.execute(_NEXT_DUE, {"now": now}).scalar_one()
+    return None if value is None else float(value)
+
+
 # What the outcome transitions return: the queue and the attempt's run time, for the metrics.
 _OUTCOME = "t.id, t.queue, EXTRACT(EPOCH FROM now() - t.started_at)::float8 AS run_sec"
+
+
+def status_guard(column: str, status: TaskStatus) -> str:
+    """`column = 'STATUS'` for a row already found by its primary key.
+
+    Written as `(...) IS TRUE` so that no index on the status can serve it: with statistics taken
+    when, say, no task was ENQUEUED, the planner would otherwise walk a status index (or a partial
+    index on that status) and read every row in that status for each single-row transition.
+    """
+    return f"({column} = '{status.value}') IS TRUE"
 
 
 def _guarded(set_clause: str, *, src: TaskStatus, dst: TaskStatus, returning: str = _OUTCOME) -> str:
@@ -290,7 +330,7 @@ def _guarded(set_clause: str, *, src: TaskStatus, dst: TaskStatus, returning: st
     return f"""
     WITH moved AS (
         UPDATE tasks t SET status = '{dst.value}', updated_at = now(), {set_clause}
-        WHERE t.id = :id AND t.attempt = :attempt AND t.status = '{src.value}'
+        WHERE t.id = :id AND t.attempt = :attempt AND {status_guard("t.status", src)}
         RETURNING {returning}
     ), event AS (
         INSERT INTO task_events (task_id, from_status, to_status, attempt, detail)
@@ -327,7 +367,10 @@ def claim(conn: Connection, *, task_id: uuid.UUID, attempt: int, worker: str | N
     )
 
 
-_HEARTBEAT = text("UPDATE tasks SET heartbeat_at = now() WHERE id = :id AND attempt = :attempt AND status = 'STARTED'")
+_HEARTBEAT = text(
+    "UPDATE tasks SET heartbeat_at = now()"
+    f" WHERE id = :id AND attempt = :attempt AND {status_guard('status', TaskStatus.STARTED)}"
+)
 
 
 def heartbeat(conn: Connection, *, task_id: uuid.UUID, attempt: int) -> bool:

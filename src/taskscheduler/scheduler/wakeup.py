@@ -1,0 +1,80 @@
+"""How long the scheduler sleeps between ticks, and what wakes it early.
+
+It sleeps until the earliest PENDING/FAILED task is due (never longer than POLL_INTERVAL_SEC), and
+a NOTIFY on the due channel (sent when a task due now is created) wakes it at once. Polling stays
+the fallback: if the listening connection breaks, the scheduler just sleeps and listens again later.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import psycopg
+
+from taskscheduler.config import Settings
+from taskscheduler.store import db
+from taskscheduler.store import tasks as task_store
+
+log = logging.getLogger(__name__)
+
+# Ticks are at least this far apart, so a burst of notifications is handled in batches.
+MIN_GAP_SEC = 0.005
+# When tasks are due but held back (their queue is full), look again this soon.
+HELD_BACK_SEC = 0.05
+
+
+def _libpq_url(sqlalchemy_url: str) -> str:
+    return sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+class Wakeup:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+
+    def wait(self) -> None:
+        """Sleep until the next task is due, a notification arrives, or POLL_INTERVAL_SEC passes."""
+        timeout = self._timeout()
+        conn = self._listening()
+        if conn is None:
+            time.sleep(timeout)
+            return
+        try:
+            for _ in conn.notifies(timeout=timeout, stop_after=1):
+                pass
+            # Several notifications may be queued: one tick takes care of all of them.
+            for _ in conn.notifies(timeout=0):
+                pass
+        except psycopg.Error as exc:
+            log.warning("lost the notification connection, polling: %s", exc)
+            self.close()
+            time.sleep(timeout)
+
+    def _timeout(self) -> float:
+        poll = self.settings.poll_interval_sec
+        try:
+            with db.transaction() as conn:
+                due_in = task_store.seconds_until_next_due(conn)
+        except Exception:  # the tick that follows reports database trouble
+            return poll
+        if due_in is None:
+            return poll
+        if due_in <= 0:
+            return min(poll, HELD_BACK_SEC)
+        return min(poll, max(due_in, MIN_GAP_SEC))
+
+    def _listening(self) -> psycopg.Connection[tuple[object, ...]] | None:
+        if self._conn is None or self._conn.closed:
+            try:
+                self._conn = psycopg.connect(_libpq_url(self.settings.database_url), autocommit=True, connect_timeout=5)
+                self._conn.execute(f"LISTEN {task_store.DUE_CHANNEL}")
+            except psycopg.Error as exc:
+                log.warning("cannot listen for due tasks, polling: %s", exc)
+                self._conn = None
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
