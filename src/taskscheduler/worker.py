@@ -204,9 +204,7 @@ def run_attempt(task_id: uuid.UUID, attempt: int, *, worker: str | None = None) 
             error = f"{type(exc).__name__}: {exc}"
 
     if error is None:
-        done = db.run_statement(
-            lambda conn: task_store.succeed(conn, task_id=task_id, attempt=attempt, result=result)
-        )
+        done = db.run_statement(lambda conn: task_store.succeed(conn, task_id=task_id, attempt=attempt, result=result))
         return _logged(done, "STARTED -> SUCCEEDED", "succeeded", fields)
     return record_failure(
         task_id, attempt, error=error, timed_out=timed_out,
