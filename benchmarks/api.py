@@ -181,17 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         ok = False
         try:
-            api = procs.cli("api", "api", "--host", "127.0.0.1", "--port", str(port))
-
-            def up() -> bool:
-                if not api.alive():
-                    raise RuntimeError(f"api exited:\n{api.log()[-3000:]}")
-                try:
-                    return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            common.wait_until(up, timeout=60, interval=0.2, what="the api")
+            api = procs.api(port)
             # Warm-up: fill the connection pool and let psycopg prepare its statements.
             asyncio.run(_httpx_load(f"{base}/tasks", connections=8, duration=None, requests=200, body=BODY))
             before_count = count_tasks(pdb)

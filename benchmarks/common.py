@@ -279,6 +279,23 @@ class Processes:
     def cli(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
         return self.start(name, [CLI, *args], env)
 
+    def api(self, port: int) -> Proc:
+        """`taskscheduler api` on 127.0.0.1:`port`, once its /healthz answers."""
+        import httpx
+
+        api = self.cli("api", "api", "--host", "127.0.0.1", "--port", str(port))
+
+        def up() -> bool:
+            if not api.alive():
+                raise RuntimeError(f"api exited:\n{api.log()[-3000:]}")
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout=60, interval=0.2, what="the api")
+        return api
+
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()

@@ -22,8 +22,6 @@ import shutil
 import sys
 from typing import Any
 
-import httpx
-
 from benchmarks import api as api_bench
 from benchmarks import common, throughput
 
@@ -38,17 +36,7 @@ def create_through_api(
     procs = common.Processes.for_run(database_url=pdb.url, redis_url=redis_url, prefix=prefix, log_level=log_level)
     ok = False
     try:
-        api = procs.cli("api", "api", "--host", "127.0.0.1", "--port", str(port))
-
-        def up() -> bool:
-            if not api.alive():
-                raise RuntimeError(f"api exited:\n{api.log()[-3000:]}")
-            try:
-                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        common.wait_until(up, timeout=60, interval=0.2, what="the api")
+        api = procs.api(port)
         asyncio.run(
             api_bench._httpx_load(f"{base}/tasks", connections=4, duration=None, requests=50, body=api_bench.BODY)
         )
