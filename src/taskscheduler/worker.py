@@ -11,13 +11,15 @@ import json
 import logging
 import os
 import re
+import signal
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, ClassVar
 
+from billiard.pool import SIG_SOFT_TIMEOUT
 from celery import Celery, bootsteps
 from celery.exceptions import SoftTimeLimitExceeded
 from kombu.entity import Queue as KombuQueue
@@ -203,14 +205,38 @@ def run_attempt(task_id: uuid.UUID, attempt: int, *, worker: str | None = None) 
         if not handler_returned:
             error = f"{type(exc).__name__}: {exc}"
 
-    if error is None:
-        done = db.run_statement(lambda conn: task_store.succeed(conn, task_id=task_id, attempt=attempt, result=result))
-        return _logged(done, "STARTED -> SUCCEEDED", "succeeded", fields)
-    return record_failure(
-        task_id, attempt, error=error, timed_out=timed_out,
-        max_retries=claimed.max_retries, retry_base_attempt=claimed.retry_base_attempt,
-        settings=settings,
-    )  # fmt: skip
+    with _soft_time_limit_held_back():
+        if error is None:
+            done = db.run_statement(
+                lambda conn: task_store.succeed(conn, task_id=task_id, attempt=attempt, result=result)
+            )
+            return _logged(done, "STARTED -> SUCCEEDED", "succeeded", fields)
+        return record_failure(
+            task_id, attempt, error=error, timed_out=timed_out,
+            max_retries=claimed.max_retries, retry_base_attempt=claimed.retry_base_attempt,
+            settings=settings,
+        )  # fmt: skip
+
+
+@contextmanager
+def _soft_time_limit_held_back() -> Iterator[None]:
+    """Hold back Celery's soft time limit while an attempt's outcome is written.
+
+    The limit is a signal to the pool process. Landing in the middle of the statement (a process
+    frozen past its limit gets it the moment it resumes), it would abort the write and leave the
+    connection unusable: the outcome lost, the task rescued and run again. There is nothing left to
+    interrupt by then, so a limit that arrives meanwhile is dropped once the write is done.
+    """
+    if SIG_SOFT_TIMEOUT is None:  # no such signal on this platform, so no soft limits either
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {SIG_SOFT_TIMEOUT})
+    try:
+        yield
+    finally:
+        # pthread_sigmask runs the handler of a pending signal it unblocks before it returns.
+        with suppress(SoftTimeLimitExceeded):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIG_SOFT_TIMEOUT})
 
 
 def record_failure(

@@ -74,7 +74,15 @@ def test_a_frozen_worker_that_wakes_up_late_is_fenced(clean_db, make_cluster, tm
     cluster.start_all()
     frozen = the_worker(cluster, "default")
     runs = tmp_path / "runs"
-    task_id = create(cluster, name="chaos_record", payload={"path": str(runs), "sleep_sec": 2}, max_retries=2)
+    # A long run-time limit: the rescue comes from the silent heartbeat, and Celery's hard limit
+    # (which the woken worker's pool would otherwise apply at once, killing the late writer) stays out.
+    task_id = create(
+        cluster,
+        name="chaos_record",
+        payload={"path": str(runs), "sleep_sec": 2},
+        max_retries=2,
+        timeout_sec=120,
+    )
     wait_until(lambda: get(cluster, task_id)["status"] == "STARTED", timeout=20, what="STARTED")
     frozen.signal_group(signal.SIGSTOP)
     try:
