@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -79,6 +80,13 @@ def backdate(task_id: uuid.UUID, **columns: timedelta) -> None:
     sets = ", ".join(f"{col} = {col} - :{col}" for col in columns)
     with db.transaction() as conn:
         conn.execute(text(f"UPDATE tasks SET {sets} WHERE id = :id"), {"id": task_id, **columns})
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def wait_until(condition: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:

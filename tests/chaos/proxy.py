@@ -10,7 +10,7 @@ import contextlib
 import socket
 import threading
 
-from tests.e2e.conftest import free_port
+from tests.helpers import free_port
 
 
 class FlakyProxy:

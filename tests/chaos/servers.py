@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import redis
 
-from tests.e2e.conftest import free_port
+from tests.helpers import free_port
 
 PG_BIN = Path(
     subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=False).stdout.strip()

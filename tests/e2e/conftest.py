@@ -6,7 +6,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import Services
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 
 CLI = shutil.which("taskscheduler", path=str(Path(sys.executable).parent)) or "taskscheduler"
 
@@ -32,12 +31,6 @@ FAST_SETTINGS = {
     "RETRY_BACKOFF_MAX_SEC": "1",
     "LOG_LEVEL": "INFO",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

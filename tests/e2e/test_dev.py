@@ -14,8 +14,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.e2e.conftest import CLI, free_port
-from tests.helpers import wait_until
+from tests.e2e.conftest import CLI
+from tests.helpers import free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 

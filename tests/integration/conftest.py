@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from typing import Any
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 
 from taskscheduler.api import create_app
 from taskscheduler.config import Settings
@@ -30,14 +29,8 @@ class LiveApi:
     settings: Settings
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def serve_api(settings: Settings) -> tuple[uvicorn.Server, threading.Thread, str]:
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None, access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="live-api", daemon=True)

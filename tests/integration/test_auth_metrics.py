@@ -13,7 +13,7 @@ import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from tests.helpers import backdate, dispatch_all, new_task, to_dead, to_started
+from tests.helpers import backdate, dispatch_all, free_port, new_task, to_dead, to_started
 
 from taskscheduler import metrics, worker
 from taskscheduler.api import create_app
@@ -222,14 +222,8 @@ def test_metrics_scrape_survives_a_failing_count(client: TestClient, monkeypatch
     assert [name for name, _ in samples if name.startswith("taskscheduler_tasks_created")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_the_scheduler_and_worker_endpoint_asks_for_a_key_too(settings: Settings) -> None:
-    port = _free_port()
+    port = free_port()
     server = metrics.serve("127.0.0.1", port, ["key-one"])
     try:
         url = f"http://127.0.0.1:{port}/metrics"

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -20,6 +19,7 @@ import psutil
 import pytest
 import redis
 import sqlalchemy as sa
+from tests.helpers import wait_until
 
 from taskscheduler.embedded import EmbeddedError, EmbeddedServers, start_embedded
 
@@ -33,14 +33,6 @@ print(json.dumps({"database_url": servers.database_url, "redis_client_url": serv
 sys.stdin.read()
 servers.stop()
 """
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting until {what}")
-        time.sleep(0.02)
 
 
 def _exited(proc: psutil.Process) -> bool:
@@ -321,7 +313,7 @@ def test_restart_after_owner_and_servers_were_sigkilled(
     for proc in victims:
         proc.send_signal(signal.SIGKILL)
     holder.proc.wait()
-    _wait_until(lambda: all(_exited(p) for p in victims), 10, "the killed processes are gone")
+    wait_until(lambda: all(_exited(p) for p in victims), timeout=10, interval=0.02, what="the killed to be gone")
     assert (data_dir / "postgres" / "postmaster.pid").exists()
     assert valkey_socket.exists()
 
@@ -342,7 +334,7 @@ def test_restart_stops_servers_orphaned_by_a_sigkilled_owner_and_watchdog(
     for proc in [owner, *watchdogs]:
         proc.send_signal(signal.SIGKILL)
     holder.proc.wait()
-    _wait_until(lambda: _exited(watchdogs[0]), 10, "the watchdog is gone")
+    wait_until(lambda: _exited(watchdogs[0]), timeout=10, interval=0.02, what="the watchdog to be gone")
     assert not any(_exited(p) for p in orphans)  # the servers are still running, nobody to stop them
 
     with start_embedded(data_dir) as again:
