@@ -148,6 +148,8 @@ def test_list_limit_and_cursor(client: TestClient) -> None:
         pytest.param({"cursor": base64.urlsafe_b64encode(b'["2030-01-01T00:00:00", "x"]').decode()}, id="cursor-bad"),
         pytest.param({"cursor": base64.urlsafe_b64encode(b"\xff\xfe").decode()}, id="cursor-not-utf8"),
         pytest.param({"name": ""}, id="name-empty"),
+        pytest.param({"name": "demo\x00ok"}, id="name-NUL"),
+        pytest.param({"cursor": "\x00"}, id="cursor-NUL"),
     ],
 )
 def test_list_rejects(client: TestClient, params: dict[str, Any]) -> None:
@@ -714,3 +716,9 @@ def test_a_response_is_sent_only_once_its_transaction_committed(live_api: Any) -
             assert task_row(task_id)["status"] == "PENDING"
             assert http.post(f"/tasks/{task_id}/cancel").status_code == 200
             assert task_row(task_id)["status"] == "CANCELLED"
+
+
+def test_idempotency_key_header_with_nul_is_a_422(client: TestClient) -> None:
+    response = client.post("/tasks", json={"name": "demo_ok"}, headers={"Idempotency-Key": "a\x00b"})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]

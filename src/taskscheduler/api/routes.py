@@ -28,6 +28,7 @@ from taskscheduler.api.schemas import (
     DlqRetryFilter,
     DlqRetryOut,
     Health,
+    NoNul,
     TaskBatchCreate,
     TaskBatchOut,
     TaskCreate,
@@ -116,6 +117,7 @@ IdempotencyKeyHeader = Annotated[
         max_length=IDEMPOTENCY_KEY_MAX,
         description="The same as the body's `idempotency_key`; when both are given they must be equal.",
     ),
+    NoNul,
 ]
 
 
@@ -239,7 +241,9 @@ def list_tasks(
         list[TaskStatus] | None,
         Query(alias="status", description="Only tasks in these statuses; repeat it: ?status=DEAD&status=FAILED"),
     ] = None,
-    name: Annotated[str | None, Query(min_length=1, max_length=200, description="Only tasks of this name.")] = None,
+    name: Annotated[
+        str | None, Query(min_length=1, max_length=200, description="Only tasks of this name."), NoNul
+    ] = None,
     queue: Annotated[Literal["high", "default", "low"] | None, Query(description="Only tasks of this queue.")] = None,
     created_after: Annotated[
         AwareDatetime | None, Query(description="Only tasks created at or after this time (ISO 8601 with offset).")

@@ -9,7 +9,16 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    field_validator,
+)
 
 from taskscheduler.lifecycle import MAX_PRIORITY, MIN_PRIORITY, DlqReason, TaskStatus
 
@@ -36,6 +45,17 @@ def _iso_string(value: Any) -> Any:
 
 # A moment in time as an ISO 8601 string with an offset: no naive times, no epoch numbers.
 IsoDatetime = Annotated[AwareDatetime, BeforeValidator(_iso_string)]
+
+
+def _no_nul(value: str | None) -> str | None:
+    # PostgreSQL text cannot hold NUL; the body guard catches it in JSON, this in query and header values.
+    if value is not None and "\x00" in value:
+        raise ValueError("the NUL character (%00) is not supported")
+    return value
+
+
+# A query or header string that may reach a text column.
+NoNul = AfterValidator(_no_nul)
 IDEMPOTENCY_KEY_MAX = 200
 MAX_BATCH = 1000
 
