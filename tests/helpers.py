@@ -115,3 +115,8 @@ def queued(redis_client: Any, prefix: str, queue: str) -> list[tuple[str, ...]]:
         args = json.loads(body)[0]
         out.append(tuple(args))
     return out
+
+
+def queued_attempts(redis_client: Any, prefix: str, queue: str) -> list[tuple[str, int]]:
+    """The `(task_id, attempt)` pairs the messages waiting in a task queue carry, in order."""
+    return [(task_id, attempt) for (items,) in queued(redis_client, prefix, queue) for task_id, attempt in items]

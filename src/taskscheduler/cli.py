@@ -99,7 +99,7 @@ def scheduler() -> None:
     _wait_for_database(settings)
     configure_celery(settings)
     heartbeat = ProcessHeartbeat("scheduler", interval_sec=settings.process_heartbeat_sec)
-    service = SchedulerService(settings, CeleryPublisher(settings.stuck_after_sec), heartbeat=heartbeat)
+    service = SchedulerService(settings, CeleryPublisher(settings), heartbeat=heartbeat)
     if settings.metrics_port:
         metrics.serve(settings.metrics_host, settings.metrics_port, settings.api_key_list)
 

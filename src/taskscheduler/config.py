@@ -42,6 +42,12 @@ class Settings(BaseSettings):
         ge=1,
         description="Back-pressure: dispatch no more while this many tasks of a queue wait unclaimed in the broker.",
     )
+    max_tasks_per_message: int = Field(
+        20,
+        ge=1,
+        le=1000,
+        description="A deep queue's due tasks travel this many to a Celery message (1: one task per message).",
+    )
     retry_backoff_base_sec: float = Field(2.0, gt=0)
     retry_backoff_max_sec: float = Field(300.0, gt=0)
     run_at_grace_sec: float = Field(60.0, ge=0, description="How far in the past a run_at may be.")

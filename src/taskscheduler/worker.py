@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
 from typing import Any, ClassVar
 
-from billiard.pool import SIG_SOFT_TIMEOUT
 from celery import Celery, bootsteps
-from celery.exceptions import SoftTimeLimitExceeded
 from kombu.entity import Queue as KombuQueue
 
 from taskscheduler import handlers
@@ -33,11 +34,17 @@ from taskscheduler.store import tasks as task_store
 
 log = logging.getLogger(__name__)
 
-EXECUTE = "taskscheduler.execute"
+EXECUTE = "taskscheduler.execute_many"
 RECORD_DEAD = "taskscheduler.record_dead"
-# Seconds between the soft time limit (the handler is interrupted and the attempt fails) and the
-# hard one (the pool process is killed; the stuck sweep then rescues the task).
+# Seconds between a task's own time limit (the handler is interrupted and the attempt fails) and
+# the message's hard one (the pool process is killed; the stuck sweep then rescues the task).
 HARD_LIMIT_GRACE_SEC = 5.0
+# A message with several attempts runs them one after another for at most this long (plus the one
+# running when it ends), then sends the rest back to its queue: a deep batch never keeps other pool
+# processes idle, nor delays a warm shutdown, for longer than that.
+MESSAGE_SLICE_SEC = 1.0
+# Split a batch over at least this many messages, so that as many pool processes share it.
+SPREAD_OVER_MESSAGES = 8
 
 celery_app = Celery("taskscheduler", set_as_current=True)
 _configured_for: str | None = None
@@ -184,59 +191,59 @@ def run_attempt(task_id: uuid.UUID, attempt: int, *, worker: str | None = None) 
     error: str | None = None
     timed_out = False
     result: Any = None
-    handler_returned = False
-    # The soft time limit is a signal: it can land anywhere, also after the handler returned (while
-    # the heartbeat thread is joined, say, after the process was frozen). Work that is done counts.
-    try:
-        with _process_heartbeats(settings.heartbeat_sec).beating(task_id, attempt):
-            token = handlers.current_attempt.set(attempt - claimed.retry_base_attempt)
-            try:
+    with _process_heartbeats(settings.heartbeat_sec).beating(task_id, attempt):
+        token = handlers.current_attempt.set(attempt - claimed.retry_base_attempt)
+        try:
+            with _time_limit(timeout):
                 if handler is None:
                     raise handlers.HandlerError(f"no handler registered for {claimed.name!r} (check TASK_MODULES)")
                 result = _json_result(handler(claimed.payload))
-                handler_returned = True
-            finally:
-                handlers.current_attempt.reset(token)
-    except SoftTimeLimitExceeded:
-        if not handler_returned:
+        except AttemptTimedOut:
             timed_out = True
             error = f"timed out after {timeout:g}s"
-    except Exception as exc:  # any handler failure is a failed attempt
-        if not handler_returned:
+        except Exception as exc:  # any handler failure is a failed attempt
             error = f"{type(exc).__name__}: {exc}"
+        finally:
+            handlers.current_attempt.reset(token)
 
-    with _soft_time_limit_held_back():
-        if error is None:
-            done = db.run_statement(
-                lambda conn: task_store.succeed(conn, task_id=task_id, attempt=attempt, result=result)
-            )
-            return _logged(done, "STARTED -> SUCCEEDED", "succeeded", fields)
-        return record_failure(
-            task_id, attempt, error=error, timed_out=timed_out,
-            max_retries=claimed.max_retries, retry_base_attempt=claimed.retry_base_attempt,
-            settings=settings,
-        )  # fmt: skip
+    if error is None:
+        done = db.run_statement(lambda conn: task_store.succeed(conn, task_id=task_id, attempt=attempt, result=result))
+        return _logged(done, "STARTED -> SUCCEEDED", "succeeded", fields)
+    return record_failure(
+        task_id, attempt, error=error, timed_out=timed_out,
+        max_retries=claimed.max_retries, retry_base_attempt=claimed.retry_base_attempt,
+        settings=settings,
+    )  # fmt: skip
+
+
+class AttemptTimedOut(Exception):
+    """The handler ran past its task's time limit."""
+
+
+def _raise_timed_out(signum: int, frame: FrameType | None) -> None:
+    raise AttemptTimedOut()
 
 
 @contextmanager
-def _soft_time_limit_held_back() -> Iterator[None]:
-    """Hold back Celery's soft time limit while an attempt's outcome is written.
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Interrupt the block with AttemptTimedOut after `seconds` (wall clock).
 
-    The limit is a signal to the pool process. Landing in the middle of the statement (a process
-    frozen past its limit gets it the moment it resumes), it would abort the write and leave the
-    connection unusable: the outcome lost, the task rescued and run again. There is nothing left to
-    interrupt by then, so a limit that arrives meanwhile is dropped once the write is done.
+    A timer in the pool process itself, armed around the handler only, rather than Celery's
+    per-message soft limit: one message may carry several attempts, each with its own limit, and the
+    timer is disarmed before the outcome is written, so it can never abort that write. (A process
+    frozen past its limit gets the signal when it resumes, still inside the handler.) A handler
+    stuck in C code holding the GIL ignores it; the message's hard limit then kills the process.
     """
-    if SIG_SOFT_TIMEOUT is None:  # no such signal on this platform, so no soft limits either
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {SIG_SOFT_TIMEOUT})
+    previous = signal.signal(signal.SIGALRM, _raise_timed_out)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
-        # pthread_sigmask runs the handler of a pending signal it unblocks before it returns.
-        with suppress(SoftTimeLimitExceeded):
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIG_SOFT_TIMEOUT})
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def record_failure(
@@ -276,9 +283,45 @@ def _logged(done: bool, message: str, outcome: str, fields: dict[str, Any]) -> s
     return "fenced"
 
 
+def run_attempts(
+    items: Sequence[tuple[uuid.UUID, int]],
+    *,
+    worker: str | None = None,
+    send_back: Callable[[Sequence[tuple[uuid.UUID, int]]], None] | None = None,
+) -> list[str]:
+    """Run the attempts of one message in turn, each claimed only as it starts.
+
+    After MESSAGE_SLICE_SEC the attempts not yet started are handed to `send_back` (a new message on
+    the same queue). They are still ENQUEUED, so this is safe, and if that publish fails the
+    lost-message sweep sends them.
+    """
+    started = time.monotonic()
+    outcomes: list[str] = []
+    for index, (task_id, attempt) in enumerate(items):
+        if index and send_back is not None and time.monotonic() - started > MESSAGE_SLICE_SEC:
+            try:
+                send_back(items[index:])
+            except Exception as exc:  # the broker may be away; the sweep republishes them
+                log.warning("could not send %d attempts back to the queue: %s", len(items) - index, exc)
+            return outcomes
+        outcomes.append(run_attempt(task_id, attempt, worker=worker))
+    return outcomes
+
+
 @celery_app.task(name=EXECUTE, bind=True, ignore_result=True, acks_late=False)
-def execute(self: Any, task_id: str, attempt: int) -> str:
-    return run_attempt(uuid.UUID(task_id), int(attempt), worker=self.request.hostname)
+def execute_many(self: Any, items: list[list[Any]]) -> list[str]:
+    queue = (self.request.delivery_info or {}).get("routing_key")
+    hard_limit = (self.request.timelimit or (None, None))[0]
+
+    def send_back(rest: Sequence[tuple[uuid.UUID, int]]) -> None:
+        assert queue is not None
+        _publish_message(rest, queue=queue, time_limit_sec=hard_limit)
+
+    return run_attempts(
+        [(uuid.UUID(task_id), int(attempt)) for task_id, attempt in items],
+        worker=self.request.hostname,
+        send_back=send_back if queue else None,
+    )
 
 
 @celery_app.task(name=RECORD_DEAD, ignore_result=True)
@@ -295,23 +338,54 @@ def record_dead(task_id: str, attempt: int, task_name: str, reason: str, error: 
     return inserted
 
 
-def publish_attempts(items: Iterable[task_store.Dispatched], *, default_timeout_sec: float) -> int:
-    """Publish `(task_id, attempt)` to each task's queue over one producer connection."""
-    app = configure_celery()
+def publish_attempts(
+    items: Iterable[task_store.Dispatched], *, default_timeout_sec: float, max_per_message: int = 1
+) -> int:
+    """Publish `(task_id, attempt)` to each task's queue over one producer connection, grouped into
+    messages by `messages_for`."""
     count = 0
-    with app.producer_or_acquire() as producer:
-        for item in items:
-            timeout = item.timeout_sec or default_timeout_sec
-            execute.apply_async(
-                (str(item.id), item.attempt),
-                queue=item.queue,
-                routing_key=item.queue,
-                soft_time_limit=timeout,
-                time_limit=timeout + HARD_LIMIT_GRACE_SEC,
+    with configure_celery().producer_or_acquire() as producer:
+        for chunk in messages_for(items, max_per_message=max_per_message):
+            # Celery's hard limit, for a handler that ignores its own (see _time_limit): the slice,
+            # the longest task limit in the message, and a grace period.
+            longest = max(item.timeout_sec or default_timeout_sec for item in chunk)
+            _publish_message(
+                [(item.id, item.attempt) for item in chunk],
+                queue=chunk[0].queue,
+                time_limit_sec=MESSAGE_SLICE_SEC + longest + HARD_LIMIT_GRACE_SEC,
                 producer=producer,
             )
-            count += 1
+            count += len(chunk)
     return count
+
+
+def messages_for(items: Iterable[task_store.Dispatched], *, max_per_message: int) -> list[list[task_store.Dispatched]]:
+    """Group attempts into messages: per queue, in order, over at least SPREAD_OVER_MESSAGES messages
+    of at most `max_per_message` attempts each.
+
+    A few due tasks go one per message, to as many pool processes; a deep backlog pays Celery's
+    per-message cost (publish, BRPOP, ack, the pool hand-off) once for many tasks.
+    """
+    by_queue: dict[str, list[task_store.Dispatched]] = defaultdict(list)
+    for item in items:
+        by_queue[item.queue].append(item)
+    messages: list[list[task_store.Dispatched]] = []
+    for queued in by_queue.values():
+        size = max(1, min(max_per_message, math.ceil(len(queued) / SPREAD_OVER_MESSAGES)))
+        messages += [queued[start : start + size] for start in range(0, len(queued), size)]
+    return messages
+
+
+def _publish_message(
+    items: Sequence[tuple[uuid.UUID, int]], *, queue: str, time_limit_sec: float | None, producer: Any = None
+) -> None:
+    execute_many.apply_async(
+        ([[str(task_id), attempt] for task_id, attempt in items],),
+        queue=queue,
+        routing_key=queue,
+        time_limit=time_limit_sec,
+        producer=producer,
+    )
 
 
 def publish_dead(items: Iterable[tuple[uuid.UUID, int, str, str, str | None]]) -> int:

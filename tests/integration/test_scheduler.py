@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
-from tests.helpers import backdate, events, new_task, queued, task_row, to_dead, to_started
+from tests.helpers import backdate, events, new_task, queued, queued_attempts, task_row, to_dead, to_started
 
 from taskscheduler.scheduler import dispatch, rescue
 from taskscheduler.scheduler.publisher import CeleryPublisher
@@ -22,7 +22,7 @@ def publisher(settings):
     from taskscheduler.worker import configure_celery
 
     configure_celery(settings)
-    return CeleryPublisher(settings.stuck_after_sec)
+    return CeleryPublisher(settings)
 
 
 def test_dispatch_publishes_due_tasks_priority_first_then_run_at(settings, publisher, redis_client, services):
@@ -35,8 +35,9 @@ def test_dispatch_publishes_due_tasks_priority_first_then_run_at(settings, publi
     assert dispatch.run_once(settings=settings, publisher=publisher, now=NOW) == 4
     order = [r[0] for r in _dispatch_order()]
     assert order == [str(high_early), str(high_late), str(mid), str(low_early)]
-    assert queued(redis_client, services.redis_key_prefix, "high") == [(str(high_early), 1), (str(high_late), 1)]
-    assert queued(redis_client, services.redis_key_prefix, "default") == [(str(mid), 1), (str(low_early), 1)]
+    prefix = services.redis_key_prefix
+    assert queued_attempts(redis_client, prefix, "high") == [(str(high_early), 1), (str(high_late), 1)]
+    assert queued_attempts(redis_client, prefix, "default") == [(str(mid), 1), (str(low_early), 1)]
     assert task_row(not_due)["status"] == "PENDING"
     # At the not-due task's run_at it goes too.
     assert dispatch.run_once(settings=settings, publisher=publisher, now=NOW + timedelta(seconds=5)) == 1
@@ -105,7 +106,7 @@ def test_lost_enqueued_message_is_published_again_with_the_same_attempt(settings
     assert rescue.run_once(settings=settings, publisher=publisher, now=now).republished == 0
     later = now + timedelta(seconds=settings.enqueue_timeout_sec + 1)
     assert rescue.run_once(settings=settings, publisher=publisher, now=later).republished == 1
-    assert queued(redis_client, services.redis_key_prefix, "default") == [(str(task_id), 1)]
+    assert queued_attempts(redis_client, services.redis_key_prefix, "default") == [(str(task_id), 1)]
     row = task_row(task_id)
     assert row["status"] == "ENQUEUED" and row["attempt"] == 1
     # published_at moved: the same sweep does not publish it again at once.
@@ -145,7 +146,7 @@ def test_two_dispatchers_racing_claim_each_task_exactly_once(settings, publisher
 
     class Recording(CeleryPublisher):
         def __init__(self, slot: list[task_store.Dispatched]) -> None:
-            super().__init__(settings.stuck_after_sec)
+            super().__init__(settings)
             self.slot = slot
 
         def publish_attempts(self, items):

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Protocol
 
+from taskscheduler.config import Settings
 from taskscheduler.store.tasks import Dispatched
 
 DeadMessage = tuple[uuid.UUID, int, str, str, str | None]
@@ -18,13 +19,18 @@ class Publisher(Protocol):
 
 
 class CeleryPublisher:
-    def __init__(self, default_timeout_sec: float) -> None:
-        self._default_timeout_sec = default_timeout_sec
+    def __init__(self, settings: Settings) -> None:
+        self._default_timeout_sec = settings.stuck_after_sec
+        self._max_tasks_per_message = settings.max_tasks_per_message
 
     def publish_attempts(self, items: Sequence[Dispatched]) -> int:
         from taskscheduler import worker
 
-        return worker.publish_attempts(items, default_timeout_sec=self._default_timeout_sec) if items else 0
+        if not items:
+            return 0
+        return worker.publish_attempts(
+            items, default_timeout_sec=self._default_timeout_sec, max_per_message=self._max_tasks_per_message
+        )
 
     def publish_dead(self, items: Sequence[DeadMessage]) -> int:
         from taskscheduler import worker

@@ -1,0 +1,72 @@
+"""The worker's pure parts: storable results, the per-task time limit, grouping attempts into messages."""
+
+import math
+import signal
+import time
+import uuid
+
+import pytest
+
+from taskscheduler.store.tasks import Dispatched
+from taskscheduler.worker import _json_result, messages_for
+
+
+@pytest.mark.parametrize("value", [{"a": [1, "x"]}, None, "text", {"escaped": "\\u0000 is just text here"}])
+def test_storable_results_pass(value):
+    assert _json_result(value) == value
+
+
+@pytest.mark.parametrize(
+    "value", [{"x": math.nan}, {"x": math.inf}, {"s": "nul\x00"}, {"k\x00": 1}, {"obj": object()}, {1, 2}]
+)
+def test_unstorable_results_fail_the_attempt(value):
+    with pytest.raises(ValueError, match="result"):
+        _json_result(value)
+
+
+def test_a_handler_past_its_time_limit_is_interrupted():
+    from taskscheduler.worker import AttemptTimedOut, _time_limit
+
+    started = time.monotonic()
+    with pytest.raises(AttemptTimedOut), _time_limit(0.2):
+        time.sleep(10)
+    assert time.monotonic() - started < 5
+
+
+def test_the_time_limit_is_disarmed_once_the_handler_returns():
+    # Nothing may interrupt the outcome's write that follows the handler.
+    from taskscheduler.worker import _time_limit
+
+    previous = signal.getsignal(signal.SIGALRM)
+    with _time_limit(0.2):
+        pass
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) is previous
+    time.sleep(0.4)  # past the limit: no AttemptTimedOut
+
+
+def _dispatched(queue: str, count: int) -> list[Dispatched]:
+    return [Dispatched(id=uuid.uuid4(), attempt=1, queue=queue, timeout_sec=None) for _ in range(count)]
+
+
+def test_a_few_due_tasks_go_one_per_message():
+    items = _dispatched("default", 8)
+    assert messages_for(items, max_per_message=20) == [[item] for item in items]
+
+
+def test_a_deep_queue_shares_messages_up_to_the_maximum_in_order():
+    items = _dispatched("default", 500)
+    messages = messages_for(items, max_per_message=20)
+    assert [len(m) for m in messages] == [20] * 25
+    assert [item for m in messages for item in m] == items
+
+
+def test_a_batch_is_spread_over_at_least_eight_messages_per_queue():
+    items = _dispatched("high", 40) + _dispatched("low", 3)
+    messages = messages_for(items, max_per_message=20)
+    assert [(m[0].queue, len(m)) for m in messages] == [("high", 5)] * 8 + [("low", 1)] * 3
+    assert all(len({item.queue for item in m}) == 1 for m in messages)
+
+
+def test_one_task_per_message_when_batching_is_off():
+    assert [len(m) for m in messages_for(_dispatched("low", 100), max_per_message=1)] == [1] * 100
