@@ -65,8 +65,13 @@ def create_app(settings: Settings | None = None, *, process_heartbeat: bool = Tr
         title="taskscheduler", version=__version__, description=DESCRIPTION, openapi_tags=TAGS, lifespan=lifespan
     )
     app.openapi = _openapi_listing_task_names(app)  # type: ignore[method-assign]
+
     # The routes ask for settings through `get_settings`; give them the ones this app was built with.
-    app.dependency_overrides[get_settings] = lambda: settings
+    # async: FastAPI would run a sync dependency in the thread pool, a hop per request.
+    async def app_settings() -> Settings:
+        return settings
+
+    app.dependency_overrides[get_settings] = app_settings
     app.include_router(router)
     app.include_router(health_router)
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)

@@ -18,7 +18,8 @@ from fastapi import APIRouter, Body, Header, HTTPException, Query, Response, Sec
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import AwareDatetime
-from sqlalchemy import text
+from sqlalchemy import RowMapping, text
+from starlette.concurrency import run_in_threadpool
 
 from taskscheduler import handlers, metrics
 from taskscheduler.api.deps import ConnDep, SettingsDep
@@ -121,6 +122,32 @@ IdempotencyKeyHeader = Annotated[
 ]
 
 
+def _task_response(row: RowMapping, status_code: int) -> Response:
+    # Validated once here; returning a Response keeps FastAPI from validating the model a second
+    # time (in the thread pool, for a sync route). response_model still documents the body.
+    body = TaskOut.model_validate(dict(row)).model_dump_json()
+    return Response(body, status_code=status_code, media_type="application/json")
+
+
+def _create_keyed(body: TaskCreate, key: str, settings: Settings) -> tuple[RowMapping, bool]:
+    """Create, or find, the task of an idempotency key: (row, created)."""
+    with db.transaction(settings.database_url or None) as conn:
+        # A replay returns the first task even if its run_at has passed since.
+        existing = task_store.get_by_idempotency_key(conn, key)
+        if existing is not None:
+            if existing["request_hash"] != body.request_hash():
+                raise _conflict(task_store.IdempotencyConflict(key, existing["id"]))
+            return existing, False
+        errors = check_new_task(body, settings, ["body"])
+        if errors:
+            raise _validation_error(errors)
+        try:
+            (result,) = task_store.create_tasks(conn, [new_task_spec(body, key)])
+        except task_store.IdempotencyConflict as exc:
+            raise _conflict(exc) from None
+        return result.row, result.created
+
+
 @router.post(
     "/tasks",
     summary="Create a task",
@@ -133,42 +160,35 @@ IdempotencyKeyHeader = Annotated[
         409: {"description": "The idempotency key was used before with a different request."},
     },
 )  # fmt: skip
-def create_task(
+async def create_task(
     body: TaskCreate,
-    conn: ConnDep,
     settings: SettingsDep,
-    response: Response,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> TaskOut:
+) -> Response:
     """Create a task that runs `name` with `payload` at `run_at` (default now): 201 with the task.
 
     With an idempotency key (the `idempotency_key` field or the `Idempotency-Key` header), sending
     the same request again returns the task the first one created, with 200: safe to retry after a
     timeout. The same key with a different request is a 409.
     """
+    # async, with the blocking database work in one thread-pool call: a sync route would cost a
+    # thread hop for each sync dependency, the endpoint and the response validation.
     if idempotency_key is not None and body.idempotency_key not in (None, idempotency_key):
         raise _validation_error(
             [_error(["header", "Idempotency-Key"], "the Idempotency-Key header and the body's idempotency_key differ")]
         )
     key = idempotency_key or body.idempotency_key
     if key is not None:
-        # A replay returns the first task even if its run_at has passed since.
-        existing = task_store.get_by_idempotency_key(conn, key)
-        if existing is not None:
-            if existing["request_hash"] != body.request_hash():
-                raise _conflict(task_store.IdempotencyConflict(key, existing["id"]))
-            response.status_code = status.HTTP_200_OK
-            return TaskOut.model_validate(dict(existing))
+        row, created = await run_in_threadpool(_create_keyed, body, key, settings)
+        return _task_response(row, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
     errors = check_new_task(body, settings, ["body"])
     if errors:
         raise _validation_error(errors)
-    try:
-        (result,) = task_store.create_tasks(conn, [new_task_spec(body, key)])
-    except task_store.IdempotencyConflict as exc:
-        raise _conflict(exc) from None
-    if not result.created:
-        response.status_code = status.HTTP_200_OK
-    return TaskOut.model_validate(dict(result.row))
+    # One statement with nothing to be atomic with: autocommit, one round trip.
+    row = await run_in_threadpool(
+        task_store.create_task_autocommit, new_task_spec(body, None), settings.database_url or None
+    )
+    return _task_response(row, status.HTTP_201_CREATED)
 
 
 @router.post(

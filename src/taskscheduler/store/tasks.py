@@ -15,9 +15,11 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, RowMapping, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from taskscheduler import metrics
 from taskscheduler.lifecycle import CANCELLABLE, RETRYABLE, TERMINAL, DlqReason, TaskStatus
+from taskscheduler.store import db
 
 MAX_ERROR_CHARS = 4000
 
@@ -106,11 +108,18 @@ class IdempotencyKeyInFlux(Exception):
         super().__init__(f"idempotency key {key!r} was just released (its task was deleted); send the request again")
 
 
+# The channel on which a scheduler waits between polls; NOTIFY is delivered when the transaction
+# that sent it commits, so a task due now is dispatched at once instead of at the next poll.
+DUE_CHANNEL = "taskscheduler_due"
+_NOTIFY_DUE = f"SELECT pg_notify('{DUE_CHANNEL}', '')"
+
 # Many tasks in one statement. A task whose idempotency key exists already is skipped (ON CONFLICT DO
 # NOTHING waits for a concurrent insert of the same key to commit or roll back, then decides), and
-# only the rows inserted get their 'created' event.
+# only the rows inserted get their 'created' event. The NOTIFY for a task due now rides in the same
+# statement (`due`, joined so that it runs), which saves a round trip and lets a single task be
+# created in autocommit mode.
 _CREATE = text(
-    """
+    f"""
     WITH input AS (
         SELECT * FROM jsonb_to_recordset(:rows) AS r(
             id uuid, name text, payload jsonb, priority smallint, queue text, run_at timestamptz,
@@ -126,17 +135,31 @@ _CREATE = text(
     ), event AS (
         INSERT INTO task_events (task_id, from_status, to_status, attempt, detail)
         SELECT id, NULL, 'PENDING', 0, 'created' FROM created
+    ), due AS (
+        {_NOTIFY_DUE} FROM created WHERE run_at <= created_at LIMIT 1
     )
-    SELECT * FROM created
+    SELECT created.* FROM created LEFT JOIN due ON true
     """
 ).bindparams(bindparam("rows", type_=JSONB))
 
 _BY_KEYS = text("SELECT * FROM tasks WHERE idempotency_key = ANY(:keys)")
+_BY_ID = text("SELECT * FROM tasks WHERE id = :id")
 
-# The channel on which a scheduler waits between polls; NOTIFY is delivered when the transaction
-# that sent it commits, so a task due now is dispatched at once instead of at the next poll.
-DUE_CHANNEL = "taskscheduler_due"
-_NOTIFY_DUE = text(f"SELECT pg_notify('{DUE_CHANNEL}', '')")
+
+def _insert_row(task_id: str, spec: NewTask, ord_: int) -> dict[str, Any]:
+    return {
+        "id": task_id,
+        "name": spec.name,
+        "payload": spec.payload,
+        "priority": spec.priority,
+        "queue": spec.queue,
+        "run_at": None if spec.run_at is None else spec.run_at.isoformat(),
+        "max_retries": spec.max_retries,
+        "timeout_sec": spec.timeout_sec,
+        "idempotency_key": spec.idempotency_key,
+        "request_hash": spec.request_hash,
+        "ord": ord_,
+    }
 
 
 def create_tasks(conn: Connection, specs: Sequence[NewTask]) -> list[CreateResult]:
@@ -160,21 +183,7 @@ def create_tasks(conn: Connection, specs: Sequence[NewTask]) -> list[CreateResul
                 continue
         task_id = str(uuid.uuid4())
         ids.append(task_id)
-        rows.append(
-            {
-                "id": task_id,
-                "name": spec.name,
-                "payload": spec.payload,
-                "priority": spec.priority,
-                "queue": spec.queue,
-                "run_at": None if spec.run_at is None else spec.run_at.isoformat(),
-                "max_retries": spec.max_retries,
-                "timeout_sec": spec.timeout_sec,
-                "idempotency_key": key,
-                "request_hash": spec.request_hash,
-                "ord": len(rows),
-            }
-        )
+        rows.append(_insert_row(task_id, spec, len(rows)))
     inserted = {str(row["id"]): row for row in conn.execute(_CREATE, {"rows": rows}).mappings()} if rows else {}
 
     # Keys that did not insert: an earlier request (maybe a concurrent one, now committed) holds them.
@@ -191,8 +200,6 @@ def create_tasks(conn: Connection, specs: Sequence[NewTask]) -> list[CreateResul
             if holder["request_hash"] != specs[first_with_key[key]].request_hash:
                 raise IdempotencyConflict(key, holder["id"])
 
-    if any(row["run_at"] <= row["created_at"] for row in inserted.values()):
-        conn.execute(_NOTIFY_DUE)
     for row in inserted.values():  # counted once no conflict can roll them back
         metrics.TASKS_CREATED.labels(queue=row["queue"]).inc()
     results: list[CreateResult] = []
@@ -209,6 +216,36 @@ def create_tasks(conn: Connection, specs: Sequence[NewTask]) -> list[CreateResul
             assert first_id is not None
             results.append(CreateResult(inserted[first_id], created=False))
     return results
+
+
+def create_task_autocommit(spec: NewTask, url: str | None = None) -> RowMapping:
+    """Create one task without an idempotency key as one autocommit statement: one round trip.
+
+    Nothing else has to be atomic with it, so BEGIN/COMMIT and a ping per checkout would only add
+    round trips. A pooled connection found dead (the server restarted) is replaced and the statement
+    sent once more with the same id: if the first one did commit, the second meets its row in the
+    primary key, and that row is the answer, so a retry never creates the task twice.
+    """
+    if spec.idempotency_key is not None:
+        raise ValueError("a task with an idempotency key needs create_tasks, in a transaction")
+    row = _insert_row(str(uuid.uuid4()), spec, 0)
+    engine = db.get_engine(url, autocommit=True)
+    try:
+        with engine.connect() as conn:
+            created = conn.execute(_CREATE, {"rows": [row]}).mappings().one()
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        with engine.connect() as conn:
+            try:
+                created = conn.execute(_CREATE, {"rows": [row]}).mappings().one()
+            except IntegrityError:
+                found = conn.execute(_BY_ID, {"id": row["id"]}).mappings().one_or_none()
+                if found is None:
+                    raise
+                created = found
+    metrics.TASKS_CREATED.labels(queue=created["queue"]).inc()
+    return created
 
 
 def create_task(
