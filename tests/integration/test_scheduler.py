@@ -246,3 +246,14 @@ def test_the_scheduler_wakes_for_a_task_due_now_instead_of_sleeping_its_poll_int
     finally:
         sleeper.join(timeout=70)
         wakeup.close()
+
+
+def test_a_task_already_due_after_a_dispatching_tick_is_taken_at_once_unless_held_back(settings):
+    # Under a steady stream a task falls due every few milliseconds: after a tick that dispatched,
+    # "already due" means "fell due meanwhile", not "held back by a full queue".
+    from taskscheduler.scheduler.wakeup import HELD_BACK_SEC, MIN_GAP_SEC, Wakeup
+
+    new_task(run_at=datetime.now(UTC) - timedelta(seconds=1))
+    wakeup = Wakeup(settings)
+    assert wakeup._timeout(dispatched=True) == MIN_GAP_SEC
+    assert wakeup._timeout(dispatched=False) == HELD_BACK_SEC

@@ -60,13 +60,13 @@ class SchedulerService:
         wakeup = Wakeup(self.settings)
         while not self.stopping.is_set():
             try:
-                busy = self.tick() >= self.settings.dispatch_batch_size
+                dispatched = self.tick()
             except Exception as exc:  # the database or broker may be away; keep going, never die
                 log.warning("scheduler tick failed, retrying: %s", exc, extra={"event": "tick_failed"})
                 self.stopping.wait(self.settings.poll_interval_sec)
                 continue
-            if not busy and not self.stopping.is_set():
-                wakeup.wait()
+            if dispatched < self.settings.dispatch_batch_size and not self.stopping.is_set():
+                wakeup.wait(dispatched=dispatched > 0)
         wakeup.close()
         if self.heartbeat is not None:
             self.heartbeat.stop()

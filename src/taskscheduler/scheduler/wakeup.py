@@ -33,9 +33,13 @@ class Wakeup:
         self.settings = settings
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
 
-    def wait(self) -> None:
-        """Sleep until the next task is due, a notification arrives, or POLL_INTERVAL_SEC passes."""
-        timeout = self._timeout()
+    def wait(self, *, dispatched: bool = False) -> None:
+        """Sleep until the next task is due, a notification arrives, or POLL_INTERVAL_SEC passes.
+
+        `dispatched`: the tick just before dispatched something, so a task due already fell due
+        since (under a steady stream, every few milliseconds) rather than being held back.
+        """
+        timeout = self._timeout(dispatched=dispatched)
         conn = self._listening()
         if conn is None:
             time.sleep(timeout)
@@ -51,7 +55,7 @@ class Wakeup:
             self.close()
             time.sleep(timeout)
 
-    def _timeout(self) -> float:
+    def _timeout(self, *, dispatched: bool) -> float:
         poll = self.settings.poll_interval_sec
         try:
             with db.transaction() as conn:
@@ -61,7 +65,7 @@ class Wakeup:
         if due_in is None:
             return poll
         if due_in <= 0:
-            return min(poll, HELD_BACK_SEC)
+            return min(poll, MIN_GAP_SEC if dispatched else HELD_BACK_SEC)
         return min(poll, max(due_in, MIN_GAP_SEC))
 
     def _listening(self) -> psycopg.Connection[tuple[object, ...]] | None:
