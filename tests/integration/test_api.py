@@ -411,3 +411,52 @@ def test_readyz_reports_an_unreachable_broker(settings: Settings) -> None:
     assert body["status"] == "unavailable"
     assert body["database"] == "ok"
     assert body["broker"].startswith("unreachable")
+
+
+# --- POST /tasks on the event loop's own connections ------------------------------------------------
+
+
+def _terminate_api_connections(settings: Settings) -> int:
+    with db.transaction(settings.database_url) as conn:
+        return int(
+            conn.exec_driver_sql(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                " AND application_name = 'taskscheduler'"
+            ).scalar_one()
+        )
+
+
+def test_create_survives_pooled_connections_that_died(client: TestClient, settings: Settings) -> None:
+    for _ in range(3):  # connections in the pool, idle
+        assert client.post("/tasks", json=_OK).status_code == 201
+    assert _terminate_api_connections(settings) >= 1
+    response = client.post("/tasks", json=_OK)
+    assert response.status_code == 201, response.text
+    assert _rows(settings) == (4, 4)
+
+
+def test_create_sent_twice_with_one_id_makes_one_task(
+    client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a repeat after a dead connection meets when the first statement did commit.
+    fixed = uuid.uuid4()
+    monkeypatch.setattr(uuid, "uuid4", lambda: fixed)
+    first = client.post("/tasks", json=_OK)
+    second = client.post("/tasks", json=_OK)
+    assert first.status_code == second.status_code == 201, (first.text, second.text)
+    assert first.json()["id"] == second.json()["id"] == str(fixed)
+    assert _rows(settings) == (1, 1)
+
+
+@pytest.mark.parametrize("lifespan", [True, False], ids=["pool", "no-lifespan"])
+def test_create_is_a_503_when_the_database_is_unreachable(settings: Settings, lifespan: bool) -> None:
+    down = settings.model_copy(update={"database_url": "postgresql://postgres@127.0.0.1:1/none"})
+    app = create_app(down, process_heartbeat=False)
+    if lifespan:
+        with TestClient(app, raise_server_exceptions=False) as down_client:
+            response = down_client.post("/tasks", json=_OK)
+    else:
+        response = TestClient(app, raise_server_exceptions=False).post("/tasks", json=_OK)
+    assert response.status_code == 503, response.text
+    assert response.json()["detail"] == "database unavailable, try again"

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -17,6 +18,7 @@ from taskscheduler.api.body_guard import BodyGuard
 from taskscheduler.api.routes import health_router, router
 from taskscheduler.config import Settings, get_settings
 from taskscheduler.liveness import ProcessHeartbeat
+from taskscheduler.store import db
 from taskscheduler.store.tasks import IdempotencyKeyInFlux
 
 log = logging.getLogger(__name__)
@@ -55,9 +57,14 @@ def create_app(settings: Settings | None = None, *, process_heartbeat: bool = Tr
             heartbeat = ProcessHeartbeat(
                 "api", interval_sec=settings.process_heartbeat_sec, database_url=settings.database_url or None
             ).start()
+        # POST /tasks runs its statement on the event loop, on these connections; without a lifespan
+        # (some test clients), it opens one per request.
+        app.state.statement_pool = db.AsyncStatementPool(settings.database_url or None)
         try:
             yield
         finally:
+            await app.state.statement_pool.close()
+            app.state.statement_pool = None
             if heartbeat is not None:
                 heartbeat.stop()
 
@@ -86,6 +93,14 @@ def create_app(settings: Settings | None = None, *, process_heartbeat: bool = Tr
     @app.exception_handler(OperationalError)
     async def database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", str(exc.orig).strip().splitlines()[0] if exc.orig else exc)
+        return JSONResponse(
+            {"detail": "database unavailable, try again"}, status_code=503, headers={"Retry-After": "1"}
+        )
+
+    @app.exception_handler(psycopg.OperationalError)
+    async def database_unavailable_async(request: Request, exc: psycopg.OperationalError) -> JSONResponse:
+        # The routes that talk to psycopg directly (db.AsyncStatementPool) get its own exception.
+        log.warning("database unavailable: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc))
         return JSONResponse(
             {"detail": "database unavailable, try again"}, status_code=503, headers={"Retry-After": "1"}
         )

@@ -10,11 +10,12 @@ import base64
 import binascii
 import json
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import redis
-from fastapi import APIRouter, Body, Header, HTTPException, Query, Response, Security, status
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, Security, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import AwareDatetime
@@ -122,7 +123,7 @@ IdempotencyKeyHeader = Annotated[
 ]
 
 
-def _task_response(row: RowMapping, status_code: int) -> Response:
+def _task_response(row: Mapping[Any, Any], status_code: int) -> Response:
     # Validated once here; returning a Response keeps FastAPI from validating the model a second
     # time (in the thread pool, for a sync route). response_model still documents the body.
     body = TaskOut.model_validate(dict(row)).model_dump_json()
@@ -161,6 +162,7 @@ def _create_keyed(body: TaskCreate, key: str, settings: Settings) -> tuple[RowMa
     },
 )  # fmt: skip
 async def create_task(
+    request: Request,
     body: TaskCreate,
     settings: SettingsDep,
     idempotency_key: IdempotencyKeyHeader = None,
@@ -179,15 +181,14 @@ async def create_task(
         )
     key = idempotency_key or body.idempotency_key
     if key is not None:
-        row, created = await run_in_threadpool(_create_keyed, body, key, settings)
-        return _task_response(row, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+        found, created = await run_in_threadpool(_create_keyed, body, key, settings)
+        return _task_response(found, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
     errors = check_new_task(body, settings, ["body"])
     if errors:
         raise _validation_error(errors)
-    # One statement with nothing to be atomic with: autocommit, one round trip.
-    row = await run_in_threadpool(
-        task_store.create_task_autocommit, new_task_spec(body, None), settings.database_url or None
-    )
+    # One statement with nothing to be atomic with: autocommit, one round trip, on the event loop.
+    pool = getattr(request.app.state, "statement_pool", None)
+    row = await task_store.create_task_async(pool, new_task_spec(body, None), settings.database_url or None)
     return _task_response(row, status.HTTP_201_CREATED)
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import TypeVar
 
+import psycopg
+from psycopg import pq
+from psycopg.rows import DictRow, dict_row
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -92,3 +96,98 @@ def wait_for_database(url: str | None = None, *, timeout_sec: float = 60.0) -> N
             log.info("waiting for the database: %s", str(exc.orig).strip().splitlines()[0])
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+AsyncConn = psycopg.AsyncConnection[DictRow]
+
+
+def libpq_url(url: str | None = None) -> str:
+    """DATABASE_URL (default: the setting) as libpq reads it, for psycopg without SQLAlchemy."""
+    url = normalize_database_url(url) if url else get_settings().require_urls()[0]
+    return "postgresql://" + url.split("://", 1)[1]
+
+
+async def connect_async(url: str | None = None) -> AsyncConn:
+    """An autocommit psycopg connection for the event loop, set up as the engines' connections are."""
+    return await psycopg.AsyncConnection.connect(
+        libpq_url(url), autocommit=True, row_factory=dict_row, connect_timeout=5, application_name="taskscheduler"
+    )
+
+
+class AsyncStatementPool:
+    """Autocommit connections for single statements run from an event loop (the API's hot routes).
+
+    A route on SQLAlchemy's sync engine pays a thread-pool hop and SQLAlchemy's own work per
+    statement; on the loop a statement costs one round trip and little else. The pool is this
+    small on purpose: no pre-ping (a caller retries a statement that met a dead connection, see
+    `connection(fresh=...)`), no background tasks, and a new connection is opened on demand, so a
+    database that is down is an immediate error, not a wait. It belongs to the event loop it was
+    created on; `close()` it when that loop's work is done.
+    """
+
+    def __init__(self, url: str | None = None, *, max_size: int = 30, max_idle: int = 10, max_age_sec: float = 1800):
+        self.url = url
+        self.max_idle = max_idle
+        self.max_age_sec = max_age_sec
+        self._idle: list[tuple[AsyncConn, float]] = []
+        self._slots = asyncio.Semaphore(max_size)
+        self._closed = False
+
+    @asynccontextmanager
+    async def connection(self, *, fresh: bool = False) -> AsyncIterator[AsyncConn]:
+        """A connection, given back afterwards. `fresh`: not one that sat idle (after one was found
+        dead, the others are likely dead too: the server restarted)."""
+        async with self._slots:
+            if fresh:
+                await self._discard_idle()
+            if self._idle:
+                conn, opened = self._idle.pop()
+            else:
+                conn, opened = await connect_async(self.url), time.monotonic()
+            try:
+                yield conn
+            finally:
+                await self._give_back(conn, opened)
+
+    async def _give_back(self, conn: AsyncConn, opened: float) -> None:
+        reusable = (
+            not self._closed
+            and not conn.closed
+            and conn.info.transaction_status == pq.TransactionStatus.IDLE
+            and len(self._idle) < self.max_idle
+            and time.monotonic() - opened < self.max_age_sec
+        )
+        if reusable:
+            self._idle.append((conn, opened))
+            return
+        if conn.broken:
+            await self._discard_idle()
+        await conn.close()
+
+    async def _discard_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            await conn.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        await self._discard_idle()
+
+
+async def run_statement_async(
+    pool: AsyncStatementPool | None, statement: Callable[[AsyncConn], Awaitable[T]], url: str | None = None
+) -> T:
+    """`run_statement` for the event loop: `statement(conn)` (a coroutine) on an autocommit connection
+    from `pool`, or on a connection of its own without one. A connection found dead is replaced and
+    the statement run once more, so `statement` must be safe to repeat."""
+    if pool is None:
+        async with await connect_async(url) as conn:
+            return await statement(conn)
+    async with pool.connection() as conn:
+        try:
+            return await statement(conn)
+        except psycopg.OperationalError:
+            if not conn.broken:
+                raise
+    async with pool.connection(fresh=True) as conn:
+        return await statement(conn)

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psycopg
+from psycopg.types.json import Jsonb
 from sqlalchemy import Connection, Row, RowMapping, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from taskscheduler import metrics
 from taskscheduler.lifecycle import CANCELLABLE, RETRYABLE, TERMINAL, DlqReason, TaskStatus
@@ -118,8 +119,7 @@ _NOTIFY_DUE = f"SELECT pg_notify('{DUE_CHANNEL}', '')"
 # only the rows inserted get their 'created' event. The NOTIFY for a task due now rides in the same
 # statement (`due`, joined so that it runs), which saves a round trip and lets a single task be
 # created in autocommit mode.
-_CREATE = text(
-    f"""
+_CREATE_SQL = f"""
     WITH input AS (
         SELECT * FROM jsonb_to_recordset(:rows) AS r(
             id uuid, name text, payload jsonb, priority smallint, queue text, run_at timestamptz,
@@ -140,10 +140,11 @@ _CREATE = text(
     )
     SELECT created.* FROM created LEFT JOIN due ON true
     """
-).bindparams(bindparam("rows", type_=JSONB))
+_CREATE = text(_CREATE_SQL).bindparams(bindparam("rows", type_=JSONB))
+# The same for psycopg on the event loop (db.AsyncStatementPool), without SQLAlchemy.
+_CREATE_PG = _CREATE_SQL.replace(":rows", "%(rows)s")
 
 _BY_KEYS = text("SELECT * FROM tasks WHERE idempotency_key = ANY(:keys)")
-_BY_ID = text("SELECT * FROM tasks WHERE id = :id")
 
 
 def _insert_row(task_id: str, spec: NewTask, ord_: int) -> dict[str, Any]:
@@ -218,32 +219,32 @@ def create_tasks(conn: Connection, specs: Sequence[NewTask]) -> list[CreateResul
     return results
 
 
-def create_task_autocommit(spec: NewTask, url: str | None = None) -> RowMapping:
-    """Create one task without an idempotency key as one autocommit statement: one round trip.
+async def create_task_async(
+    pool: db.AsyncStatementPool | None, spec: NewTask, url: str | None = None
+) -> dict[str, Any]:
+    """Create one task without an idempotency key, from the event loop: one autocommit statement,
+    one round trip, on a connection of `pool` (see `db.run_statement_async`).
 
     Nothing else has to be atomic with it, so BEGIN/COMMIT and a ping per checkout would only add
-    round trips. A pooled connection found dead (the server restarted) is replaced and the statement
-    sent once more with the same id: if the first one did commit, the second meets its row in the
-    primary key, and that row is the answer, so a retry never creates the task twice.
+    round trips. After a dead connection the statement is sent once more with the same id: if the
+    first one did commit, the second meets its row in the primary key, and that row is the answer,
+    so a retry never creates the task twice.
     """
     if spec.idempotency_key is not None:
         raise ValueError("a task with an idempotency key needs create_tasks, in a transaction")
-    row = _insert_row(str(uuid.uuid4()), spec, 0)
-    engine = db.get_engine(url, autocommit=True)
-    try:
-        with engine.connect() as conn:
-            created = conn.execute(_CREATE, {"rows": [row]}).mappings().one()
-    except DBAPIError as exc:
-        if not exc.connection_invalidated:
-            raise
-        with engine.connect() as conn:
-            try:
-                created = conn.execute(_CREATE, {"rows": [row]}).mappings().one()
-            except IntegrityError:
-                found = conn.execute(_BY_ID, {"id": row["id"]}).mappings().one_or_none()
-                if found is None:
-                    raise
-                created = found
+    task_id = str(uuid.uuid4())
+    params = {"rows": Jsonb([_insert_row(task_id, spec, 0)])}
+
+    async def insert(conn: db.AsyncConn) -> dict[str, Any] | None:
+        try:
+            return await (await conn.execute(_CREATE_PG, params)).fetchone()
+        except psycopg.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name != "tasks_pkey":
+                raise
+            return await (await conn.execute("SELECT * FROM tasks WHERE id = %s", (task_id,))).fetchone()
+
+    created = await db.run_statement_async(pool, insert, url)
+    assert created is not None
     metrics.TASKS_CREATED.labels(queue=created["queue"]).inc()
     return created
 
