@@ -79,6 +79,9 @@ def create_app(settings: Settings | None = None, *, process_heartbeat: bool = Tr
         return settings
 
     app.dependency_overrides[get_settings] = app_settings
+    # The hot routes read them here: with an override, FastAPI inspects the override's signature on
+    # every request.
+    app.state.settings = settings
     app.include_router(router)
     app.include_router(health_router)
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)

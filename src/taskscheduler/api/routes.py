@@ -164,7 +164,6 @@ def _create_keyed(body: TaskCreate, key: str, settings: Settings) -> tuple[RowMa
 async def create_task(
     request: Request,
     body: TaskCreate,
-    settings: SettingsDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Create a task that runs `name` with `payload` at `run_at` (default now): 201 with the task.
@@ -175,6 +174,7 @@ async def create_task(
     """
     # async, with the blocking database work in one thread-pool call: a sync route would cost a
     # thread hop for each sync dependency, the endpoint and the response validation.
+    settings: Settings = request.app.state.settings
     if idempotency_key is not None and body.idempotency_key not in (None, idempotency_key):
         raise _validation_error(
             [_error(["header", "Idempotency-Key"], "the Idempotency-Key header and the body's idempotency_key differ")]
