@@ -36,6 +36,7 @@ STARTED_IN_FLIGHT = 100
 PARAMS: dict[str, Any] = {
     "now": None,
     "queue": None,  # a dispatch per queue, where the statement takes one: None = every queue
+    "priorities": list(range(10, 0, -1)),  # _DISPATCH takes a queue as its priorities: these are all
     "limit": 500,
     "heartbeat_timeout_sec": 30.0,
     "default_timeout_sec": 180.0,

@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each; the median is reported")
     parser.add_argument("--timeout", type=float, default=0.0, help="give up after this long (default: from N)")
     parser.add_argument("--profile", action="store_true", help="record py-spy profiles of the scheduler and a worker")
-    parser.add_argument("--raw-time-limits", action="store_true", help="raw messages carry a hard time limit, as ours do")
+    parser.add_argument("--raw-time-limits", action="store_true", help="raw messages carry a hard limit, as ours")
     parser.add_argument("--skip-raw", action="store_true", help="only ours (no ratio)")
     parser.add_argument("--skip-ours", action="store_true", help="only raw Celery (no ratio)")
     args = parser.parse_args(argv)

@@ -257,3 +257,16 @@ def test_a_task_already_due_after_a_dispatching_tick_is_taken_at_once_unless_hel
     wakeup = Wakeup(settings)
     assert wakeup._timeout(dispatched=True) == MIN_GAP_SEC
     assert wakeup._timeout(dispatched=False) == HELD_BACK_SEC
+
+
+def test_a_full_queue_is_topped_up_once_a_quarter_of_it_has_drained(settings, publisher, monkeypatch):
+    monkeypatch.setattr(settings, "max_enqueued_per_queue", 8)
+    tasks = [new_task(priority=5) for _ in range(12)]
+    assert dispatch.run_once(settings=settings, publisher=publisher) == 8
+    enqueued = [t for t in tasks if task_row(t)["status"] == "ENQUEUED"]
+    with db.transaction() as conn:
+        assert task_store.claim(conn, task_id=enqueued[0], attempt=1) is not None
+    assert dispatch.run_once(settings=settings, publisher=publisher) == 0  # 1 of 8 drained: wait
+    with db.transaction() as conn:
+        assert task_store.claim(conn, task_id=enqueued[1], attempt=1) is not None
+    assert dispatch.run_once(settings=settings, publisher=publisher) == 2  # 2 of 8: top up

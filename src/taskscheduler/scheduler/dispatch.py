@@ -27,14 +27,17 @@ def run_once(*, settings: Settings, publisher: Publisher, now: datetime | None =
 
     Back-pressure: a queue holding MAX_ENQUEUED_PER_QUEUE unclaimed tasks gets no more until its
     workers catch up. Due tasks wait in PENDING instead, where priorities still order them, and a
-    message never waits in the broker so long that the lost-message sweep publishes it twice.
+    message never waits in the broker so long that the lost-message sweep publishes it twice. A
+    full queue is topped up once a quarter of it (at most a batch) has drained, not task by task:
+    under a backlog that keeps ticks few and batches large.
     """
+    refill_at = max(1, min(settings.dispatch_batch_size, settings.max_enqueued_per_queue // 4))
     batch: list[task_store.Dispatched] = []
     with db.transaction() as conn:
         waiting = task_store.enqueued_per_queue(conn)
         for queue in TASK_QUEUES:
             room = min(settings.dispatch_batch_size, settings.max_enqueued_per_queue - waiting.get(queue, 0))
-            if room > 0:
+            if room >= refill_at:
                 batch += task_store.dispatch_due(conn, queue=queue.value, limit=room, now=now)
     if not batch:
         return 0

@@ -68,8 +68,10 @@ tasks = Table(
     CheckConstraint(f"(finished_at IS NOT NULL) = ({_TERMINAL_SQL})", name="tasks_finished_iff_terminal"),
     # Partial indexes: each sweep scans only the rows in the status it looks for, so millions of
     # finished or far-future rows cost nothing.
+    # A dispatch batch: per priority, the earliest due first (see store.tasks._DISPATCH).
     Index(
-        "tasks_dispatch_idx",
+        "tasks_due_by_priority_idx",
+        "priority",
         "run_at",
         postgresql_where=text("status IN ('PENDING', 'FAILED')"),
     ),
