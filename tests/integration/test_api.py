@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from taskscheduler.api import create_app
+from taskscheduler.api import body_guard, create_app
 from taskscheduler.api.body_guard import MAX_JSON_DEPTH
 from taskscheduler.config import Settings
 from taskscheduler.store import db
@@ -156,6 +156,22 @@ def test_create_rejects_bad_raw_body(
     response = client.post("/tasks", content=raw, headers={"Content-Type": content_type})
     _assert_clear_4xx(response, expected)
     assert _rows(settings) == (0, 0)
+
+
+@pytest.mark.parametrize(("raw", "content_type", "expected"), REJECTED_RAW)
+def test_the_guards_byte_level_check_passes_no_rejected_body(raw: bytes, content_type: str, expected: int) -> None:
+    # The guard skips parsing bodies its byte-level check passes; each must be one the full check
+    # accepts, or one FastAPI's parser refuses as malformed.
+    if expected != 422 or not body_guard._plainly_strict(raw):
+        return
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(raw)
+
+
+@pytest.mark.parametrize("levels", [MAX_JSON_DEPTH - 2, MAX_JSON_DEPTH - 1, MAX_JSON_DEPTH])
+def test_the_guards_byte_level_check_counts_nesting_exactly(levels: int) -> None:
+    # _nested_payload(n) nests n + 1 objects: the last level allowed, then one too many.
+    assert body_guard._plainly_strict(_nested_payload(levels)) == (levels + 1 <= MAX_JSON_DEPTH)
 
 
 def _oversized_payload(settings: Settings) -> dict[str, Any]:

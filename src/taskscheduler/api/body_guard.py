@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -56,8 +57,40 @@ def _check_string(value: str) -> None:
             raise NotStrictJSON("lone UTF-16 surrogates (e.g. \\ud800) are not valid Unicode") from None
 
 
+# Outside strings, anything that may be a non-finite or oversized number: NaN, Infinity, an
+# exponent (1e400), or a run of digits long enough to overflow a float or to be a huge integer.
+_RISKY_OUTSIDE_STRINGS = re.compile(rb"NaN|Infinity|[0-9][eE]|[0-9]{16}")
+# A JSON string with no escapes (the caller has made sure the body has no backslash).
+_PLAIN_STRING = re.compile(rb'"[^"]*"')
+_BRACKETS_AS_BRACES = bytes.maketrans(b"[]", b"{}")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"{}[]")
+
+
+def _plainly_strict(body: bytes) -> bool:
+    """True when `body` cannot hold anything `check_strict_json` refuses, decided from its bytes
+    without parsing it: ASCII (valid UTF-8, no surrogates), no backslash (so no escapes such as
+    \\u0000 or \\ud800), no NUL, no risky number, nesting at most MAX_JSON_DEPTH. False means only
+    "parse it to be sure". Malformed JSON may pass; FastAPI's parser reports it."""
+    if not body.isascii() or b"\\" in body or b"\x00" in body:
+        return False
+    outside_strings = _PLAIN_STRING.sub(b"", body)
+    if _RISKY_OUTSIDE_STRINGS.search(outside_strings):
+        return False
+    # Only the brackets, one kind: each pass removes the innermost level of nesting.
+    brackets = outside_strings.translate(_BRACKETS_AS_BRACES, _NOT_BRACKETS)
+    for _ in range(MAX_JSON_DEPTH):
+        if not brackets:
+            return True
+        brackets = brackets.replace(b"{}", b"")
+    return not brackets
+
+
 def check_strict_json(body: bytes) -> None:
     """Raise NotStrictJSON (or json.JSONDecodeError for a syntax error) unless `body` is strict JSON."""
+    # Typical bodies pass the byte-level check; parsing with Python hooks for every number and
+    # walking every string cost more than the route's own work on a large batch.
+    if _plainly_strict(body):
+        return
     try:
         document = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_bounded_int)
     except RecursionError:

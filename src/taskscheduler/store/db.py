@@ -194,3 +194,27 @@ async def run_statement_async(
                 raise
     async with pool.connection(fresh=True) as conn:
         return await statement(conn)
+
+
+async def run_transaction_async(
+    pool: AsyncStatementPool | None, work: Callable[[AsyncConn], Awaitable[T]], url: str | None = None
+) -> T:
+    """`work(conn)` in a transaction on a connection of `pool` (or one of its own without a pool):
+    committed when it returns, rolled back when it raises. A connection found dead before the
+    COMMIT was sent is replaced and the transaction run once more: nothing of it can have committed.
+    A failure of the COMMIT itself is raised, since the transaction may have committed."""
+    if pool is None:
+        async with await connect_async(url) as conn, conn.transaction():
+            return await work(conn)
+    async with pool.connection() as conn:
+        committing = False
+        try:
+            async with conn.transaction():
+                result = await work(conn)
+                committing = True
+            return result
+        except psycopg.OperationalError:
+            if committing or not conn.broken:
+                raise
+    async with pool.connection(fresh=True) as conn, conn.transaction():
+        return await work(conn)

@@ -8,10 +8,11 @@ drops its stale work. Nothing outside this package writes `tasks.status`.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -78,7 +79,8 @@ class DeadUnrecorded:
     error: str | None
 
 
-@dataclass(frozen=True)
+# Not frozen: a frozen dataclass's __init__ costs several times more, a cost paid per task of a batch.
+@dataclass(slots=True)
 class NewTask:
     """A task to create. With an `idempotency_key`, `request_hash` identifies the request it came with."""
 
@@ -97,7 +99,7 @@ class NewTask:
 class CreateResult:
     """A task row, and whether this call created it (False: an earlier request with its key did)."""
 
-    row: RowMapping
+    row: RowMapping | dict[str, Any]
     created: bool
 
 
@@ -154,6 +156,7 @@ _CREATE = text(_CREATE_SQL).bindparams(bindparam("rows", type_=JSONB))
 _CREATE_PG = _CREATE_SQL.replace(":rows", "%(rows)s")
 
 _BY_KEYS = text("SELECT * FROM tasks WHERE idempotency_key = ANY(:keys)")
+_BY_KEYS_PG = "SELECT * FROM tasks WHERE idempotency_key = ANY(%(keys)s)"
 
 
 def _insert_row(task_id: str, spec: NewTask, ord_: int) -> dict[str, Any]:
@@ -172,16 +175,19 @@ def _insert_row(task_id: str, spec: NewTask, ord_: int) -> dict[str, Any]:
     }
 
 
-def create_tasks(conn: Connection, specs: Sequence[NewTask]) -> list[CreateResult]:
-    """Create `specs` in one statement; the results are in the order of `specs`.
+def _count_created(rows: Iterable[Mapping[Any, Any]]) -> None:
+    """Count created tasks; call it once no conflict can roll them back."""
+    # Once per queue, not per row: a label lookup per task is a measurable part of a batch.
+    for queue, n in Counter(row["queue"] for row in rows).items():
+        metrics.TASKS_CREATED.labels(queue=queue).inc(n)
 
-    A spec whose idempotency key names an existing task created with the same `request_hash` gets
-    that task (created=False); with a different hash, IdempotencyConflict (the caller rolls back).
-    Specs that share a key must share the hash too, and get one task.
-    """
+
+def _plan(specs: Sequence[NewTask]) -> tuple[list[dict[str, Any]], list[str | None], dict[str, int]]:
+    """The rows to insert for `specs`; per spec the id it is inserted under (None when a spec before
+    it has its key); and for each key the index of the first spec with it."""
     rows: list[dict[str, Any]] = []
-    ids: list[str | None] = []  # per spec: the id it is inserted under, None when its key came earlier
-    first_with_key: dict[str, int] = {}  # key -> index of the first spec with it
+    ids: list[str | None] = []
+    first_with_key: dict[str, int] = {}
     for index, spec in enumerate(specs):
         key = spec.idempotency_key
         if key is not None:
@@ -194,24 +200,32 @@ def create_tasks(conn: Connection, specs: Sequence[NewTask]) -> list[CreateResul
         task_id = str(uuid.uuid4())
         ids.append(task_id)
         rows.append(_insert_row(task_id, spec, len(rows)))
-    inserted = {str(row["id"]): row for row in conn.execute(_CREATE, {"rows": rows}).mappings()} if rows else {}
+    return rows, ids, first_with_key
 
-    # Keys that did not insert: an earlier request (maybe a concurrent one, now committed) holds them.
-    taken = [key for key, index in first_with_key.items() if ids[index] not in inserted]
-    existing: dict[str, RowMapping] = {}
-    if taken:
-        existing = {row["idempotency_key"]: row for row in conn.execute(_BY_KEYS, {"keys": taken}).mappings()}
-        for key in taken:
-            holder = existing.get(key)
-            if holder is None:
-                # Its task was deleted (retention) between the two statements: rare; sent again, the
-                # request creates the task.
-                raise IdempotencyKeyInFlux(key)
-            if holder["request_hash"] != specs[first_with_key[key]].request_hash:
-                raise IdempotencyConflict(key, holder["id"])
 
-    for row in inserted.values():  # counted once no conflict can roll them back
-        metrics.TASKS_CREATED.labels(queue=row["queue"]).inc()
+def _not_inserted(ids: list[str | None], first_with_key: dict[str, int], inserted: Mapping[str, Any]) -> list[str]:
+    """Keys that did not insert: an earlier request (maybe a concurrent one, now committed) holds them."""
+    return [key for key, index in first_with_key.items() if ids[index] not in inserted]
+
+
+def _results(
+    specs: Sequence[NewTask],
+    ids: list[str | None],
+    first_with_key: dict[str, int],
+    inserted: Mapping[str, RowMapping | dict[str, Any]],
+    existing: Mapping[str, RowMapping | dict[str, Any]],
+) -> list[CreateResult]:
+    """Check the tasks found by key against their specs, count the inserted ones, and pair each spec
+    with its row."""
+    for key in _not_inserted(ids, first_with_key, inserted):
+        holder = existing.get(key)
+        if holder is None:
+            # Its task was deleted (retention) between the two statements: rare; sent again, the
+            # request creates the task.
+            raise IdempotencyKeyInFlux(key)
+        if holder["request_hash"] != specs[first_with_key[key]].request_hash:
+            raise IdempotencyConflict(key, holder["id"])
+    _count_created(inserted.values())
     results: list[CreateResult] = []
     for spec, spec_id in zip(specs, ids, strict=True):
         if spec_id is not None and spec_id in inserted:
@@ -226,6 +240,42 @@ def create_tasks(conn: Connection, specs: Sequence[NewTask]) -> list[CreateResul
             assert first_id is not None
             results.append(CreateResult(inserted[first_id], created=False))
     return results
+
+
+def create_tasks(conn: Connection, specs: Sequence[NewTask]) -> list[CreateResult]:
+    """Create `specs` in one statement; the results are in the order of `specs`.
+
+    A spec whose idempotency key names an existing task created with the same `request_hash` gets
+    that task (created=False); with a different hash, IdempotencyConflict (the caller rolls back).
+    Specs that share a key must share the hash too, and get one task.
+    """
+    rows, ids, first_with_key = _plan(specs)
+    inserted = {str(row["id"]): row for row in conn.execute(_CREATE, {"rows": rows}).mappings()} if rows else {}
+    taken = _not_inserted(ids, first_with_key, inserted)
+    existing = (
+        {row["idempotency_key"]: row for row in conn.execute(_BY_KEYS, {"keys": taken}).mappings()} if taken else {}
+    )
+    return _results(specs, ids, first_with_key, inserted, existing)
+
+
+async def create_tasks_async(conn: db.AsyncConn, specs: Sequence[NewTask]) -> list[CreateResult]:
+    """`create_tasks` on a psycopg connection of the event loop (in a transaction, see
+    `db.run_transaction_async`); the rows are plain dicts."""
+    rows, ids, first_with_key = _plan(specs)
+    inserted: dict[str, dict[str, Any]] = {}
+    if rows:
+        cursor = await conn.execute(_CREATE_PG, {"rows": Jsonb(rows)})
+        inserted = {str(row["id"]): row for row in await cursor.fetchall()}
+    taken = _not_inserted(ids, first_with_key, inserted)
+    existing: dict[str, dict[str, Any]] = {}
+    if taken:
+        cursor = await conn.execute(_BY_KEYS_PG, {"keys": taken})
+        existing = {row["idempotency_key"]: row for row in await cursor.fetchall()}
+    return _results(specs, ids, first_with_key, inserted, existing)
+
+
+async def get_by_idempotency_key_async(conn: db.AsyncConn, key: str) -> dict[str, Any] | None:
+    return await (await conn.execute(_BY_KEYS_PG, {"keys": [key]})).fetchone()
 
 
 async def create_task_async(
@@ -254,7 +304,7 @@ async def create_task_async(
 
     created = await db.run_statement_async(pool, insert, url)
     assert created is not None
-    metrics.TASKS_CREATED.labels(queue=created["queue"]).inc()
+    _count_created([created])
     return created
 
 
@@ -283,7 +333,8 @@ def create_task(
         idempotency_key=idempotency_key,
         request_hash=request_hash,
     )
-    return create_tasks(conn, [spec])[0].row
+    # The sync path's rows are SQLAlchemy's.
+    return cast(RowMapping, create_tasks(conn, [spec])[0].row)
 
 
 def get_task(conn: Connection, task_id: uuid.UUID) -> RowMapping | None:
