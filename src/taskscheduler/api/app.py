@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from psycopg_pool import PoolTimeout
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from taskscheduler import __version__, handlers
@@ -57,14 +58,17 @@ def create_app(settings: Settings | None = None, *, process_heartbeat: bool = Tr
             heartbeat = ProcessHeartbeat(
                 "api", interval_sec=settings.process_heartbeat_sec, database_url=settings.database_url or None
             ).start()
-        # POST /tasks runs its statement on the event loop, on these connections; without a lifespan
-        # (some test clients), it opens one per request.
-        app.state.statement_pool = db.AsyncStatementPool(settings.database_url or None)
+        # The creating routes run their statements on the event loop, on these connections; without
+        # a lifespan (some test clients), they open one per request. Opened without waiting for the
+        # connections: the API starts while the database is down, and answers 503 until it is up.
+        pool = db.statement_pool(settings.database_url or None)
+        await pool.open(wait=False)
+        app.state.statement_pool = pool
         try:
             yield
         finally:
-            await app.state.statement_pool.close()
             app.state.statement_pool = None
+            await pool.close()
             if heartbeat is not None:
                 heartbeat.stop()
 
@@ -96,6 +100,14 @@ def create_app(settings: Settings | None = None, *, process_heartbeat: bool = Tr
     @app.exception_handler(OperationalError)
     async def database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", str(exc.orig).strip().splitlines()[0] if exc.orig else exc)
+        return JSONResponse(
+            {"detail": "database unavailable, try again"}, status_code=503, headers={"Retry-After": "1"}
+        )
+
+    @app.exception_handler(PoolTimeout)
+    async def no_database_connection(request: Request, exc: PoolTimeout) -> JSONResponse:
+        # No pooled connection came back in time: the database is down (the pool keeps reopening).
+        log.warning("database unavailable: %s", exc)
         return JSONResponse(
             {"detail": "database unavailable, try again"}, status_code=503, headers={"Retry-After": "1"}
         )
