@@ -337,6 +337,25 @@ def test_run_at_with_offset_round_trips_as_the_same_instant(client: TestClient) 
     assert _parse(fetched["run_at"]) == created
 
 
+@pytest.mark.parametrize("offset", ["+16:00", "-23:59"])
+def test_offsets_python_reads_but_postgresql_would_refuse_are_stored_as_utc(client: TestClient, offset: str) -> None:
+    # timestamptz takes offsets up to ±15:59 only; found by the fuzz test as a 500.
+    response = client.post("/tasks", json={"name": "demo_ok", "run_at": f"2030-06-01T14:00:00{offset}"})
+    assert response.status_code == 201, response.text
+    expected = datetime.fromisoformat(f"2030-06-01T14:00:00{offset}").astimezone(UTC)
+    assert _parse(response.json()["run_at"]) == expected
+    listed = client.get("/tasks", params={"created_after": f"2000-01-01T00:00:00{offset}"})
+    assert listed.status_code == 200, listed.text
+    assert response.json()["id"] in [t["id"] for t in listed.json()["tasks"]]
+
+
+def test_a_moment_out_of_range_once_in_utc_is_a_422(client: TestClient) -> None:
+    response = client.post("/tasks", json={"name": "demo_ok", "run_at": "9999-12-31T23:00:00-16:00"})
+    _assert_clear_4xx(response, 422)
+    listed = client.get("/tasks", params={"created_before": "0001-01-01T00:00:00+16:00"})
+    _assert_clear_4xx(listed, 422)
+
+
 def test_run_at_slightly_in_the_past_is_accepted(client: TestClient, settings: Settings) -> None:
     run_at = datetime.now(UTC) - timedelta(seconds=10)
     response = client.post("/tasks", json={"name": "demo_ok", "run_at": _iso(run_at)})

@@ -150,6 +150,10 @@ def test_list_limit_and_cursor(client: TestClient) -> None:
         pytest.param({"name": ""}, id="name-empty"),
         pytest.param({"name": "demo\x00ok"}, id="name-NUL"),
         pytest.param({"cursor": "\x00"}, id="cursor-NUL"),
+        pytest.param(
+            {"cursor": base64.urlsafe_b64encode(f'["0001-01-01T00:00:00+16:00", "{uuid.uuid4()}"]'.encode()).decode()},
+            id="cursor-out-of-range-in-utc",
+        ),
     ],
 )
 def test_list_rejects(client: TestClient, params: dict[str, Any]) -> None:

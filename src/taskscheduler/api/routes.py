@@ -18,7 +18,6 @@ import redis
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, Security, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
-from pydantic import AwareDatetime
 from sqlalchemy import text
 
 from taskscheduler import handlers, metrics
@@ -29,6 +28,7 @@ from taskscheduler.api.schemas import (
     DlqRetryFilter,
     DlqRetryOut,
     Health,
+    IsoDatetime,
     NoNul,
     TaskBatchCreate,
     TaskBatchOut,
@@ -271,8 +271,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         created_at = datetime.fromisoformat(created_at_text)
         if created_at.tzinfo is None:
             raise ValueError("naive time")
-        return created_at, uuid.UUID(task_id_text)
-    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        return created_at.astimezone(UTC), uuid.UUID(task_id_text)
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, OverflowError):
         raise _validation_error(
             [_error(["query", "cursor"], "invalid cursor: pass the next_cursor of a previous page unchanged")]
         ) from None
@@ -290,10 +290,10 @@ def list_tasks(
     ] = None,
     queue: Annotated[Literal["high", "default", "low"] | None, Query(description="Only tasks of this queue.")] = None,
     created_after: Annotated[
-        AwareDatetime | None, Query(description="Only tasks created at or after this time (ISO 8601 with offset).")
+        IsoDatetime | None, Query(description="Only tasks created at or after this time (ISO 8601 with offset).")
     ] = None,
     created_before: Annotated[
-        AwareDatetime | None, Query(description="Only tasks created before this time (ISO 8601 with offset).")
+        IsoDatetime | None, Query(description="Only tasks created before this time (ISO 8601 with offset).")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=500, description="Tasks per page.")] = 100,
     cursor: Annotated[

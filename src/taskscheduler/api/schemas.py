@@ -43,8 +43,17 @@ def _iso_string(value: Any) -> Any:
     return value
 
 
-# A moment in time as an ISO 8601 string with an offset: no naive times, no epoch numbers.
-IsoDatetime = Annotated[AwareDatetime, BeforeValidator(_iso_string)]
+def _utc(value: datetime) -> datetime:
+    # Python takes offsets up to ±23:59, PostgreSQL's timestamptz only up to ±15:59.
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of range once converted to UTC") from None
+
+
+# A moment in time as an ISO 8601 string with an offset: no naive times, no epoch numbers. In UTC
+# once parsed, so that any offset the string may carry reaches the database.
+IsoDatetime = Annotated[AwareDatetime, BeforeValidator(_iso_string), AfterValidator(_utc)]
 
 
 def _no_nul(value: str | None) -> str | None:
