@@ -238,8 +238,10 @@ class GaveUp(Exception):
     reply never came back)."""
 
 
-# The pause between two tries of a write while the database is away doubles up to this cap.
-_RETRY_PAUSE_MAX_SEC = 5.0
+# The pause between two tries of a write while the database is away doubles up to this cap: short,
+# so that once it is back the outcome lands within about a heartbeat, before the stuck sweep (which
+# sees heartbeats as old as the outage) could take the attempt away.
+_RETRY_PAUSE_MAX_SEC = 2.0
 
 
 def _persistently(statement: Callable[[Connection], T], *, within_sec: float, what: str, fields: dict[str, Any]) -> T:
@@ -490,7 +492,10 @@ def _record_failure(
         fields=fields,
     )
     if name is not None:
-        publish_dead([(task_id, attempt, name, reason.value, error)])
+        try:
+            publish_dead([(task_id, attempt, name, reason.value, error)])
+        except Exception as exc:  # the broker may be away; the DLQ sweep publishes DEAD tasks it has no row for
+            log.warning("could not publish the DLQ message: %s", exc, extra={**fields, "event": "dlq_unpublished"})
     return _logged(name is not None, f"STARTED -> DEAD ({reason})", "dead", fields)
 
 

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
-from tests.helpers import dispatch_all, events, new_task, queued, task_row, to_started
+from tests.helpers import dispatch_all, events, far_future, new_task, queued, task_row, to_started
 
 from taskscheduler import handlers, worker
 from taskscheduler.config import get_settings
@@ -246,3 +246,22 @@ def test_a_claim_with_another_token_is_still_refused() -> None:
         assert task_store.claim(conn, task_id=task_id, attempt=item.attempt) is None
         assert task_store.claim(conn, task_id=task_id, attempt=item.attempt, token=mine) is not None
     assert [to for _, to, _ in events(task_id)].count("STARTED") == 1
+
+
+def test_a_dead_attempt_whose_dlq_message_cannot_be_published_is_left_to_the_dlq_sweep(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broker_down(items: Any) -> int:
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(worker, "publish_dead", broker_down)
+
+    def handler(payload: dict[str, Any]) -> None:
+        raise RuntimeError("boom")
+
+    assert _run_with(monkeypatch, handler, max_retries=0) == "dead"
+    row = _only_task()
+    assert row["status"] == "DEAD" and not row["dlq_recorded"]
+    with db.transaction() as conn:
+        (lost,) = task_store.take_unrecorded_dead(conn, timeout_sec=0, limit=10, now=far_future())
+    assert lost.id == row["id"] and lost.error == "RuntimeError: boom"
