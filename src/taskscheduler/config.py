@@ -8,6 +8,11 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Deepest nesting of JSON a task takes in (its payload, checked by the API's body guard) or gives
+# back (its result, checked by the worker): pydantic cannot serialise a response nested 256 levels
+# deep, so a deeper value could be stored but never read back; stay well below.
+MAX_JSON_DEPTH = 64
+
 
 def normalize_database_url(url: str) -> str:
     """Accept `postgresql://`, `postgres://` and `postgresql+psycopg2://`; we always drive psycopg 3."""
@@ -52,6 +57,14 @@ class Settings(BaseSettings):
     retry_backoff_max_sec: float = Field(300.0, gt=0)
     run_at_grace_sec: float = Field(60.0, ge=0, description="How far in the past a run_at may be.")
     max_body_bytes: int = Field(256 * 1024, ge=1024, description="Largest accepted request body.")
+    max_result_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest result a handler may return (as UTF-8 JSON); a larger one fails."
+    )
+    worker_db_retry_sec: float = Field(
+        180.0,
+        gt=0,
+        description="How long a worker retries a claim or an outcome while the database is unreachable.",
+    )
     task_modules: str = ""
     api_keys: str = ""
     log_format: Literal["text", "json"] = "text"

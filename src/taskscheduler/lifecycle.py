@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from enum import StrEnum
 
 
@@ -85,3 +86,21 @@ def backoff_sec(attempt: int, *, base: float, cap: float, rng: random.Random | N
         raise ValueError("attempt counts from 1")
     ceiling = min(cap, base * 2 ** min(attempt - 1, 62))
     return (rng or random).uniform(0.0, ceiling)
+
+
+def nested_deeper_than(value: object, limit: int) -> bool:
+    """Whether the JSON value `value` has containers nested more than `limit` levels deep (a scalar
+    is 0 levels, `[1]` one). Walks without recursion, so any depth is safe to ask about."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False

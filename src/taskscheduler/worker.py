@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import os
-import re
+import random
 import signal
 import threading
 import time
@@ -20,19 +20,23 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from celery import Celery, bootsteps
 from kombu.entity import Queue as KombuQueue
+from sqlalchemy import Connection
+from sqlalchemy.exc import SQLAlchemyError
 
 from taskscheduler import handlers
-from taskscheduler.config import Settings, get_settings
+from taskscheduler.config import MAX_JSON_DEPTH, Settings, get_settings
 from taskscheduler.lifecycle import DlqReason, Queue, backoff_sec, has_retries_left
 from taskscheduler.store import db
 from taskscheduler.store import dlq as dlq_store
 from taskscheduler.store import tasks as task_store
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 EXECUTE = "taskscheduler.execute_many"
 RECORD_DEAD = "taskscheduler.record_dead"
@@ -97,6 +101,8 @@ class Heartbeats:
     def __init__(self, interval_sec: float) -> None:
         self._interval = interval_sec
         self._running: dict[tuple[uuid.UUID, int], float] = {}
+        # Attempts whose outcome is being written: their write reports what happened to them.
+        self._recording: set[tuple[uuid.UUID, int]] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -112,6 +118,19 @@ class Heartbeats:
         finally:
             with self._lock:
                 self._running.pop((task_id, attempt), None)
+
+    @contextmanager
+    def recording(self, task_id: uuid.UUID, attempt: int) -> Iterator[None]:
+        """Inside `beating`, around the outcome's write: a beat that finds the attempt no longer
+        STARTED then says nothing, since the write may just have moved it (and if someone else did,
+        the write says so)."""
+        with self._lock:
+            self._recording.add((task_id, attempt))
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._recording.discard((task_id, attempt))
 
     def _ensure_thread(self) -> None:
         if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
@@ -136,7 +155,7 @@ class Heartbeats:
             log.warning("heartbeat failed: %s", exc, extra={**fields, "event": "heartbeat_failed"})
             return
         with self._lock:
-            if (task_id, attempt) not in self._running:
+            if (task_id, attempt) not in self._running or (not alive and (task_id, attempt) in self._recording):
                 return
             if alive:
                 self._running[(task_id, attempt)] = now
@@ -158,29 +177,139 @@ def _process_heartbeats(interval_sec: float) -> Heartbeats:
     return _heartbeats
 
 
-# \u0000 in JSON text, unless its backslash is itself escaped (an even run of backslashes before it).
-_ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+class ResultNotStorable(ValueError):
+    """The handler's result cannot be stored as it is; the attempt fails with this error."""
 
 
-def _json_result(value: Any) -> Any:
-    """The handler's result if PostgreSQL's jsonb can store it, else a ValueError that fails the attempt."""
+def storable_result(value: Any, *, max_bytes: int) -> Any:
+    """The handler's result, if PostgreSQL's jsonb can store it and the API can give it back: JSON
+    (no NaN or infinity), no NUL character, valid Unicode (no lone surrogate), nested at most
+    MAX_JSON_DEPTH levels deep (the payload's limit) and at most `max_bytes` as UTF-8 JSON. Else
+    ResultNotStorable, which fails the attempt."""
+    _check_strings_and_depth(value)
     try:
-        encoded = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise ValueError(f"the handler's result is not JSON-serialisable: {exc}") from None
-    if _ESCAPED_NUL.search(encoded):
-        raise ValueError("the handler's result contains a NUL character, which PostgreSQL cannot store")
+        encoded = json.dumps(value, allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise ResultNotStorable(f"the handler's result is not JSON-serialisable: {exc}") from None
+    size = len(encoded.encode("utf-8"))
+    if size > max_bytes:
+        raise ResultNotStorable(
+            f"the handler's result is {size} bytes as JSON, over MAX_RESULT_BYTES ({max_bytes}): store large"
+            " data elsewhere and return a reference to it"
+        )
     return value
 
 
-def run_attempt(task_id: uuid.UUID, attempt: int, *, worker: str | None = None) -> str:
-    """Claim, run and record one attempt. Returns what happened, for logs and tests.
+def _check_strings_and_depth(value: Any) -> None:
+    """Walk the containers without recursion (a deep result must not exhaust the stack) and check
+    every string, keys included."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            _check_string(item)
+        elif isinstance(item, dict | list | tuple):
+            if depth >= MAX_JSON_DEPTH:
+                raise ResultNotStorable(f"the handler's result is nested deeper than {MAX_JSON_DEPTH} levels")
+            if isinstance(item, dict):
+                for key in item:
+                    if isinstance(key, str):
+                        _check_string(key)
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
 
-    `worker` (the Celery node name) is recorded on the STARTED event, to show who ran it.
+
+def _check_string(text: str) -> None:
+    if "\x00" in text:
+        raise ResultNotStorable("the handler's result contains a NUL character, which PostgreSQL cannot store")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ResultNotStorable(
+                "the handler's result contains a lone UTF-16 surrogate (not valid Unicode), which PostgreSQL"
+                " cannot store"
+            ) from None
+
+
+class GaveUp(Exception):
+    """The database stayed unreachable for WORKER_DB_RETRY_SEC: the write was not made (or its
+    reply never came back)."""
+
+
+# The pause between two tries of a write while the database is away doubles up to this cap: short,
+# so that once it is back the outcome lands within about a heartbeat, before the stuck sweep (which
+# sees heartbeats as old as the outage) could take the attempt away.
+_RETRY_PAUSE_MAX_SEC = 2.0
+
+
+def _persistently(statement: Callable[[Connection], T], *, within_sec: float, what: str, fields: dict[str, Any]) -> T:
+    """`db.run_statement(statement)`, tried again after a transient failure (the database
+    unreachable, restarting or failing over) with a capped, jittered doubling pause, for up to
+    `within_sec`; then GaveUp. Safe because every statement here is a compare-and-set: a try whose
+    reply was lost after it committed makes the next try match no row (or, for a claim, find its own).
+    Errors that are not transient (a value refused, a bug) are raised at once."""
+    deadline = time.monotonic() + within_sec
+    pause = 0.2
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return db.run_statement(statement)
+        except SQLAlchemyError as exc:
+            if not db.is_transient(exc):
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GaveUp(f"{_describe(exc)} for {within_sec:g}s ({tries} tries)") from exc
+            if tries == 1:
+                log.warning(
+                    "could not %s (%s); retrying for up to %gs",
+                    what,
+                    _describe(exc),
+                    within_sec,
+                    extra={**fields, "event": "db_retry"},
+                )
+            time.sleep(min(left, random.uniform(pause / 2, pause)))
+            pause = min(pause * 2, _RETRY_PAUSE_MAX_SEC)
+
+
+def _describe(exc: BaseException) -> str:
+    """A database error in a few words, without its message: PostgreSQL's message may quote the
+    value it refused (a result, an error text), which must not reach the logs or the task."""
+    orig = getattr(exc, "orig", None) or exc
+    sqlstate = getattr(orig, "sqlstate", None)
+    return f"{type(orig).__name__}" + (f" (SQLSTATE {sqlstate})" if sqlstate else "")
+
+
+def _error_text(exc: BaseException) -> str:
+    """`Type: message` of a handler's exception, even when its __str__ itself fails."""
+    try:
+        message = str(exc)
+    except Exception:  # a broken __str__ must not lose the failure it describes
+        message = "<the exception's message could not be read>"
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def run_attempt(task_id: uuid.UUID, attempt: int, *, worker: str | None = None) -> str:
+    """Claim, run and record one attempt. Returns what happened, for logs and tests: "dropped",
+    "succeeded", "failed", "dead", "fenced" or "unrecorded" (the outcome could not be written).
+
+    `worker` (the Celery node name) is recorded on the STARTED event, to show who ran it. Only a
+    claim that cannot be made for WORKER_DB_RETRY_SEC raises (GaveUp): the task is still ENQUEUED
+    (or STARTED without a heartbeat), and the sweeps take it from there.
     """
     settings = get_settings()
     fields: dict[str, Any] = {"task_id": str(task_id), "attempt": attempt}
-    claimed = db.run_statement(lambda conn: task_store.claim(conn, task_id=task_id, attempt=attempt, worker=worker))
+    # Names this claim, so that sending it again after a lost reply finds the claim it made.
+    claim_token = uuid.uuid4()
+    claimed = _persistently(
+        lambda conn: task_store.claim(conn, task_id=task_id, attempt=attempt, worker=worker, token=claim_token),
+        within_sec=settings.worker_db_retry_sec,
+        what="claim the attempt",
+        fields=fields,
+    )
     if claimed is None:
         log.info("stale message dropped", extra={**fields, "event": "dropped"})
         return "dropped"
@@ -191,29 +320,81 @@ def run_attempt(task_id: uuid.UUID, attempt: int, *, worker: str | None = None) 
     error: str | None = None
     timed_out = False
     result: Any = None
-    with _process_heartbeats(settings.heartbeat_sec).beating(task_id, attempt):
+    heartbeats = _process_heartbeats(settings.heartbeat_sec)
+    # The outcome is written inside the block too: while a write waits for the database to come
+    # back, the attempt keeps heartbeating, so it is not declared stuck meanwhile.
+    with heartbeats.beating(task_id, attempt):
         token = handlers.current_attempt.set(attempt - claimed.retry_base_attempt)
         try:
             with _time_limit(timeout):
                 if handler is None:
                     raise handlers.HandlerError(f"no handler registered for {claimed.name!r} (check TASK_MODULES)")
-                result = _json_result(handler(claimed.payload))
+                result = storable_result(handler(claimed.payload), max_bytes=settings.max_result_bytes)
         except AttemptTimedOut:
             timed_out = True
             error = f"timed out after {timeout:g}s"
         except Exception as exc:  # any handler failure is a failed attempt
-            error = f"{type(exc).__name__}: {exc}"
+            error = _error_text(exc)
         finally:
             handlers.current_attempt.reset(token)
+        return _record(task_id, attempt, claimed, result, error, timed_out, heartbeats, settings)
 
-    if error is None:
-        done = db.run_statement(lambda conn: task_store.succeed(conn, task_id=task_id, attempt=attempt, result=result))
-        return _logged(done, "STARTED -> SUCCEEDED", "succeeded", fields)
-    return record_failure(
-        task_id, attempt, error=error, timed_out=timed_out,
-        max_retries=claimed.max_retries, retry_base_attempt=claimed.retry_base_attempt,
-        settings=settings,
-    )  # fmt: skip
+
+def _record(
+    task_id: uuid.UUID,
+    attempt: int,
+    claimed: task_store.Claimed,
+    result: Any,
+    error: str | None,
+    timed_out: bool,
+    heartbeats: Heartbeats,
+    settings: Settings,
+) -> str:
+    """Write the attempt's outcome (inside its `beating` block)."""
+    fields: dict[str, Any] = {"task_id": str(task_id), "attempt": attempt}
+    with heartbeats.recording(task_id, attempt):
+        if error is None:
+            try:
+                return _record_success(task_id, attempt, result, fields=fields, settings=settings)
+            except SQLAlchemyError as exc:  # refused by the database all the same: a failed attempt
+                error = f"the handler's result could not be stored: {_describe(exc)}"
+                log.warning(
+                    "result refused by the database (%s); recording a failed attempt",
+                    _describe(exc),
+                    extra={**fields, "event": "result_refused"},
+                )
+        return record_failure(
+            task_id, attempt, error=error, timed_out=timed_out,
+            max_retries=claimed.max_retries, retry_base_attempt=claimed.retry_base_attempt,
+            settings=settings,
+        )  # fmt: skip
+
+
+def _record_success(
+    task_id: uuid.UUID, attempt: int, result: Any, *, fields: dict[str, Any], settings: Settings
+) -> str:
+    """STARTED -> SUCCEEDED with `result`. Raises the database's error when it refuses the result."""
+    try:
+        done = _persistently(
+            lambda conn: task_store.succeed(conn, task_id=task_id, attempt=attempt, result=result),
+            within_sec=settings.worker_db_retry_sec,
+            what="record the success",
+            fields=fields,
+        )
+    except GaveUp as exc:
+        return _gave_up(exc, "SUCCEEDED", fields)
+    return _logged(done, "STARTED -> SUCCEEDED", "succeeded", fields)
+
+
+def _gave_up(exc: GaveUp, outcome: str, fields: dict[str, Any]) -> str:
+    log.error(
+        "outcome %s not recorded, the database was unreachable: %s; the task stays STARTED until the stuck"
+        " sweep retries it",
+        outcome,
+        exc,
+        extra={**fields, "event": "unrecorded"},
+    )
+    return "unrecorded"
 
 
 class AttemptTimedOut(Exception):
@@ -256,22 +437,65 @@ def record_failure(
     retry_base_attempt: int,
     settings: Settings,
 ) -> str:
-    """A failed attempt: FAILED with a backoff while retries remain, else DEAD and a DLQ message."""
+    """A failed attempt: FAILED with a backoff while retries remain, else DEAD and a DLQ message.
+
+    The error text is stored escaped and clipped (`storable_error`). Should the database refuse it
+    all the same, the failure is recorded with a generic text instead; should the database stay
+    unreachable, it is logged and left to the stuck sweep ("unrecorded").
+    """
     fields: dict[str, Any] = {"task_id": str(task_id), "attempt": attempt}
+    error = task_store.storable_error(error) or ""
+    try:
+        return _record_failure(task_id, attempt, error, timed_out, max_retries, retry_base_attempt, settings, fields)
+    except GaveUp as exc:
+        return _gave_up(exc, "failure", fields)
+    except SQLAlchemyError as exc:  # the error text refused despite storable_error: keep the failure
+        refused = _describe(exc)
+    log.warning(
+        "error text refused by the database (%s); recording the failure without it",
+        refused,
+        extra={**fields, "event": "error_refused"},
+    )
+    error = f"the attempt failed, but its error text could not be stored ({refused})"
+    try:
+        return _record_failure(task_id, attempt, error, timed_out, max_retries, retry_base_attempt, settings, fields)
+    except GaveUp as exc:
+        return _gave_up(exc, "failure", fields)
+
+
+def _record_failure(
+    task_id: uuid.UUID,
+    attempt: int,
+    error: str,
+    timed_out: bool,
+    max_retries: int,
+    retry_base_attempt: int,
+    settings: Settings,
+    fields: dict[str, Any],
+) -> str:
     if has_retries_left(attempt, max_retries, retry_base_attempt):
         delay = backoff_sec(
             attempt - retry_base_attempt, base=settings.retry_backoff_base_sec, cap=settings.retry_backoff_max_sec
         )
-        done = db.run_statement(
-            lambda conn: task_store.fail(conn, task_id=task_id, attempt=attempt, error=error, retry_in_sec=delay)
+        done = _persistently(
+            lambda conn: task_store.fail(conn, task_id=task_id, attempt=attempt, error=error, retry_in_sec=delay),
+            within_sec=settings.worker_db_retry_sec,
+            what="record the failure",
+            fields=fields,
         )
         return _logged(done, f"STARTED -> FAILED, retry in {delay:.2f}s", "failed", fields)
     reason = DlqReason.STUCK_TASK_TIMEOUT if timed_out else DlqReason.MAX_RETRIES_EXCEEDED
-    name = db.run_statement(
-        lambda conn: task_store.kill(conn, task_id=task_id, attempt=attempt, error=error, reason=reason)
+    name = _persistently(
+        lambda conn: task_store.kill(conn, task_id=task_id, attempt=attempt, error=error, reason=reason),
+        within_sec=settings.worker_db_retry_sec,
+        what="record the failure",
+        fields=fields,
     )
     if name is not None:
-        publish_dead([(task_id, attempt, name, reason.value, error)])
+        try:
+            publish_dead([(task_id, attempt, name, reason.value, error)])
+        except Exception as exc:  # the broker may be away; the DLQ sweep publishes DEAD tasks it has no row for
+            log.warning("could not publish the DLQ message: %s", exc, extra={**fields, "event": "dlq_unpublished"})
     return _logged(name is not None, f"STARTED -> DEAD ({reason})", "dead", fields)
 
 

@@ -1,16 +1,28 @@
-"""Workers that die, freeze, crash themselves or get the same message twice."""
+"""Workers that die, freeze, crash themselves or get the same message twice, and a database that
+goes away while a worker holds an outcome."""
 
 from __future__ import annotations
 
+import logging
 import signal
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
+from taskscheduler import handlers, worker
+from taskscheduler.config import get_settings
 from taskscheduler.store import db
 from taskscheduler.store import tasks as task_store
 from tests.chaos.conftest import assert_invariants, settle
-from tests.helpers import new_task, wait_until
+from tests.chaos.servers import PrivatePostgres, PrivateRedis
+from tests.conftest import Services
+from tests.helpers import dispatch_all, events, new_task, task_row, wait_until
 
 
 def create(cluster, **body) -> str:
@@ -174,3 +186,107 @@ def test_a_worker_killed_amid_messages_of_several_tasks_loses_none(clean_db, mak
     # The killed worker received fewer messages than it ran tasks: they were shared.
     assert 0 < first.log().count("execute_many") < ran_before_kill
     assert_invariants(clean_db.database_url)
+
+
+# --- the database goes away while a worker holds an outcome ------------------------------------------------------
+
+
+@dataclass
+class PrivateWorker:
+    pg: PrivatePostgres
+    gate: threading.Event  # the `gated` handler returns once it is set
+
+
+@pytest.fixture
+def private_worker(
+    private_servers: tuple[Services, PrivatePostgres, PrivateRedis], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[PrivateWorker]:
+    """This process as a worker of the private servers, with heartbeats every 0.3 s and a handler
+    `gated` that returns once the gate is set."""
+    services, pg, _ = private_servers
+    for name, value in {**services.env(), "HEARTBEAT_SEC": "0.3"}.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    monkeypatch.setattr(worker, "_heartbeats", None)  # a fresh one, with this interval
+    gate = threading.Event()
+    monkeypatch.setitem(handlers._registry, "gated", lambda payload: {"ok": gate.wait(60)})
+    try:
+        yield PrivateWorker(pg=pg, gate=gate)
+    finally:
+        gate.set()
+        get_settings.cache_clear()
+
+
+def _run_in_thread(items: list[tuple[uuid.UUID, int]]) -> tuple[threading.Thread, list[Any]]:
+    """`worker.run_attempts(items)` in a thread (as a pool process would); its list of outcomes, or
+    the exception it raised, lands in the returned list."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(worker.run_attempts(items))
+        except Exception as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=run, name="attempt", daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_an_outcome_is_recorded_once_the_database_is_back_and_the_attempt_heartbeats_meanwhile(
+    private_worker: PrivateWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    pg = private_worker.pg
+    caplog.set_level(logging.INFO)
+    task_id = new_task(name="gated")
+    (item,) = dispatch_all()
+    thread, out = _run_in_thread([(task_id, item.attempt)])
+    wait_until(lambda: task_row(task_id)["status"] == "STARTED", timeout=30, what="STARTED")
+
+    pg.stop("immediate")  # as a crash or a failover does
+    private_worker.gate.set()  # the handler returns: its outcome now waits for the database
+    wait_until(lambda: "could not record the success" in caplog.text, timeout=30, what="the write to fail")
+    beats_failed = caplog.text.count("heartbeat failed")
+    wait_until(
+        lambda: caplog.text.count("heartbeat failed") > beats_failed, timeout=30, what="a heartbeat while waiting"
+    )
+    assert thread.is_alive() and out == []
+    pg.start()
+
+    thread.join(timeout=60)
+    assert out == [["succeeded"]]
+    assert task_row(task_id)["status"] == "SUCCEEDED"
+    assert [to for _, to, _ in events(task_id)] == ["PENDING", "ENQUEUED", "STARTED", "SUCCEEDED"]
+    assert "unrecorded" not in caplog.text
+
+
+def test_a_worker_gives_up_on_a_database_gone_too_long_with_one_clear_line_and_loses_no_task(
+    private_worker: PrivateWorker, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pg = private_worker.pg
+    monkeypatch.setenv("WORKER_DB_RETRY_SEC", "2")
+    get_settings.cache_clear()
+    caplog.set_level(logging.INFO)
+    first, second = new_task(name="gated"), new_task(name="gated")
+    items = {d.id: d.attempt for d in dispatch_all()}
+    thread, out = _run_in_thread([(first, items[first]), (second, items[second])])
+    wait_until(lambda: task_row(first)["status"] == "STARTED", timeout=30, what="STARTED")
+
+    pg.stop("immediate")
+    private_worker.gate.set()
+    thread.join(timeout=60)
+    # The first outcome is given up with one line naming the attempt; the second task's claim is
+    # given up too, which ends the message without touching that task.
+    (gave_up,) = [r for r in caplog.records if getattr(r, "event", None) == "unrecorded"]
+    assert gave_up.levelno == logging.ERROR
+    assert (gave_up.task_id, gave_up.attempt) == (str(first), items[first])  # type: ignore[attr-defined]
+    assert "outcome SUCCEEDED not recorded, the database was unreachable" in gave_up.getMessage()
+    (raised,) = out
+    assert isinstance(raised, worker.GaveUp)
+
+    pg.start()
+    # Nothing is lost: the first is STARTED for the stuck sweep to retry, the second still ENQUEUED
+    # for the lost-message sweep to publish again.
+    assert task_row(first)["status"] == "STARTED"
+    assert task_row(second)["status"] == "ENQUEUED"
+    assert "STARTED" not in [to for _, to, _ in events(second)]

@@ -1,15 +1,25 @@
-"""The worker's side of a message: several attempts in one message, each claimed as it starts, and
-each task's own time limit."""
+"""The worker's side of a message: several attempts in one message, each claimed as it starts, each
+task's own time limit, outcomes PostgreSQL would refuse, and a claim whose reply was lost."""
 
 from __future__ import annotations
 
+import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import psycopg
 import pytest
-from tests.helpers import dispatch_all, events, new_task, task_row
+from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError
+from tests.helpers import dispatch_all, events, far_future, new_task, queued, task_row, to_started
 
-from taskscheduler import worker
+from taskscheduler import handlers, worker
+from taskscheduler.config import get_settings
+from taskscheduler.store import db
+from taskscheduler.store import dlq as dlq_store
+from taskscheduler.store import tasks as task_store
+from taskscheduler.store.tasks import MAX_ERROR_CHARS
 
 pytestmark = pytest.mark.usefixtures("settings")
 
@@ -61,3 +71,197 @@ def test_a_handler_past_its_task_timeout_fails_the_attempt() -> None:
     (item,) = [d for d in dispatch_all() if d.id == task_id]
     assert worker.run_attempt(task_id, item.attempt) == "dead"
     assert task_row(task_id)["dead_reason"] == "stuck_task_timeout"
+
+
+# --- outcomes that PostgreSQL would refuse, or that are too big -------------------------------------------------
+
+
+def _run_with(monkeypatch: pytest.MonkeyPatch, handler: Callable[[dict[str, Any]], Any], **task: Any) -> str:
+    """Run one attempt of a task whose handler is `handler`."""
+    monkeypatch.setitem(handlers._registry, "test_handler", handler)
+    task_id = new_task(name="test_handler", **task)
+    (item,) = [d for d in dispatch_all() if d.id == task_id]
+    return worker.run_attempt(task_id, item.attempt)
+
+
+def _only_task() -> dict[str, Any]:
+    with db.transaction() as conn:
+        (task_id,) = conn.execute(text("SELECT id FROM tasks")).scalars()
+    return task_row(task_id)
+
+
+def _nested(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("result", "error"),
+    [
+        ("caf\udce9", "the handler's result contains a lone UTF-16 surrogate"),
+        ({"k": "nul\x00"}, "the handler's result contains a NUL character"),
+        (_nested(300), "the handler's result is nested deeper than 64 levels"),
+        ({"blob": "x" * 3_000_000}, "the handler's result is 3000012 bytes as JSON, over MAX_RESULT_BYTES (1048576)"),
+    ],
+    ids=["lone-surrogate", "nul", "300-deep", "3MB"],
+)
+def test_a_result_postgres_or_the_api_cannot_take_is_a_failed_attempt_with_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, result: Any, error: str
+) -> None:
+    assert _run_with(monkeypatch, lambda payload: result, max_retries=1) == "failed"
+    row = _only_task()
+    assert row["status"] == "FAILED" and row["result"] is None
+    assert row["last_error"].startswith("ResultNotStorable: " + error)
+
+
+def test_max_result_bytes_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAX_RESULT_BYTES", "2048")
+    get_settings.cache_clear()
+    assert _run_with(monkeypatch, lambda payload: "x" * 2046) == "succeeded"
+    assert _run_with(monkeypatch, lambda payload: "x" * 2047, max_retries=0) == "dead"
+    dead = [t for t in _all_tasks() if t["status"] == "DEAD"]
+    assert [t["last_error"] for t in dead] == [
+        "ResultNotStorable: the handler's result is 2049 bytes as JSON, over MAX_RESULT_BYTES (2048): store large"
+        " data elsewhere and return a reference to it"
+    ]
+
+
+def _all_tasks() -> list[dict[str, Any]]:
+    with db.transaction() as conn:
+        return [dict(r) for r in conn.execute(text("SELECT * FROM tasks")).mappings()]
+
+
+def test_an_error_text_with_nul_and_lone_surrogates_is_stored_escaped_and_clipped_everywhere(
+    monkeypatch: pytest.MonkeyPatch, redis_client: Any, clean_db: Any
+) -> None:
+    def handler(payload: dict[str, Any]) -> None:
+        raise ValueError("bad\x00 caf\udce9 " + "x" * 1_000_000)
+
+    assert _run_with(monkeypatch, handler, max_retries=1) == "failed"
+    row = _only_task()
+    assert row["last_error"].startswith("ValueError: bad\\x00 caf\\udce9 xxx")
+    assert len(row["last_error"]) == MAX_ERROR_CHARS
+    (item,) = dispatch_all()
+    assert worker.run_attempt(item.id, item.attempt) == "dead"
+    row = _only_task()
+    assert row["status"] == "DEAD" and len(row["last_error"]) == MAX_ERROR_CHARS
+    with db.transaction() as conn:
+        details = [e["detail"] for e in task_store.list_events(conn, row["id"])]
+    assert all(d is None or len(d) <= MAX_ERROR_CHARS for d in details)
+    assert details[-1].startswith("max_retries_exceeded: ValueError: bad\\x00 caf\\udce9 xxx")
+    # The DLQ message carries the stored text, and the DLQ recorder clips whatever it is given.
+    ((task_id, attempt, name, reason, error),) = queued(redis_client, clean_db.redis_key_prefix, "dlq")
+    assert error == row["last_error"]
+    assert worker.record_dead(task_id, attempt, name, reason, "raw\x00 caf\udce9 " + "y" * 1_000_000)
+    with db.transaction() as conn:
+        (event,) = dlq_store.list_dlq_events(conn)
+    assert event["error"].startswith("raw\\x00 caf\\udce9 yyy") and len(event["error"]) == MAX_ERROR_CHARS
+
+
+def test_a_refused_result_that_slips_past_the_checks_is_a_failed_attempt_and_never_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As if the worker's checks missed a value PostgreSQL refuses: the write itself must not raise
+    # (which left the task STARTED), and neither the value nor the statement's parameters reach a log.
+    monkeypatch.setattr(worker, "storable_result", lambda value, max_bytes: value, raising=False)
+    secret = "SECRET-MARKER caf\udce9 SECRET-MARKER"
+    caplog.set_level(logging.DEBUG)
+    try:
+        outcome = _run_with(monkeypatch, lambda payload: {"card": secret}, max_retries=1)
+    except Exception as exc:  # the unfixed worker let it escape, as Celery would then log it
+        logging.getLogger("celery").exception("task raised: %s", exc)
+        outcome = "raised"
+    assert "SECRET-MARKER" not in caplog.text and "parameters" not in caplog.text
+    assert outcome == "failed"
+    row = _only_task()
+    assert row["status"] == "FAILED"
+    assert row["last_error"] == ("the handler's result could not be stored: InvalidTextRepresentation (SQLSTATE 22P02)")
+
+
+def test_bound_parameters_stay_out_of_database_errors() -> None:
+    task_id = new_task()
+    attempt = to_started(task_id)
+    with pytest.raises(DBAPIError) as raised:
+        db.run_statement(
+            lambda conn: task_store.succeed(conn, task_id=task_id, attempt=attempt, result="caf\udce9 SECRET-MARKER")
+        )
+    assert "SECRET-MARKER" not in str(raised.value)
+
+
+def test_a_deep_result_stored_before_results_were_checked_does_not_break_reading_the_task(client: Any) -> None:
+    task_id = new_task()
+    attempt = to_started(task_id)
+    with db.transaction() as conn:
+        assert task_store.succeed(conn, task_id=task_id, attempt=attempt, result=_nested(300))
+    response = client.get(f"/tasks/{task_id}")
+    assert response.status_code == 200, response.text
+    assert response.json()["result"] == "(not shown: the result is nested deeper than 64 levels)"
+    assert response.json()["status"] == "SUCCEEDED"
+
+
+# --- a claim whose reply was lost --------------------------------------------------------------------------------
+
+
+def test_a_claim_sent_again_after_its_reply_was_lost_finds_its_own_claim() -> None:
+    # The reply is lost at the DBAPI boundary: the claim runs and commits on the server (autocommit),
+    # then its connection is closed and the driver raises, as when the connection dies before the
+    # reply is read. That timing cannot be produced reliably over a real network.
+    task_id = new_task()
+    (item,) = dispatch_all()
+    engine = db.get_engine(autocommit=True)
+    lost: list[str] = []
+
+    def lose_the_reply(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "started_at = now(), heartbeat_at = now()" in statement and not lost:
+            lost.append(statement)
+            cursor.connection.close()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    event.listen(engine, "after_cursor_execute", lose_the_reply)
+    try:
+        outcome = worker.run_attempt(task_id, item.attempt)
+    finally:
+        event.remove(engine, "after_cursor_execute", lose_the_reply)
+    assert lost, "the claim was not intercepted"
+    assert outcome == "succeeded"
+    assert task_row(task_id)["status"] == "SUCCEEDED"
+    assert events(task_id) == [
+        (None, "PENDING", 0),
+        ("PENDING", "ENQUEUED", 1),
+        ("ENQUEUED", "STARTED", 1),
+        ("STARTED", "SUCCEEDED", 1),
+    ]
+
+
+def test_a_claim_with_another_token_is_still_refused() -> None:
+    task_id = new_task()
+    (item,) = dispatch_all()
+    mine, theirs = uuid.uuid4(), uuid.uuid4()
+    with db.transaction() as conn:
+        assert task_store.claim(conn, task_id=task_id, attempt=item.attempt, token=mine) is not None
+    with db.transaction() as conn:
+        assert task_store.claim(conn, task_id=task_id, attempt=item.attempt, token=theirs) is None
+        assert task_store.claim(conn, task_id=task_id, attempt=item.attempt) is None
+        assert task_store.claim(conn, task_id=task_id, attempt=item.attempt, token=mine) is not None
+    assert [to for _, to, _ in events(task_id)].count("STARTED") == 1
+
+
+def test_a_dead_attempt_whose_dlq_message_cannot_be_published_is_left_to_the_dlq_sweep(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broker_down(items: Any) -> int:
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(worker, "publish_dead", broker_down)
+
+    def handler(payload: dict[str, Any]) -> None:
+        raise RuntimeError("boom")
+
+    assert _run_with(monkeypatch, handler, max_retries=0) == "dead"
+    row = _only_task()
+    assert row["status"] == "DEAD" and not row["dlq_recorded"]
+    with db.transaction() as conn:
+        (lost,) = task_store.take_unrecorded_dead(conn, timeout_sec=0, limit=10, now=far_future())
+    assert lost.id == row["id"] and lost.error == "RuntimeError: boom"

@@ -1,27 +1,111 @@
-"""The worker's pure parts: storable results, the per-task time limit, grouping attempts into messages."""
+"""The worker's pure parts: storable results and error texts, the per-task time limit, grouping
+attempts into messages."""
 
 import math
 import signal
 import time
 import uuid
+from typing import Any
 
 import pytest
 
-from taskscheduler.store.tasks import Dispatched
-from taskscheduler.worker import _json_result, messages_for
+from taskscheduler.config import MAX_JSON_DEPTH
+from taskscheduler.lifecycle import nested_deeper_than
+from taskscheduler.store.tasks import MAX_ERROR_CHARS, Dispatched, storable_error
+from taskscheduler.worker import ResultNotStorable, _error_text, messages_for, storable_result
+
+MiB = 1024 * 1024
 
 
-@pytest.mark.parametrize("value", [{"a": [1, "x"]}, None, "text", {"escaped": "\\u0000 is just text here"}])
-def test_storable_results_pass(value):
-    assert _json_result(value) == value
+def _nested(levels: int) -> Any:
+    value: Any = "leaf"
+    for _ in range(levels):
+        value = [value]
+    return value
 
 
 @pytest.mark.parametrize(
-    "value", [{"x": math.nan}, {"x": math.inf}, {"s": "nul\x00"}, {"k\x00": 1}, {"obj": object()}, {1, 2}]
+    "value",
+    [
+        {"a": [1, "x"]},
+        None,
+        "text",
+        {"escaped": "\\u0000 is just text here"},
+        {"café": "naïve ☕ 𝄞"},
+        _nested(MAX_JSON_DEPTH),
+    ],
 )
+def test_storable_results_pass(value):
+    assert storable_result(value, max_bytes=MiB) == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"x": math.nan},
+        {"x": math.inf},
+        {"s": "nul\x00"},
+        {"k\x00": 1},
+        {"obj": object()},
+        {1, 2},
+        "caf\udce9",
+        {"caf\udce9": 1},
+        ["ok", {"deep": ["\ud800"]}],
+        _nested(MAX_JSON_DEPTH + 1),
+        _nested(300),
+        _nested(100_000),
+    ],
+    ids=["nan", "inf", "nul", "nul-key", "object", "set", "surrogate", "surrogate-key", "surrogate-inside",
+         "depth-65", "depth-300", "depth-100000"],
+)  # fmt: skip
 def test_unstorable_results_fail_the_attempt(value):
-    with pytest.raises(ValueError, match="result"):
-        _json_result(value)
+    with pytest.raises(ResultNotStorable, match="result"):
+        storable_result(value, max_bytes=MiB)
+
+
+def test_a_result_over_max_result_bytes_fails_the_attempt():
+    # Counted as UTF-8 JSON: 2 bytes per "é", plus the quotes.
+    assert storable_result("é" * 511, max_bytes=1024) == "é" * 511
+    with pytest.raises(ResultNotStorable, match=r"1026 bytes as JSON, over MAX_RESULT_BYTES \(1024\)"):
+        storable_result("é" * 512, max_bytes=1024)
+    with pytest.raises(ResultNotStorable, match="MAX_RESULT_BYTES"):
+        storable_result({"blob": "x" * (3 * MiB)}, max_bytes=MiB)
+
+
+@pytest.mark.parametrize(
+    ("raw", "stored"),
+    [
+        ("plain", "plain"),
+        ("a\x00b", "a\\x00b"),
+        ("caf\udce9", "caf\\udce9"),
+        ("naïve ☕", "naïve ☕"),
+        (None, None),
+    ],
+)
+def test_error_texts_are_stored_with_nul_and_lone_surrogates_escaped(raw, stored):
+    assert storable_error(raw) == stored
+
+
+def test_error_texts_are_clipped_to_max_error_chars_after_escaping():
+    assert storable_error("x" * 1_000_014) == "x" * MAX_ERROR_CHARS
+    escaped = storable_error("\x00" * MAX_ERROR_CHARS)
+    assert escaped is not None and len(escaped) == MAX_ERROR_CHARS and "\x00" not in escaped
+
+
+def test_an_exception_whose_message_cannot_be_read_still_gives_an_error_text():
+    class Broken(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    assert _error_text(Broken()) == "Broken: <the exception's message could not be read>"
+    assert _error_text(KeyError("k")) == "KeyError: 'k'"
+
+
+def test_nested_deeper_than_counts_container_levels():
+    assert not nested_deeper_than("scalar", 0)
+    assert not nested_deeper_than(_nested(MAX_JSON_DEPTH), MAX_JSON_DEPTH)
+    assert nested_deeper_than(_nested(MAX_JSON_DEPTH + 1), MAX_JSON_DEPTH)
+    assert nested_deeper_than({"a": [1, {"b": _nested(100_000)}]}, MAX_JSON_DEPTH)
 
 
 def test_a_handler_past_its_time_limit_is_interrupted():

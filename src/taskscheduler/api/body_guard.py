@@ -18,9 +18,9 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from taskscheduler.config import MAX_JSON_DEPTH
+
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
-# Pydantic cannot serialise a response nested 256 levels deep; stay well below.
-MAX_JSON_DEPTH = 64
 # Python's own limit for converting a digit string to int (sys.get_int_max_str_digits()).
 _MAX_INT_DIGITS = 4300
 

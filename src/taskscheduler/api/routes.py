@@ -38,7 +38,7 @@ from taskscheduler.api.schemas import (
     TaskPage,
     TaskSummary,
 )
-from taskscheduler.config import Settings, redis_client_url
+from taskscheduler.config import MAX_JSON_DEPTH, Settings, redis_client_url
 from taskscheduler.lifecycle import (
     CANCELLABLE,
     MAX_PRIORITY,
@@ -46,6 +46,7 @@ from taskscheduler.lifecycle import (
     RETRYABLE,
     TERMINAL,
     TaskStatus,
+    nested_deeper_than,
     queue_for_priority,
 )
 from taskscheduler.store import db
@@ -326,7 +327,12 @@ def get_task(task_id: uuid.UUID, conn: ConnDep) -> TaskOut:
     row = task_store.get_task(conn, task_id)
     if row is None:
         raise _not_found(task_id)
-    return TaskOut.model_validate(dict(row))
+    task = dict(row)
+    if nested_deeper_than(task["result"], MAX_JSON_DEPTH):
+        # Stored before workers checked results: it cannot be serialised, and must not make the
+        # whole task unreadable (a 500 on every read).
+        task["result"] = f"(not shown: the result is nested deeper than {MAX_JSON_DEPTH} levels)"
+    return TaskOut.model_validate(task)
 
 
 @router.get(

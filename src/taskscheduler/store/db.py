@@ -13,7 +13,8 @@ import psycopg
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import Connection, Engine, create_engine, text
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from taskscheduler.config import get_settings, normalize_database_url
 
@@ -43,6 +44,9 @@ def get_engine(url: str | None = None, *, autocommit: bool = False) -> Engine:
             max_overflow=20,
             pool_recycle=1800,
             connect_args={"connect_timeout": 5, "application_name": "taskscheduler"},
+            # Bound values (a task's payload or result, an error text) stay out of exception
+            # messages, and so out of every log that prints one.
+            hide_parameters=True,
             **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
         )
         _engines[key] = engine
@@ -66,6 +70,15 @@ def run_statement(statement: Callable[[Connection], T], url: str | None = None) 
             raise
     with engine.connect() as conn:
         return statement(conn)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc` says the database was unreachable or busy (a failover, a restart, a lost
+    connection, a full pool, a serialization failure) rather than that it refused the statement:
+    the same statement may then succeed later."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError | InterfaceError | PoolTimeout)
 
 
 def dispose_engines() -> None:

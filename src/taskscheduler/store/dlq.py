@@ -9,7 +9,7 @@ from sqlalchemy import Connection, RowMapping, text
 
 from taskscheduler import metrics
 from taskscheduler.lifecycle import TaskStatus
-from taskscheduler.store.tasks import status_guard
+from taskscheduler.store.tasks import status_guard, storable_error
 
 _RECORD = text(
     f"""
@@ -32,7 +32,13 @@ def record_dlq_event(
     conn: Connection, *, task_id: uuid.UUID, attempt: int, task_name: str, reason: str, error: str | None
 ) -> bool:
     """Idempotent: a duplicate DLQ message for the same (task, attempt) adds nothing. True if inserted."""
-    params = {"task_id": task_id, "attempt": attempt, "task_name": task_name, "reason": reason, "error": error}
+    params = {
+        "task_id": task_id,
+        "attempt": attempt,
+        "task_name": task_name,
+        "reason": reason,
+        "error": storable_error(error),
+    }
     inserted = bool(conn.execute(_RECORD, params).scalar_one())
     if inserted:
         metrics.DLQ_EVENTS.labels(reason=reason).inc()

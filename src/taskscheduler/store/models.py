@@ -57,6 +57,9 @@ tasks = Table(
     Column("published_at", DateTime(timezone=True), nullable=True),
     Column("started_at", DateTime(timezone=True), nullable=True),
     Column("heartbeat_at", DateTime(timezone=True), nullable=True),
+    # Written by the claim that moved the current attempt to STARTED: a claim sent again after its
+    # reply was lost recognises its own claim by it (see store.tasks.claim).
+    Column("claim_token", UUID(as_uuid=True), nullable=True),
     Column("finished_at", DateTime(timezone=True), nullable=True),
     # Idempotent creation: the client's key, and a hash of the canonical request it first came with.
     Column("idempotency_key", Text, nullable=True),

@@ -38,8 +38,18 @@ MAX_ERROR_CHARS = 4000
 _NOW = "COALESCE(CAST(:now AS timestamptz), now())"
 
 
-def _clip(error: str | None) -> str | None:
-    return None if error is None else error[:MAX_ERROR_CHARS]
+def storable_error(error: str | None) -> str | None:
+    """An error text as a text column can hold it, the same wherever it is stored (`last_error`, an
+    event's detail, `dlq_events.error`): NUL and lone surrogates, which PostgreSQL refuses, written
+    as the escapes `\\x00` and `\\udce9`, and clipped to MAX_ERROR_CHARS characters."""
+    if error is None:
+        return None
+    error = error[:MAX_ERROR_CHARS]  # first, so that a huge text costs no more than a short one
+    if "\x00" in error:
+        error = error.replace("\x00", "\\x00")
+    if not error.isascii():
+        error = error.encode("utf-8", "backslashreplace").decode("utf-8")
+    return error[:MAX_ERROR_CHARS]
 
 
 @dataclass(frozen=True)
@@ -457,24 +467,55 @@ def _guarded(set_clause: str, *, src: TaskStatus, dst: TaskStatus, returning: st
     """
 
 
+_CLAIMED_COLUMNS = "t.id, t.name, t.payload, t.timeout_sec, t.max_retries, t.retry_base_attempt, t.queue"
+# ENQUEUED -> STARTED, or the row this very claim (same token) already moved: the claim is sent again
+# when its reply was lost, and must then find its own claim rather than drop the task. Both parts
+# read the snapshot taken before the update, so at most one of them returns the row.
 _CLAIM = text(
-    _guarded(
-        "started_at = now(), heartbeat_at = now()",
-        src=TaskStatus.ENQUEUED,
-        dst=TaskStatus.STARTED,
-        returning="t.id, t.name, t.payload, t.timeout_sec, t.max_retries, t.retry_base_attempt, t.queue,"
-        " EXTRACT(EPOCH FROM t.started_at - t.run_at)::float8 AS lag_sec",
+    f"""
+    WITH moved AS (
+        UPDATE tasks t SET status = 'STARTED', updated_at = now(), started_at = now(), heartbeat_at = now(),
+                           claim_token = :token
+        WHERE t.id = :id AND t.attempt = :attempt AND {status_guard("t.status", TaskStatus.ENQUEUED)}
+        RETURNING {_CLAIMED_COLUMNS}, EXTRACT(EPOCH FROM t.started_at - t.run_at)::float8 AS lag_sec, true AS fresh
+    ), event AS (
+        INSERT INTO task_events (task_id, from_status, to_status, attempt, detail)
+        SELECT id, 'ENQUEUED', 'STARTED', :attempt, :detail FROM moved
+    ), mine AS (
+        SELECT {_CLAIMED_COLUMNS}, 0::float8 AS lag_sec, false AS fresh FROM tasks t
+        WHERE t.id = :id AND t.attempt = :attempt AND {status_guard("t.status", TaskStatus.STARTED)}
+          AND t.claim_token = :token
     )
+    SELECT * FROM moved UNION ALL SELECT * FROM mine
+    """
 )
 
 
-def claim(conn: Connection, *, task_id: uuid.UUID, attempt: int, worker: str | None = None) -> Claimed | None:
-    """ENQUEUED -> STARTED. None when the message is stale (duplicate, cancelled, re-dispatched)."""
-    row = conn.execute(_CLAIM, {"id": task_id, "attempt": attempt, "detail": worker}).one_or_none()
+def claim(
+    conn: Connection,
+    *,
+    task_id: uuid.UUID,
+    attempt: int,
+    worker: str | None = None,
+    token: uuid.UUID | None = None,
+) -> Claimed | None:
+    """ENQUEUED -> STARTED. None when the message is stale (duplicate, cancelled, re-dispatched).
+
+    `token` names this claim: sent again with the same token (its first reply was lost), the claim
+    returns the task it already started instead of None. Without one, a fresh token.
+    """
+    params = {"id": task_id, "attempt": attempt, "detail": worker, "token": token or uuid.uuid4()}
+    row = conn.execute(_CLAIM, params).one_or_none()
     if row is None:
         return None
+    if not row.fresh:
+        return _claimed(row)
     metrics.transition(TaskStatus.ENQUEUED, TaskStatus.STARTED, row.queue)
     metrics.DISPATCH_LAG.labels(queue=row.queue).observe(max(0.0, row.lag_sec))
+    return _claimed(row)
+
+
+def _claimed(row: Row[Any]) -> Claimed:
     return Claimed(
         name=row.name,
         payload=row.payload,
@@ -529,7 +570,7 @@ _FAIL = text(
 
 def fail(conn: Connection, *, task_id: uuid.UUID, attempt: int, error: str, retry_in_sec: float) -> bool:
     """STARTED -> FAILED, due again after `retry_in_sec`."""
-    error = _clip(error) or ""
+    error = storable_error(error) or ""
     params = {"id": task_id, "attempt": attempt, "error": error, "retry_in_sec": retry_in_sec, "detail": error}
     return _counted(conn.execute(_FAIL, params).first(), TaskStatus.STARTED, TaskStatus.FAILED)
 
@@ -546,8 +587,9 @@ _KILL = text(
 
 def kill(conn: Connection, *, task_id: uuid.UUID, attempt: int, error: str, reason: DlqReason) -> str | None:
     """STARTED -> DEAD; returns the task's name (for the DLQ message the caller publishes), or None."""
-    error = _clip(error) or ""
-    params = {"id": task_id, "attempt": attempt, "error": error, "reason": reason.value, "detail": f"{reason}: {error}"}
+    error = storable_error(error) or ""
+    detail = storable_error(f"{reason}: {error}")
+    params = {"id": task_id, "attempt": attempt, "error": error, "reason": reason.value, "detail": detail}
     row = conn.execute(_KILL, params).first()
     if row is None or not _counted(row, TaskStatus.STARTED, TaskStatus.DEAD):
         return None
