@@ -147,6 +147,10 @@ def test_list_limit_and_cursor(client: TestClient) -> None:
         pytest.param({"cursor": base64.urlsafe_b64encode(b"[1, 2]").decode()}, id="cursor-wrong-types"),
         pytest.param({"cursor": base64.urlsafe_b64encode(b'["2030-01-01T00:00:00", "x"]').decode()}, id="cursor-bad"),
         pytest.param({"cursor": base64.urlsafe_b64encode(b"\xff\xfe").decode()}, id="cursor-not-utf8"),
+        pytest.param(
+            {"cursor": base64.urlsafe_b64encode(b'["2024-01-01T00:00:00+00:00", 5]').decode()}, id="cursor-int-id"
+        ),
+        pytest.param({"cursor": base64.urlsafe_b64encode(b"[1]").decode()}, id="cursor-one-item"),
         pytest.param({"name": ""}, id="name-empty"),
         pytest.param({"name": "demo\x00ok"}, id="name-NUL"),
         pytest.param({"cursor": "\x00"}, id="cursor-NUL"),

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from fastapi import HTTPException
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from taskscheduler.api.routes import decode_cursor, encode_cursor
 from taskscheduler.api.schemas import TaskCreate
@@ -44,8 +49,6 @@ def test_errors_for_people() -> None:
 
 
 def test_cursor_round_trip() -> None:
-    import uuid
-
     moment = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
     task_id = uuid.uuid4()
     cursor = encode_cursor(moment, task_id)
@@ -53,11 +56,96 @@ def test_cursor_round_trip() -> None:
     assert decode_cursor(cursor) == (moment, task_id)
 
 
-@pytest.mark.parametrize("cursor", ["", "%%%", "bm90IGpzb24", "WzEsIDJd", "WyIyMDMwLTAxLTAxVDAwOjAwOjAwIiwgIngiXQ"])
+def _b64(raw: str | bytes) -> str:
+    return base64.urlsafe_b64encode(raw.encode() if isinstance(raw, str) else raw).decode().rstrip("=")
+
+
+_ID = "7d4a1b3c-0e5f-4a6b-8c9d-0e1f2a3b4c5d"
+_TIME = "2030-01-01T00:00:00+00:00"
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        pytest.param(text, id=text or "empty")
+        for text in ("", "%%%", "é", "\x00", "bm90IGpzb24", "WzEsIDJd", "WyIyMDMwLTAxLTAxVDAwOjAwOjAwIiwgIngiXQ")
+    ]
+    + [
+        pytest.param(_b64(raw), id=name)
+        for name, raw in [
+            ("time-and-int", f'["{_TIME}", 5]'),  # was an AttributeError, a 500
+            ("one-int", "[1]"),
+            ("time-and-list", f'["{_TIME}", ["{_ID}"]]'),
+            ("time-and-object", f'["{_TIME}", {{"id": "{_ID}"}}]'),
+            ("time-and-null", f'["{_TIME}", null]'),
+            ("time-and-bool", f'["{_TIME}", true]'),
+            ("time-and-float", f'["{_TIME}", 1.5]'),
+            ("int-and-id", f'[1700000000, "{_ID}"]'),
+            ("numeric-string-time", f'["1700000000", "{_ID}"]'),
+            ("null-and-id", f'[null, "{_ID}"]'),
+            ("swapped", f'["{_ID}", "{_TIME}"]'),
+            ("three-items", f'["{_TIME}", "{_ID}", 1]'),
+            ("empty-list", "[]"),
+            ("object", f'{{"created_at": "{_TIME}", "id": "{_ID}"}}'),
+            ("two-char-string", '"ab"'),
+            ("number", "1"),
+            ("null", "null"),
+            ("huge-int", "[" + "9" * 120 + "]"),
+            ("huge-int-id", f'["{_TIME}", {"9" * 100}]'),
+            ("naive-time", f'["2030-01-01T00:00:00", "{_ID}"]'),
+            ("date-only", f'["2030-01-01", "{_ID}"]'),
+            ("year-0", f'["0000-01-01T00:00:00+00:00", "{_ID}"]'),
+            ("year-10000", f'["10000-01-01T00:00:00+00:00", "{_ID}"]'),
+            ("out-of-range-in-utc-low", f'["0001-01-01T00:00:00+16:00", "{_ID}"]'),
+            ("out-of-range-in-utc-high", f'["9999-12-31T23:59:59-16:00", "{_ID}"]'),
+            ("offset-24h", f'["2030-01-01T00:00:00+24:00", "{_ID}"]'),
+            ("month-13", f'["2030-13-01T00:00:00+00:00", "{_ID}"]'),
+            ("not-a-uuid", f'["{_TIME}", "x"]'),
+            ("short-uuid", f'["{_TIME}", "{_ID[:-1]}"]'),
+            ("nested", "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]"),
+            ("deeply-nested", "[" * 5000 + "]" * 5000),
+            ("not-utf8", b"\xff\xfe"),
+            ("truncated-json", f'["{_TIME}", "{_ID}"'),
+            ("nan", f'[NaN, "{_ID}"]'),
+        ]
+    ],
+)
 def test_bad_cursors(cursor: str) -> None:
     with pytest.raises(HTTPException) as caught:
         decode_cursor(cursor)
     assert caught.value.status_code == 422
+    assert caught.value.detail == [
+        {"loc": ["query", "cursor"], "msg": "invalid cursor: pass the next_cursor of a previous page unchanged",
+         "type": "value_error"}
+    ]  # fmt: skip
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_ISO_TIME = st.datetimes(timezones=st.none() | st.just(UTC)).map(datetime.isoformat)
+_UUID = st.uuids().map(str)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        st.text(max_size=60),  # anything at all
+        st.binary(max_size=60).map(_b64),  # any bytes, base64-encoded
+        _JSON.map(lambda v: _b64(json.dumps(v))),  # any JSON
+        # Pairs and near-pairs where each item is right or junk, to get past the time to the id.
+        st.lists(_ISO_TIME | _UUID | _JSON, min_size=1, max_size=3).map(lambda v: _b64(json.dumps(v))),
+    )
+)
+def test_any_cursor_decodes_or_is_a_422(cursor: str) -> None:
+    try:
+        created_at, task_id = decode_cursor(cursor)
+    except HTTPException as exc:
+        assert exc.status_code == 422
+    else:  # what decodes is a usable keyset position
+        assert created_at.tzinfo is UTC and isinstance(task_id, uuid.UUID)
 
 
 def test_request_hash_is_about_meaning() -> None:

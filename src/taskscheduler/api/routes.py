@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import uuid
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ import redis
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, Security, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
+from pydantic import TypeAdapter
 from sqlalchemy import text
 
 from taskscheduler import handlers, metrics
@@ -264,18 +264,19 @@ def encode_cursor(created_at: datetime, task_id: uuid.UUID) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+# A cursor is ours only if it decodes to exactly [aware ISO 8601 time, UUID]: anything else a client
+# sends (other JSON, other types, naive or out-of-range times, deep nesting) is a 422, never a 500.
+_CURSOR = TypeAdapter(tuple[IsoDatetime, uuid.UUID])
+_BAD_CURSOR = "invalid cursor: pass the next_cursor of a previous page unchanged"
+
+
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at_text, task_id_text = json.loads(raw)
-        created_at = datetime.fromisoformat(created_at_text)
-        if created_at.tzinfo is None:
-            raise ValueError("naive time")
-        return created_at.astimezone(UTC), uuid.UUID(task_id_text)
-    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, OverflowError):
-        raise _validation_error(
-            [_error(["query", "cursor"], "invalid cursor: pass the next_cursor of a previous page unchanged")]
-        ) from None
+        created_at, task_id = _CURSOR.validate_json(raw)
+    except (ValueError, TypeError):  # binascii.Error and pydantic's ValidationError are ValueErrors
+        raise _validation_error([_error(["query", "cursor"], _BAD_CURSOR)]) from None
+    return created_at, task_id
 
 
 @router.get("/tasks", summary="List tasks (filters, pagination)", response_model=TaskPage, tags=["tasks"])
