@@ -226,20 +226,39 @@ async def create_tasks(
 
     Every task is checked as `POST /tasks` checks it before any is created; any error is a 422 that
     names each bad task by its index (`loc: ["body", "tasks", 3, "name"]`). Tasks may carry their
-    own `idempotency_key`: those found are returned as they are, and `created` counts the new ones.
-    201, or 200 when every task already existed.
+    own `idempotency_key`: those found (with the same request) are returned as they are, unchecked,
+    as `POST /tasks` returns them, even if their run_at has passed since; `created` counts the new
+    ones. A key found with a different request is a 409. 201, or 200 when every task already existed.
     """
     settings: Settings = request.app.state.settings
     if idempotency_key is not None:
         message = "a batch has no Idempotency-Key header: give each task its own idempotency_key"
         raise _validation_error([_error(["header", "Idempotency-Key"], message)])
-    errors = [e for i, task in enumerate(body.tasks) for e in check_new_task(task, settings, ["body", "tasks", i])]
-    if errors:
-        raise _validation_error(errors)
+    errors = {i: check_new_task(task, settings, ["body", "tasks", i]) for i, task in enumerate(body.tasks)}
+    errors = {i: e for i, e in errors.items() if e}
+    # Keys are looked up only when a task with one fails its checks: a replay of a batch sent
+    # earlier must not be refused because its run_at has passed (or its handler has gone) since.
+    keyed = {i: key for i in errors if (key := body.tasks[i].idempotency_key) is not None}
+    if errors and not keyed:
+        raise _validation_error([e for i in sorted(errors) for e in errors[i]])
     specs = [new_task_spec(t, t.idempotency_key) for t in body.tasks]
 
     async def create(conn: db.AsyncConn) -> list[task_store.CreateResult]:
-        return await task_store.create_tasks_async(conn, specs)
+        if keyed:
+            existing = await task_store.get_by_idempotency_keys_async(conn, sorted(set(keyed.values())))
+            for i, key in keyed.items():
+                found = existing.get(key)
+                if found is not None and found["request_hash"] != specs[i].request_hash:
+                    raise task_store.IdempotencyConflict(key, found["id"])
+            still_bad = [e for i in sorted(errors) if keyed.get(i) not in existing for e in errors[i]]
+            if still_bad:
+                raise _validation_error(still_bad)
+        results = await task_store.create_tasks_async(conn, specs)
+        if any(results[i].created for i in keyed):
+            # The task holding a replayed key was deleted (retention) between the lookup and the
+            # insert: the unchecked task would have been created anew.
+            raise task_store.IdempotencyKeyInFlux(next(keyed[i] for i in keyed if results[i].created))
+        return results
 
     try:
         results = await db.run_transaction_async(_statement_pool(request), create, settings.database_url or None)
