@@ -165,6 +165,7 @@ def serve(host: str, port: int, api_keys: list[str]) -> WSGIServer | None:
         result: Iterable[bytes] = metrics_app(environ, start_response)
         return result
 
+    warn_if_open("the metrics endpoint", host, port, api_keys)
     try:
         server = make_server(host, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
     except OSError as exc:
@@ -173,5 +174,4 @@ def serve(host: str, port: int, api_keys: list[str]) -> WSGIServer | None:
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()
     log.info("metrics on http://%s:%d/metrics", host, server.server_port, extra={"event": "metrics_serving"})
-    warn_if_open("the metrics endpoint", host, server.server_port, api_keys)
     return server
