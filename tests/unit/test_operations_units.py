@@ -12,11 +12,13 @@ import pytest
 from fastapi import HTTPException
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from taskscheduler.api.routes import decode_cursor, encode_cursor
 from taskscheduler.api.schemas import TaskCreate
-from taskscheduler.auth import bearer_ok
+from taskscheduler.auth import RefusalLog, bearer_ok, is_loopback, warn_if_open
 from taskscheduler.client import ClientError, describe_error, parse_duration
+from taskscheduler.config import Settings
 from taskscheduler.metrics import TaskCountCollector
 
 
@@ -176,6 +178,62 @@ def test_bearer_keys_are_compared_exactly() -> None:
         assert not bearer_ok(header, keys), header
     assert not bearer_ok("Bearer \udcff", keys)
     assert not bearer_ok("Bearer anything", [])
+
+
+@pytest.mark.parametrize(
+    "keys",
+    ["kéy", "good,kéy", "key with space", "tab\tkey", "nul\x00key", "bell\x07", "nb\u00a0sp", "emoji-\U0001f511"],
+)
+def test_api_keys_that_could_never_match_are_refused_without_being_repeated(keys: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(_env_file=None, api_keys=keys)  # type: ignore[call-arg]
+    message = str(caught.value)
+    assert "API_KEYS: key " in message and "printable ASCII" in message
+    for key in keys.split(","):
+        assert key.strip() not in message
+
+
+def test_usable_api_keys_are_accepted() -> None:
+    settings = Settings(_env_file=None, api_keys=" k1 , a-B_c.d~e+f/g=, !#$%&'*:;<>?@[]^`{|}, ")  # type: ignore[call-arg]
+    assert settings.api_key_list == ["k1", "a-B_c.d~e+f/g=", "!#$%&'*:;<>?@[]^`{|}"]
+
+
+def test_refusals_are_logged_once_per_interval_per_client(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger="taskscheduler.auth")
+    now = [1000.0]
+    refusals = RefusalLog(60.0, max_clients=2, clock=lambda: now[0])
+    for _ in range(5):
+        refusals.refused("10.0.0.1", "invalid API key", "GET /tasks")
+    refusals.refused("10.0.0.2", "missing API key", "GET /dlq")
+    now[0] += 59.9
+    refusals.refused("10.0.0.1", "invalid API key", "GET /tasks")
+    now[0] += 0.1
+    refusals.refused("10.0.0.1", "invalid API key", "GET /tasks\nforged line")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "authentication failed for 10.0.0.1: invalid API key",
+        "authentication failed for 10.0.0.2: missing API key",
+        "authentication failed for 10.0.0.1: invalid API key (5 more refused since its last line)",
+    ]
+    assert caplog.records[-1].where == "GET /tasks?forged line"  # type: ignore[attr-defined]
+    # Memory is bounded: a third address evicts the least recently logged one, whose count is lost.
+    refusals.refused("10.0.0.3", "invalid API key", "GET /tasks")
+    refusals.refused("10.0.0.2", "missing API key", "GET /dlq")
+    assert len(caplog.records) == 5
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.0.0.2", True), ("localhost", True), ("::1", True), ("[::1]", True),
+     ("0.0.0.0", False), ("::", False), ("192.168.1.10", False), ("example.com", False), ("", False)],
+)  # fmt: skip
+def test_open_beyond_loopback_without_keys_is_warned(
+    caplog: pytest.LogCaptureFixture, host: str, loopback: bool
+) -> None:
+    assert is_loopback(host) is loopback
+    assert warn_if_open("the API", host, 8000, []) is not loopback
+    assert warn_if_open("the API", host, 8000, ["k"]) is False
+    assert len(caplog.records) == (0 if loopback else 1)
 
 
 def test_task_counts_report_every_pair() -> None:
