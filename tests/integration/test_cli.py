@@ -259,13 +259,18 @@ def _started(args: list[str], env: dict[str, str], log_path: Path) -> Iterator[C
     try:
         yield lambda: log_path.read_text(errors="replace")
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM, then SIGKILL, to the process group the test started (children included)."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait)
 
 
 def test_the_api_listens_on_loopback_by_default_and_does_not_warn(settings: Settings, tmp_path: Path) -> None:
@@ -298,7 +303,13 @@ def test_an_api_key_that_could_never_match_is_refused_at_start_up(
     settings: Settings, tmp_path: Path, role: list[str]
 ) -> None:
     env = _server_env(settings, API_KEYS="good-key,bäd-key")
-    proc = subprocess.run([CLI, *role], env=env, capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "configuration error" in proc.stderr and "API_KEYS: key 2 of 2 holds a non-ASCII character" in proc.stderr
-    assert "bäd-key" not in proc.stderr + proc.stdout and "good-key" not in proc.stderr + proc.stdout
+    proc = subprocess.Popen(
+        [CLI, *role], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        _stop_group(proc)  # a role that started after all must not outlive the test
+    assert proc.returncode == 2, stdout + stderr
+    assert "configuration error" in stderr and "API_KEYS: key 2 of 2 holds a non-ASCII character" in stderr
+    assert "bäd-key" not in stderr + stdout and "good-key" not in stderr + stdout
