@@ -59,7 +59,10 @@ bearer = HTTPBearer(
     description="One of the keys in API_KEYS, sent as `Authorization: Bearer <key>`. Needed only when the"
     " server sets API_KEYS.",
 )
-UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: {"description": "API_KEYS is set and no valid key was sent."}}
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    400: {"description": "API_KEYS is set and the request has several Authorization headers."},
+    401: {"description": "API_KEYS is set and no valid key was sent."},
+}
 
 router = APIRouter(dependencies=[Security(bearer)], responses=UNAUTHORIZED)
 health_router = APIRouter(tags=["health"])
