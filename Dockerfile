@@ -27,5 +27,10 @@ RUN pip install --no-cache-dir --no-deps . \
 WORKDIR /app
 USER 10001:10001
 
+# A container is reached through its interfaces, not its loopback: listen on all of them (the settings'
+# defaults are 127.0.0.1). Set API_KEYS too, or every role warns at start-up that it is open.
+ENV API_HOST=0.0.0.0 \
+    METRICS_HOST=0.0.0.0
+
 EXPOSE 8000
 CMD ["taskscheduler", "api"]

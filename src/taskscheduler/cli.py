@@ -74,13 +74,16 @@ def api(
     import uvicorn
 
     from taskscheduler.api import create_app
+    from taskscheduler.auth import warn_if_open
 
     settings = _settings()
+    host, port = host or settings.api_host, port or settings.api_port
+    warn_if_open("the API", host, port, settings.api_key_list)
     _wait_for_database(settings)
     uvicorn.run(
         create_app(settings),
-        host=host or settings.api_host,
-        port=port or settings.api_port,
+        host=host,
+        port=port,
         log_config=None,
         access_log=False,
     )

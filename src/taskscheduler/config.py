@@ -28,7 +28,11 @@ def redis_client_url(url: str) -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # hide_input_in_errors: a refused value is not repeated in the error, since API_KEYS holds
+    # secrets and DATABASE_URL / REDIS_URL may hold passwords.
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", hide_input_in_errors=True
+    )
 
     # Empty means "use the embedded servers" (only `taskscheduler dev` and the tests start them).
     database_url: str = ""
@@ -69,7 +73,8 @@ class Settings(BaseSettings):
     api_keys: str = ""
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
-    api_host: str = "0.0.0.0"
+    # Loopback unless told otherwise: compose and the Dockerfile set 0.0.0.0 (and API_KEYS belongs with it).
+    api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
     worker_concurrency: int = Field(1, ge=1, description="Worker processes per `taskscheduler worker`.")
     # Retention: finished tasks (and their events) and dlq_events older than this are deleted; 0 keeps them.
@@ -80,7 +85,7 @@ class Settings(BaseSettings):
     process_heartbeat_sec: float = Field(10.0, gt=0, description="How often each process records that it is alive.")
     # Prometheus endpoint of `taskscheduler scheduler` and `taskscheduler worker`; 0: none (the API serves /metrics).
     metrics_port: int = Field(0, ge=0, le=65535)
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"
     # Test-only: a fault point name; see scheduler/dispatch.py. Never set in production.
     fault_point: str = ""
 
@@ -94,6 +99,22 @@ class Settings(BaseSettings):
     def _redis_url(cls, value: str) -> str:
         if value and not value.startswith(("redis://", "rediss://", "redis+socket://", "unix://")):
             raise ValueError("REDIS_URL must start with redis://, rediss:// or redis+socket://")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys(cls, value: str) -> str:
+        # A key travels in an HTTP header, read as latin-1 bytes: a non-ASCII key could never match,
+        # and one with a space or control character is not a bearer token. Say which, never the key.
+        keys = [k.strip() for k in value.split(",") if k.strip()]
+        for n, key in enumerate(keys, start=1):
+            bad = next((c for c in key if not ("!" <= c <= "~")), None)
+            if bad is not None:
+                what = "a non-ASCII character" if ord(bad) > 0x7E else "a space or control character"
+                raise ValueError(
+                    f"API_KEYS: key {n} of {len(keys)} holds {what}; a key is printable ASCII without spaces"
+                    " or commas (e.g. from `openssl rand -hex 32`)"
+                )
         return value
 
     @property

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
 
-from taskscheduler.auth import bearer_ok
+from taskscheduler.auth import RefusalLog, bearer_ok, warn_if_open
 from taskscheduler.lifecycle import TASK_QUEUES, TaskStatus
 
 log = logging.getLogger(__name__)
@@ -145,8 +145,19 @@ def serve(host: str, port: int, api_keys: list[str]) -> WSGIServer | None:
     else:
         metrics_app = make_wsgi_app(REGISTRY)
 
+    refusals = RefusalLog()
+
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if api_keys and not bearer_ok(environ.get("HTTP_AUTHORIZATION"), api_keys):
+        header = environ.get("HTTP_AUTHORIZATION")
+        if api_keys and not bearer_ok(header, api_keys):
+            where = f"{environ.get('REQUEST_METHOD', '?')} {environ.get('PATH_INFO', '')} (metrics)"
+            client = environ.get("REMOTE_ADDR") or "unknown"
+            if header is not None and "," in header:
+                # wsgiref joins repeated headers with commas, which no key holds.
+                refusals.refused(client, "several Authorization headers: send exactly one", where)
+                start_response("400 Bad Request", [("Content-Type", "text/plain")])
+                return [b"several Authorization headers: send exactly one\n"]
+            refusals.refused(client, "missing API key" if header is None else "invalid API key", where)
             start_response(
                 "401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", 'Bearer realm="metrics"')]
             )
@@ -154,6 +165,7 @@ def serve(host: str, port: int, api_keys: list[str]) -> WSGIServer | None:
         result: Iterable[bytes] = metrics_app(environ, start_response)
         return result
 
+    warn_if_open("the metrics endpoint", host, port, api_keys)
     try:
         server = make_server(host, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
     except OSError as exc:

@@ -264,6 +264,20 @@ def test_get_rejects(client: TestClient, path: str, expected: int) -> None:
     _assert_clear_4xx(client.get(path), expected)
 
 
+@pytest.mark.parametrize(
+    "path", ["/tasks/", "/dlq/", "/metrics/", "/tasks/7d4a1b3c-0e5f-4a6b-8c9d-0e1f2a3b4c5d/events/"]
+)
+@pytest.mark.parametrize("api_keys", ["", "key-one"])
+def test_a_trailing_slash_is_a_404_not_a_redirect_built_from_host(settings: Settings, path: str, api_keys: str) -> None:
+    # Starlette's slash redirect took its Location from the Host header, which the client chooses.
+    app = create_app(settings.model_copy(update={"api_keys": api_keys}))
+    with TestClient(app, raise_server_exceptions=False, base_url="http://evil.example") as client:
+        response = client.get(path, headers={"Authorization": "Bearer key-one"}, follow_redirects=False)
+    assert response.status_code == 404, (response.status_code, response.headers)
+    assert "location" not in response.headers
+    assert response.json()["detail"]
+
+
 # --- accepted input ---------------------------------------------------------------------------------
 
 

@@ -80,6 +80,40 @@ def test_401_without_a_key_and_200_with_one(secured: TestClient) -> None:
     assert secured.get("/metrics").status_code == 401
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param(["Bearer key-one", "Bearer wrong"], id="good-then-bad"),
+        pytest.param(["Bearer wrong", "Bearer key-one"], id="bad-then-good"),
+        pytest.param(["Bearer key-one", "Bearer key-two"], id="two-good"),
+        pytest.param(["Bearer key-one", ""], id="good-then-empty"),
+    ],
+)
+def test_several_authorization_headers_are_a_400(secured: TestClient, values: list[str]) -> None:
+    # Only the first used to be checked, while a proxy or a later layer may read another one.
+    response = secured.get("/tasks", headers=[("Authorization", value) for value in values])
+    assert response.status_code == 400, response.text
+    assert response.json() == {"detail": "several Authorization headers: send exactly one"}
+    created = secured.post("/tasks", json={"name": "demo_ok"}, headers=[("authorization", v) for v in values])
+    assert created.status_code == 400
+    assert secured.get("/tasks", headers={"Authorization": "Bearer key-one"}).status_code == 200
+
+
+def test_refused_requests_are_logged_once_a_minute_per_client_without_the_key(
+    secured: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="taskscheduler.auth")
+    guesses = [f"Bearer guess-{n}-s3cr3t" for n in range(5)]
+    for guess in guesses:
+        assert secured.get("/tasks", headers={"Authorization": guess}).status_code == 401
+    assert secured.get("/dlq").status_code == 401
+    lines = [r for r in caplog.records if r.name == "taskscheduler.auth"]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert "authentication failed for testclient: invalid API key" in lines[0].getMessage()
+    assert lines[0].where == "GET /tasks"  # type: ignore[attr-defined]
+    assert "s3cr3t" not in caplog.text and "guess" not in caplog.text
+
+
 def test_a_stranger_is_refused_before_the_body_is_read(secured: TestClient) -> None:
     for content in (b'{"name": ', b"x" * 500_000):
         response = secured.post("/tasks", content=content, headers={"Content-Type": "application/json"})
@@ -236,6 +270,48 @@ def test_the_scheduler_and_worker_endpoint_asks_for_a_key_too(settings: Settings
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_metrics_endpoint_refuses_several_authorization_headers(caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    server = metrics.serve("127.0.0.1", port, ["key-one"])
+    assert server is not None
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        for values in (["Bearer key-one", "Bearer wrong"], ["Bearer wrong", "Bearer key-one"]):
+            response = httpx.get(url, headers=[("Authorization", v) for v in values], timeout=5)
+            assert response.status_code == 400, response.text
+        for n in range(3):
+            assert httpx.get(url, headers={"Authorization": f"Bearer nope-{n}"}, timeout=5).status_code == 401
+    finally:
+        server.shutdown()
+        server.server_close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "taskscheduler.auth"]
+    assert lines == ["authentication failed for 127.0.0.1: several Authorization headers: send exactly one"]
+    assert "nope" not in caplog.text
+
+
+@pytest.mark.parametrize(("host", "keys", "warned"), [("0.0.0.0", [], True), ("0.0.0.0", ["k"], False)])
+def test_the_metrics_endpoint_warns_when_open_beyond_loopback_without_keys(
+    caplog: pytest.LogCaptureFixture, host: str, keys: list[str], warned: bool
+) -> None:
+    # The port is held (bound, never listening) so that serve() cannot bind it: nothing listens
+    # beyond loopback during the test, and the warning is about the configuration anyway.
+    with socket.socket() as held:
+        held.bind((host, 0))
+        assert metrics.serve(host, held.getsockname()[1], keys) is None
+    assert ("API_KEYS is empty" in caplog.text) is warned
+    assert "metrics not served" in caplog.text
+
+
+def test_the_metrics_endpoint_on_loopback_does_not_warn(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="taskscheduler")
+    server = metrics.serve("127.0.0.1", free_port(), [])
+    assert server is not None
+    server.shutdown()
+    server.server_close()
+    assert "metrics on http://127.0.0.1:" in caplog.text
+    assert "API_KEYS is empty" not in caplog.text
 
 
 def test_a_taken_metrics_port_is_an_error_in_the_log_not_a_crash(caplog: pytest.LogCaptureFixture) -> None:

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
-from tests.helpers import task_row, to_dead
+from tests.helpers import free_port, task_row, to_dead, wait_until
 from typer.testing import CliRunner, Result
 
 from taskscheduler.api import create_app
@@ -229,3 +237,79 @@ def test_status_output_is_not_rich_markup(live_api: Any) -> None:
     task_id = run("submit", "demo_ok", "--payload", payload, "--url", live_api.url).stdout.split()[0]
     shown = run("status", task_id, "--url", live_api.url)
     assert "[bold red]not markup[/]" in shown.output
+
+
+# --- `taskscheduler api`: where it listens, what it says ------------------------------------------------------------
+
+
+CLI = shutil.which("taskscheduler", path=str(Path(sys.executable).parent)) or "taskscheduler"
+
+
+def _server_env(settings: Settings, **changes: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("API_HOST", "API_KEYS", "METRICS_HOST", "FAULT_POINT")}
+    env.update(DATABASE_URL=settings.database_url, REDIS_URL=settings.redis_url, LOG_LEVEL="INFO")
+    env.update(changes)
+    return env
+
+
+@contextlib.contextmanager
+def _started(args: list[str], env: dict[str, str], log_path: Path) -> Iterator[Callable[[], str]]:
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen([CLI, *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield lambda: log_path.read_text(errors="replace")
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM, then SIGKILL, to the process group the test started (children included)."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait)
+
+
+def test_the_api_listens_on_loopback_by_default_and_does_not_warn(settings: Settings, tmp_path: Path) -> None:
+    port = free_port()
+    with _started(["api", "--port", str(port)], _server_env(settings), tmp_path / "api.log") as log:
+        wait_until(lambda: f"running on http://127.0.0.1:{port}" in log(), timeout=90, what="the API to listen")
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+        assert "API_KEYS is empty" not in log(), log()
+
+
+def test_the_api_beyond_loopback_without_keys_warns_at_start_up(settings: Settings, tmp_path: Path) -> None:
+    # A database that never answers keeps the process from ever binding: nothing listens beyond
+    # loopback during the test, and the warning comes first, from the settings alone.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    env = _server_env(settings, API_HOST="0.0.0.0", DATABASE_URL=f"postgresql://postgres@127.0.0.1:{closed}/x")
+    with _started(["api", "--port", str(free_port())], env, tmp_path / "api.log") as log:
+        wait_until(lambda: "waiting for the database" in log(), timeout=60, what="the API to start")
+        warnings = [line for line in log().splitlines() if "API_KEYS is empty" in line]
+        assert len(warnings) == 1 and "WARNING" in warnings[0] and "0.0.0.0" in warnings[0], log()
+    env["API_KEYS"] = "k-1"
+    with _started(["api", "--port", str(free_port())], env, tmp_path / "api-keys.log") as log:
+        wait_until(lambda: "waiting for the database" in log(), timeout=60, what="the API to start")
+        assert "API_KEYS is empty" not in log(), log()
+
+
+@pytest.mark.parametrize("role", [["api"], ["scheduler"], ["worker", "--queues", "low"], ["migrate"]])
+def test_an_api_key_that_could_never_match_is_refused_at_start_up(
+    settings: Settings, tmp_path: Path, role: list[str]
+) -> None:
+    env = _server_env(settings, API_KEYS="good-key,bäd-key")
+    proc = subprocess.Popen(
+        [CLI, *role], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        _stop_group(proc)  # a role that started after all must not outlive the test
+    assert proc.returncode == 2, stdout + stderr
+    assert "configuration error" in stderr and "API_KEYS: key 2 of 2 holds a non-ASCII character" in stderr
+    assert "bäd-key" not in stderr + stdout and "good-key" not in stderr + stdout

@@ -147,6 +147,10 @@ def test_list_limit_and_cursor(client: TestClient) -> None:
         pytest.param({"cursor": base64.urlsafe_b64encode(b"[1, 2]").decode()}, id="cursor-wrong-types"),
         pytest.param({"cursor": base64.urlsafe_b64encode(b'["2030-01-01T00:00:00", "x"]').decode()}, id="cursor-bad"),
         pytest.param({"cursor": base64.urlsafe_b64encode(b"\xff\xfe").decode()}, id="cursor-not-utf8"),
+        pytest.param(
+            {"cursor": base64.urlsafe_b64encode(b'["2024-01-01T00:00:00+00:00", 5]').decode()}, id="cursor-int-id"
+        ),
+        pytest.param({"cursor": base64.urlsafe_b64encode(b"[1]").decode()}, id="cursor-one-item"),
         pytest.param({"name": ""}, id="name-empty"),
         pytest.param({"name": "demo\x00ok"}, id="name-NUL"),
         pytest.param({"cursor": "\x00"}, id="cursor-NUL"),
@@ -702,6 +706,40 @@ def test_batch_conflicting_key_creates_nothing(client: TestClient, tasks: list[d
     response = client.post("/tasks/batch", json={"tasks": tasks})
     assert response.status_code == 409, response.text
     assert _count("SELECT count(*) FROM tasks") == 1
+
+
+def test_batch_replayed_after_run_at_has_passed_returns_its_tasks(client: TestClient, settings: Any) -> None:
+    run_at = (datetime.now(UTC) - timedelta(seconds=30)).isoformat()
+    tasks = [{"name": "demo_ok", "payload": {"n": n}, "run_at": run_at, "idempotency_key": f"b{n}"} for n in range(3)]
+    first = client.post("/tasks/batch", json={"tasks": tasks})
+    assert first.status_code == 201, first.text
+    ids = [t["id"] for t in first.json()["tasks"]]
+    # Sent again once that run_at is past the grace (here: an API with no grace at all), as POST /tasks.
+    with TestClient(create_app(settings.model_copy(update={"run_at_grace_sec": 0.0}))) as strict:
+        again = strict.post("/tasks/batch", json={"tasks": tasks})
+        assert again.status_code == 200, again.text
+        assert [t["id"] for t in again.json()["tasks"]] == ids and again.json()["created"] == 0
+
+        # Replayed tasks and new ones: only the new ones are held to the run_at check.
+        future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+        mixed = [*tasks, {"name": "demo_ok", "run_at": future}, {"name": "demo_ok", "idempotency_key": "b9"}]
+        response = strict.post("/tasks/batch", json={"tasks": mixed})
+        assert response.status_code == 201, response.text
+        assert [t["id"] for t in response.json()["tasks"]][:3] == ids and response.json()["created"] == 2
+
+        late = [
+            *tasks,
+            {"name": "demo_ok", "run_at": run_at, "idempotency_key": "new"},
+            {"name": "demo_ok", "run_at": run_at},
+        ]
+        refused = strict.post("/tasks/batch", json={"tasks": late})
+        assert refused.status_code == 422, refused.text
+        locs = [e["loc"] for e in refused.json()["detail"]]
+        assert locs == [["body", "tasks", 3, "run_at"], ["body", "tasks", 4, "run_at"]]
+
+        changed = strict.post("/tasks/batch", json={"tasks": [{**tasks[0], "payload": {"n": 99}}]})
+        assert changed.status_code == 409, changed.text
+    assert _count("SELECT count(*) FROM tasks") == 5
 
 
 def test_batch_refuses_the_idempotency_key_header(client: TestClient) -> None:

@@ -245,6 +245,41 @@ def _assert_cli_accepts(where: str, argv: list[str]) -> None:
             pytest.fail(f"{where}: `{shlex.join(argv)}` is not a valid command line: {message}")
 
 
+def dockerfile_env() -> dict[str, str]:
+    """The ENV of the Dockerfile (`ENV NAME=value`, continued over `\\` lines)."""
+    text = DOCKERFILE.read_text(encoding="utf-8").replace("\\\n", " ")
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env.update(item.split("=", 1) for item in shlex.split(line[len("ENV ") :]))
+    return env
+
+
+def test_servers_listen_on_loopback_unless_told_otherwise() -> None:
+    from taskscheduler.config import Settings
+
+    # Without Docker (the Procfile, a shell), nothing is reachable from the network by default...
+    assert Settings.model_fields["api_host"].default == "127.0.0.1"
+    assert Settings.model_fields["metrics_host"].default == "127.0.0.1"
+    assert "--host" not in " ".join(procfile().values())
+    # ...and in a container, where loopback reaches nothing, the image and compose say 0.0.0.0.
+    assert dockerfile_env()["API_HOST"] == "0.0.0.0" and dockerfile_env()["METRICS_HOST"] == "0.0.0.0"
+    for name in sorted(LONG_RUNNING):
+        env = environment_of(services()[name])
+        assert env["API_HOST"] == "0.0.0.0" and env["METRICS_HOST"] == "0.0.0.0", name
+
+
+def test_psycopg_floor_has_what_the_code_uses() -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    (psycopg,) = [r for r in map(Requirement, pyproject["project"]["dependencies"]) if r.name == "psycopg"]
+    # Connection.notifies(timeout=, stop_after=) (scheduler/wakeup.py) came with psycopg 3.2.0.
+    assert not psycopg.specifier.contains("3.1.99") and psycopg.specifier.contains("3.2.0")
+
+
 def test_api_port_is_published() -> None:
     api = services()["api"]
     assert any(str(port).endswith("8000:8000") for port in api["ports"]), api["ports"]

@@ -72,8 +72,15 @@ def create_app(settings: Settings | None = None, *, process_heartbeat: bool = Tr
             if heartbeat is not None:
                 heartbeat.stop()
 
+    # No redirect from `/tasks/` to `/tasks`: Starlette builds its Location from the Host header,
+    # which the client chooses. A path with a trailing slash is a 404.
     app = FastAPI(
-        title="taskscheduler", version=__version__, description=DESCRIPTION, openapi_tags=TAGS, lifespan=lifespan
+        title="taskscheduler",
+        version=__version__,
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+        redirect_slashes=False,
     )
     app.openapi = _openapi_listing_task_names(app)  # type: ignore[method-assign]
 

@@ -12,14 +12,22 @@ from collections.abc import Iterable
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from taskscheduler.auth import bearer_ok
+from taskscheduler.auth import RefusalLog, bearer_ok
 
 
 class ApiKeyAuth:
-    def __init__(self, app: ASGIApp, *, keys: list[str], public_paths: Iterable[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keys: list[str],
+        public_paths: Iterable[str],
+        refusals: RefusalLog | None = None,
+    ) -> None:
         self.app = app
         self.keys = list(keys)
         self.public_paths = frozenset(public_paths)
+        self.refusals = refusals or RefusalLog()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.keys:
@@ -32,16 +40,20 @@ class ApiKeyAuth:
         if path in self.public_paths:
             await self.app(scope, receive, send)
             return
-        header = None
-        for name, value in scope["headers"]:
-            if name.lower() == b"authorization":
-                header = value.decode("latin-1")
-                break
-        if bearer_ok(header, self.keys):
-            await self.app(scope, receive, send)
-            return
-        detail = "missing API key: send `Authorization: Bearer <key>`" if header is None else "invalid API key"
-        response = JSONResponse(
-            {"detail": detail}, status_code=401, headers={"WWW-Authenticate": 'Bearer realm="taskscheduler"'}
-        )
+        headers = [value for name, value in scope["headers"] if name.lower() == b"authorization"]
+        if len(headers) > 1:
+            # Proxies and frameworks disagree on which of several they read: refuse rather than
+            # check one of them while something behind us might read another.
+            status, reason = 400, "several Authorization headers: send exactly one"
+        else:
+            header = headers[0].decode("latin-1") if headers else None
+            if bearer_ok(header, self.keys):
+                await self.app(scope, receive, send)
+                return
+            status = 401
+            reason = "missing API key: send `Authorization: Bearer <key>`" if header is None else "invalid API key"
+        client = scope.get("client")
+        self.refusals.refused(client[0] if client else "unknown", reason, f"{scope['method']} {path}")
+        challenge = {"WWW-Authenticate": 'Bearer realm="taskscheduler"'} if status == 401 else None
+        response = JSONResponse({"detail": reason}, status_code=status, headers=challenge)
         await response(scope, receive, send)

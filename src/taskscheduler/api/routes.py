@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import uuid
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ import redis
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, Security, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
+from pydantic import TypeAdapter
 from sqlalchemy import text
 
 from taskscheduler import handlers, metrics
@@ -60,7 +60,10 @@ bearer = HTTPBearer(
     description="One of the keys in API_KEYS, sent as `Authorization: Bearer <key>`. Needed only when the"
     " server sets API_KEYS.",
 )
-UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: {"description": "API_KEYS is set and no valid key was sent."}}
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    400: {"description": "API_KEYS is set and the request has several Authorization headers."},
+    401: {"description": "API_KEYS is set and no valid key was sent."},
+}
 
 router = APIRouter(dependencies=[Security(bearer)], responses=UNAUTHORIZED)
 health_router = APIRouter(tags=["health"])
@@ -227,20 +230,39 @@ async def create_tasks(
 
     Every task is checked as `POST /tasks` checks it before any is created; any error is a 422 that
     names each bad task by its index (`loc: ["body", "tasks", 3, "name"]`). Tasks may carry their
-    own `idempotency_key`: those found are returned as they are, and `created` counts the new ones.
-    201, or 200 when every task already existed.
+    own `idempotency_key`: those found (with the same request) are returned as they are, unchecked,
+    as `POST /tasks` returns them, even if their run_at has passed since; `created` counts the new
+    ones. A key found with a different request is a 409. 201, or 200 when every task already existed.
     """
     settings: Settings = request.app.state.settings
     if idempotency_key is not None:
         message = "a batch has no Idempotency-Key header: give each task its own idempotency_key"
         raise _validation_error([_error(["header", "Idempotency-Key"], message)])
-    errors = [e for i, task in enumerate(body.tasks) for e in check_new_task(task, settings, ["body", "tasks", i])]
-    if errors:
-        raise _validation_error(errors)
+    errors = {i: check_new_task(task, settings, ["body", "tasks", i]) for i, task in enumerate(body.tasks)}
+    errors = {i: e for i, e in errors.items() if e}
+    # Keys are looked up only when a task with one fails its checks: a replay of a batch sent
+    # earlier must not be refused because its run_at has passed (or its handler has gone) since.
+    keyed = {i: key for i in errors if (key := body.tasks[i].idempotency_key) is not None}
+    if errors and not keyed:
+        raise _validation_error([e for i in sorted(errors) for e in errors[i]])
     specs = [new_task_spec(t, t.idempotency_key) for t in body.tasks]
 
     async def create(conn: db.AsyncConn) -> list[task_store.CreateResult]:
-        return await task_store.create_tasks_async(conn, specs)
+        if keyed:
+            existing = await task_store.get_by_idempotency_keys_async(conn, sorted(set(keyed.values())))
+            for i, key in keyed.items():
+                found = existing.get(key)
+                if found is not None and found["request_hash"] != specs[i].request_hash:
+                    raise task_store.IdempotencyConflict(key, found["id"])
+            still_bad = [e for i in sorted(errors) if keyed.get(i) not in existing for e in errors[i]]
+            if still_bad:
+                raise _validation_error(still_bad)
+        results = await task_store.create_tasks_async(conn, specs)
+        if any(results[i].created for i in keyed):
+            # The task holding a replayed key was deleted (retention) between the lookup and the
+            # insert: the unchecked task would have been created anew.
+            raise task_store.IdempotencyKeyInFlux(next(keyed[i] for i in keyed if results[i].created))
+        return results
 
     try:
         results = await db.run_transaction_async(_statement_pool(request), create, settings.database_url or None)
@@ -265,18 +287,19 @@ def encode_cursor(created_at: datetime, task_id: uuid.UUID) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+# A cursor is ours only if it decodes to exactly [aware ISO 8601 time, UUID]: anything else a client
+# sends (other JSON, other types, naive or out-of-range times, deep nesting) is a 422, never a 500.
+_CURSOR = TypeAdapter(tuple[IsoDatetime, uuid.UUID])
+_BAD_CURSOR = "invalid cursor: pass the next_cursor of a previous page unchanged"
+
+
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at_text, task_id_text = json.loads(raw)
-        created_at = datetime.fromisoformat(created_at_text)
-        if created_at.tzinfo is None:
-            raise ValueError("naive time")
-        return created_at.astimezone(UTC), uuid.UUID(task_id_text)
-    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, OverflowError):
-        raise _validation_error(
-            [_error(["query", "cursor"], "invalid cursor: pass the next_cursor of a previous page unchanged")]
-        ) from None
+        created_at, task_id = _CURSOR.validate_json(raw)
+    except (ValueError, TypeError):  # binascii.Error and pydantic's ValidationError are ValueErrors
+        raise _validation_error([_error(["query", "cursor"], _BAD_CURSOR)]) from None
+    return created_at, task_id
 
 
 @router.get("/tasks", summary="List tasks (filters, pagination)", response_model=TaskPage, tags=["tasks"])

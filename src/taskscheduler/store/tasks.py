@@ -288,6 +288,12 @@ async def get_by_idempotency_key_async(conn: db.AsyncConn, key: str) -> dict[str
     return await (await conn.execute(_BY_KEYS_PG, {"keys": [key]})).fetchone()
 
 
+async def get_by_idempotency_keys_async(conn: db.AsyncConn, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The tasks holding these keys, by key (keys no task holds are left out)."""
+    rows = await (await conn.execute(_BY_KEYS_PG, {"keys": list(keys)})).fetchall()
+    return {row["idempotency_key"]: row for row in rows}
+
+
 async def create_task_async(
     pool: db.AsyncStatementPool | None, spec: NewTask, url: str | None = None
 ) -> dict[str, Any]:
