@@ -25,7 +25,7 @@ from tests.helpers import (
 from taskscheduler.config import get_settings
 from taskscheduler.scheduler import dispatch, rescue
 from taskscheduler.scheduler.publisher import CeleryPublisher
-from taskscheduler.scheduler.service import SchedulerService, lost_the_database
+from taskscheduler.scheduler.service import SchedulerService
 from taskscheduler.store import db
 from taskscheduler.store import tasks as task_store
 
@@ -321,6 +321,8 @@ def test_heartbeats_missed_before_the_database_came_back_are_not_held_against_a_
 
 
 def test_a_scheduler_that_starts_or_regains_the_database_gives_workers_a_heartbeat_timeout(settings, monkeypatch):
+    from taskscheduler.scheduler.service import lost_the_database
+
     silent = new_task(max_retries=0)
     to_started(silent)
     # Its worker could not heartbeat while the database was away.
