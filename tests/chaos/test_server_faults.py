@@ -139,7 +139,9 @@ def test_a_partitioned_worker_is_rescued_and_its_late_writes_are_fenced(clean_db
 def test_running_tasks_survive_a_database_outage(private_servers, make_cluster, outage_sec: int):
     services, pg, _rd = private_servers
     url = services.database_url
-    cluster = make_cluster(services, HEARTBEAT_TIMEOUT_SEC="4")
+    # As reported: a 4 s heartbeat timeout; heartbeats every 2 s, so that after the outage the
+    # scheduler's first stuck check can come before the workers' first heartbeat.
+    cluster = make_cluster(services, HEARTBEAT_SEC="2", HEARTBEAT_TIMEOUT_SEC="4")
     cluster.start_all()
     ids = []
     for priority in (9, 5, 2):  # one per queue; they run through the outage and finish after it
