@@ -24,7 +24,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
 
@@ -63,6 +63,20 @@ RESCUES = Counter(
     ["reason"],
 )
 DLQ_EVENTS = Counter("taskscheduler_dlq_events", "dlq_events rows recorded.", ["reason"])
+BROKER_FAILURES = Counter(
+    "taskscheduler_broker_failures",
+    "Scheduler passes that could not reach the broker, by what they were doing: dispatch, dead (DLQ"
+    " messages), republish (lost messages), dlq_republish, check (queue lengths, start-up). Their tasks"
+    " stay in PostgreSQL and are published by a later pass.",
+    ["kind"],
+)
+# Labelled by role so that processes which never set it (the workers, in multiprocess mode) report nothing.
+BROKER_UP = Gauge(
+    "taskscheduler_broker_up",
+    "1 if the last broker call of this process succeeded, 0 if it failed (set by the scheduler).",
+    ["role"],
+    multiprocess_mode="liveall",
+)
 
 
 def transition(src: str | None, dst: str, queue: str, count: int = 1) -> None:

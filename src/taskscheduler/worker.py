@@ -563,12 +563,17 @@ def record_dead(task_id: str, attempt: int, task_name: str, reason: str, error: 
 
 
 def publish_attempts(
-    items: Iterable[task_store.Dispatched], *, default_timeout_sec: float, max_per_message: int = 1
+    items: Iterable[task_store.Dispatched],
+    *,
+    default_timeout_sec: float,
+    max_per_message: int = 1,
+    producer: Any = None,
+    retry_policy: dict[str, Any] | None = None,
 ) -> int:
     """Publish `(task_id, attempt)` to each task's queue over one producer connection, grouped into
-    messages by `messages_for`."""
+    messages by `messages_for`. `producer` and `retry_policy`: the scheduler's own (see CeleryPublisher)."""
     count = 0
-    with configure_celery().producer_or_acquire() as producer:
+    with configure_celery().producer_or_acquire(producer) as producer:
         for chunk in messages_for(items, max_per_message=max_per_message):
             # Celery's hard limit, for a handler that ignores its own (see _time_limit): the slice,
             # the longest task limit in the message, and a grace period.
@@ -578,6 +583,7 @@ def publish_attempts(
                 queue=chunk[0].queue,
                 time_limit_sec=MESSAGE_SLICE_SEC + longest + HARD_LIMIT_GRACE_SEC,
                 producer=producer,
+                retry_policy=retry_policy,
             )
             count += len(chunk)
     return count
@@ -601,7 +607,12 @@ def messages_for(items: Iterable[task_store.Dispatched], *, max_per_message: int
 
 
 def _publish_message(
-    items: Sequence[tuple[uuid.UUID, int]], *, queue: str, time_limit_sec: float | None, producer: Any = None
+    items: Sequence[tuple[uuid.UUID, int]],
+    *,
+    queue: str,
+    time_limit_sec: float | None,
+    producer: Any = None,
+    retry_policy: dict[str, Any] | None = None,
 ) -> None:
     execute_many.apply_async(
         ([[str(task_id), attempt] for task_id, attempt in items],),
@@ -609,20 +620,27 @@ def _publish_message(
         routing_key=queue,
         time_limit=time_limit_sec,
         producer=producer,
+        retry_policy=retry_policy,
     )
 
 
-def publish_dead(items: Iterable[tuple[uuid.UUID, int, str, str, str | None]]) -> int:
+def publish_dead(
+    items: Iterable[tuple[uuid.UUID, int, str, str, str | None]],
+    *,
+    producer: Any = None,
+    retry_policy: dict[str, Any] | None = None,
+) -> int:
     """Publish DLQ messages `(task_id, attempt, name, reason, error)`."""
     app = configure_celery()
     count = 0
-    with app.producer_or_acquire() as producer:
+    with app.producer_or_acquire(producer) as producer:
         for task_id, attempt, name, reason, error in items:
             record_dead.apply_async(
                 (str(task_id), attempt, name, reason, error),
                 queue=Queue.DLQ.value,
                 routing_key=Queue.DLQ.value,
                 producer=producer,
+                retry_policy=retry_policy,
             )
             count += 1
     return count

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 
 from taskscheduler.store import db
 from tests.chaos.conftest import assert_invariants, insert_tasks, settle
@@ -131,3 +133,54 @@ def test_a_partitioned_worker_is_rescued_and_its_late_writes_are_fenced(clean_db
     finally:
         pg_proxy.close()
         redis_proxy.close()
+
+
+@pytest.mark.parametrize("outage_sec", [10, 60])
+def test_running_tasks_survive_a_database_outage(private_servers, make_cluster, outage_sec: int):
+    services, pg, _rd = private_servers
+    url = services.database_url
+    # As reported: a 4 s heartbeat timeout; heartbeats every 2 s, so that after the outage the
+    # scheduler's first stuck check can come before the workers' first heartbeat.
+    cluster = make_cluster(services, HEARTBEAT_SEC="2", HEARTBEAT_TIMEOUT_SEC="4")
+    cluster.start_all()
+    ids = []
+    for priority in (9, 5, 2):  # one per queue; they run through the outage and finish after it
+        r = httpx.post(
+            f"{cluster.url}/tasks",
+            json={
+                "name": "demo_hang",
+                "payload": {"sleep_sec": outage_sec + 12},
+                "priority": priority,
+                "max_retries": 0,
+                "timeout_sec": 600,
+            },
+            timeout=10,
+        )
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+    wait_until(lambda: count(url, "status = 'STARTED'") == 3, timeout=60, what="three tasks running")
+
+    pg.stop()
+    codes: list[int] = []
+    ends = time.monotonic() + outage_sec
+    with httpx.Client(base_url=cluster.url, timeout=10) as client:
+        while time.monotonic() < ends:  # the outage itself: the API is asked all along
+            codes.append(client.post("/tasks", json={"name": "demo_ok"}).status_code)
+            time.sleep(0.5)
+    try:
+        pg.start()
+    except subprocess.CalledProcessError as exc:
+        log = (pg.folder / "pg.log").read_text()[-3000:]
+        raise AssertionError(f"{exc.stderr!r}\n{log}") from exc
+    assert codes and set(codes) == {503}, sorted(set(codes))
+
+    def created() -> str | None:
+        r = httpx.post(f"{cluster.url}/tasks", json={"name": "demo_ok"}, timeout=10)
+        return r.json()["id"] if r.status_code == 201 else None
+
+    after = wait_until(created, timeout=60, what="the API to take tasks again")
+    settle(url, timeout=outage_sec + 90)
+    for task_id in [*ids, after]:
+        task = httpx.get(f"{cluster.url}/tasks/{task_id}", timeout=10).json()
+        assert (task["status"], task["attempt"]) == ("SUCCEEDED", 1), task
+    assert_invariants(url)

@@ -96,6 +96,17 @@ def test_deletes_old_finished_tasks_with_their_events_and_nothing_else(settings:
     assert retention.run_once(settings=settings) == retention.RetentionCounts()
 
 
+def test_keeps_a_dead_task_whose_dlq_row_is_not_written_yet(settings: Settings) -> None:
+    unrecorded = new_task()
+    attempt = to_dead(unrecorded)  # its DLQ message is still owed (the DLQ worker is down)
+    backdate(unrecorded, finished_at=31 * DAY)
+    assert retention.run_once(settings=settings).tasks == 0
+    assert _exists(unrecorded)
+    _dlq_row(unrecorded, attempt, age=timedelta(0))  # recorded at last: the task may go now
+    assert retention.run_once(settings=settings).tasks == 1
+    assert not _exists(unrecorded)
+
+
 def test_deletes_in_bounded_batches(settings: Settings) -> None:
     old = [_succeeded() for _ in range(5)]
     for task_id in old:

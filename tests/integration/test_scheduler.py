@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
-from tests.helpers import backdate, events, new_task, queued, queued_attempts, task_row, to_dead, to_started
+from tests.helpers import (
+    backdate,
+    events,
+    free_port,
+    new_task,
+    queued,
+    queued_attempts,
+    task_row,
+    to_dead,
+    to_started,
+    wait_until,
+)
 
+from taskscheduler.config import get_settings
 from taskscheduler.scheduler import dispatch, rescue
 from taskscheduler.scheduler.publisher import CeleryPublisher
+from taskscheduler.scheduler.service import SchedulerService
 from taskscheduler.store import db
 from taskscheduler.store import tasks as task_store
 
@@ -270,3 +285,157 @@ def test_a_full_queue_is_topped_up_once_a_quarter_of_it_has_drained(settings, pu
     with db.transaction() as conn:
         assert task_store.claim(conn, task_id=enqueued[1], attempt=1) is not None
     assert dispatch.run_once(settings=settings, publisher=publisher) == 2  # 2 of 8: top up
+
+
+# --- a database outage, and bounded work while a part is down -------------------------------------------------------
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.attempts: list[task_store.Dispatched] = []
+
+    def publish_attempts(self, items):
+        self.attempts += items
+        return len(items)
+
+    def publish_dead(self, items):
+        return len(items)
+
+
+def test_heartbeats_missed_before_the_database_came_back_are_not_held_against_a_worker(settings, publisher):
+    silent = new_task(max_retries=0)
+    to_started(silent)
+    now = datetime.now(UTC)
+    timeout = timedelta(seconds=settings.heartbeat_timeout_sec)
+    # Silent for longer than the timeout, but the database was back (for this scheduler) only 2 s ago.
+    backdate(silent, heartbeat_at=timeout * 3)
+    back = now - timedelta(seconds=2)
+    counts = rescue.run_once(settings=settings, publisher=publisher, now=now, reconnected_at=back)
+    assert counts == rescue.RescueCounts()
+    assert task_row(silent)["status"] == "STARTED"
+    # Still silent HEARTBEAT_TIMEOUT_SEC after the reconnection: the worker is gone.
+    later = back + timeout + timedelta(seconds=1)
+    counts = rescue.run_once(settings=settings, publisher=publisher, now=later, reconnected_at=back)
+    assert counts.dead == 1
+    assert "no heartbeat" in task_row(silent)["last_error"]
+
+
+def test_a_scheduler_that_starts_or_regains_the_database_gives_workers_a_heartbeat_timeout(settings, monkeypatch):
+    from taskscheduler.scheduler.service import lost_the_database
+
+    silent = new_task(max_retries=0)
+    to_started(silent)
+    # Its worker could not heartbeat while the database was away.
+    backdate(silent, heartbeat_at=timedelta(seconds=settings.heartbeat_timeout_sec * 3))
+    service = SchedulerService(settings, _Recorder())
+    service.tick()  # the first tick of a process that knows nothing of the past
+    assert task_row(silent)["status"] == "STARTED"
+
+    # The database goes away (a refused connection), then comes back.
+    down = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    monkeypatch.setenv("DATABASE_URL", down)
+    get_settings.cache_clear()
+    first_back = service.reconnected_at
+    with pytest.raises(Exception) as failure:
+        service.tick()
+    assert lost_the_database(failure.value), failure.value
+    service._tick_failed(failure.value)  # what run_forever does with it
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    get_settings.cache_clear()
+    service._rescue_due = 0.0
+    service.tick()
+    assert task_row(silent)["status"] == "STARTED"
+    assert service.reconnected_at is not None and first_back is not None and service.reconnected_at > first_back
+
+
+def test_a_lost_enqueued_message_is_not_published_again_while_the_queue_holds_one_per_task(
+    settings, publisher, redis_client, services
+):
+    task_id = new_task()
+    assert dispatch.run_once(settings=settings, publisher=publisher) == 1  # its message waits: no worker
+    prefix = services.redis_key_prefix
+    now = datetime.now(UTC)
+    step = timedelta(seconds=settings.enqueue_timeout_sec + 1)
+    for n in range(1, 4):
+        assert rescue.run_once(settings=settings, publisher=publisher, now=now + n * step).republished == 0
+    assert queued_attempts(redis_client, prefix, "default") == [(str(task_id), 1)]
+    # The broker loses it: published again, once.
+    redis_client.delete(f"{prefix}default")
+    assert rescue.run_once(settings=settings, publisher=publisher, now=now + 4 * step).republished == 1
+    assert rescue.run_once(settings=settings, publisher=publisher, now=now + 5 * step).republished == 0
+    assert queued_attempts(redis_client, prefix, "default") == [(str(task_id), 1)]
+
+
+def test_dlq_republishing_is_bounded_while_the_dlq_worker_is_down(settings, publisher, redis_client, services):
+    for _ in range(3):
+        to_dead(new_task())  # died; their DLQ messages were never published
+    prefix = services.redis_key_prefix
+    now = datetime.now(UTC)
+    step = timedelta(seconds=settings.enqueue_timeout_sec + 1)
+    assert rescue.run_once(settings=settings, publisher=publisher, now=now + step).dlq_republished == 3
+    # No DLQ worker: the messages wait. Sweeps a day apart publish nothing more.
+    for n in range(2, 6):
+        assert rescue.run_once(settings=settings, publisher=publisher, now=now + n * step).dlq_republished == 0
+    assert redis_client.llen(f"{prefix}dlq") == 3
+    # One message is lost (taken by a DLQ worker that died before recording it): one is published again.
+    redis_client.rpop(f"{prefix}dlq")
+    assert rescue.run_once(settings=settings, publisher=publisher, now=now + 7 * step).dlq_republished == 1
+    assert redis_client.llen(f"{prefix}dlq") == 3
+
+
+def test_a_publish_pass_against_an_unreachable_broker_fails_fast_is_counted_and_logged_and_loses_nothing(
+    settings, caplog
+):
+    from taskscheduler import metrics
+    from taskscheduler.worker import configure_celery
+
+    down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    service = SchedulerService(down, CeleryPublisher(down))
+    failures = metrics.BROKER_FAILURES.labels(kind="dispatch")
+    before = failures._value.get()
+    task_id = new_task()
+    try:
+        with caplog.at_level(logging.INFO, logger="taskscheduler"):
+            started = time.monotonic()
+            service.tick()  # does not raise: the tick goes on without the broker
+            assert time.monotonic() - started < 10
+            assert task_row(task_id)["status"] == "ENQUEUED"  # in PostgreSQL: the sweep publishes it later
+            second = new_task()
+            service.tick()
+            assert task_row(second)["status"] == "ENQUEUED"
+    finally:
+        configure_celery(settings)
+    assert failures._value.get() == before + 2
+    assert metrics.BROKER_UP.labels(role="scheduler")._value.get() == 0
+    warnings = [r for r in caplog.records if getattr(r, "event", None) == "broker_unreachable"]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]  # rate-limited: one line for both passes
+    assert "127.0.0.1" in warnings[0].getMessage()
+
+
+def test_the_scheduler_waits_for_the_broker_before_dispatching(settings, caplog):
+    down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    service = SchedulerService(down, _Recorder())
+    task_id = new_task()
+    with caplog.at_level(logging.INFO, logger="taskscheduler"):
+        thread = threading.Thread(target=service.run_forever)
+        thread.start()
+        try:
+            wait_until(
+                lambda: any(getattr(r, "event", None) == "broker_unreachable" for r in caplog.records),
+                timeout=30,
+                what="the broker warning",
+            )
+            before = metrics_check_failures()
+            wait_until(lambda: metrics_check_failures() > before, timeout=30, what="another start-up check")
+            assert task_row(task_id)["status"] == "PENDING"
+        finally:
+            service.stop()
+            thread.join(30)
+    assert not thread.is_alive()
+    assert sum(getattr(r, "event", None) == "broker_unreachable" for r in caplog.records) == 1
+
+
+def metrics_check_failures() -> float:
+    from taskscheduler import metrics
+
+    return float(metrics.BROKER_FAILURES.labels(kind="check")._value.get())

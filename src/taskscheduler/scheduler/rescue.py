@@ -1,15 +1,23 @@
-"""Rescue: stuck STARTED tasks, ENQUEUED tasks whose message was lost, DEAD tasks missing their DLQ row."""
+"""Rescue: stuck STARTED tasks, ENQUEUED tasks whose message was lost, DEAD tasks missing their DLQ row.
+
+Work stays bounded when a part is down. A heartbeat missed while the database was unreachable is not
+held against a worker (`reconnected_at`). A message is published again only while the broker holds
+fewer messages for its queue than the queue has unclaimed tasks, so a queue whose workers (or the DLQ
+worker) are away does not fill the broker with duplicates. A pass that cannot reach the broker
+publishes nothing and leaves the rest of the sweep to run.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from taskscheduler import metrics
 from taskscheduler.config import Settings
-from taskscheduler.lifecycle import DlqReason, backoff_sec, has_retries_left
-from taskscheduler.scheduler.publisher import DeadMessage, Publisher
+from taskscheduler.lifecycle import TASK_QUEUES, DlqReason, Queue, backoff_sec, has_retries_left
+from taskscheduler.scheduler.publisher import BrokerHealth, BrokerQueues, BrokerUnavailable, DeadMessage, Publisher
 from taskscheduler.store import db
 from taskscheduler.store import tasks as task_store
 
@@ -27,8 +35,14 @@ class RescueCounts:
         return any((self.retried, self.dead, self.republished, self.dlq_republished))
 
 
-def rescue_stuck(*, settings: Settings, publisher: Publisher, now: datetime | None = None) -> tuple[int, int]:
-    """STARTED past its heartbeat timeout or its run-time limit -> FAILED (retry) or DEAD. Returns (retried, dead)."""
+def rescue_stuck(
+    *, settings: Settings, publisher: Publisher, now: datetime | None = None, reconnected_at: datetime | None = None
+) -> tuple[int, int]:
+    """STARTED past its heartbeat timeout or its run-time limit -> FAILED (retry) or DEAD. Returns (retried, dead).
+
+    `reconnected_at` (database clock): when this scheduler last regained the database; heartbeat
+    silence is counted from no earlier than that (see `task_store.lock_stuck`).
+    """
     retried = 0
     dead: list[DeadMessage] = []
     with db.transaction() as conn:
@@ -37,6 +51,7 @@ def rescue_stuck(*, settings: Settings, publisher: Publisher, now: datetime | No
             heartbeat_timeout_sec=settings.heartbeat_timeout_sec,
             default_timeout_sec=settings.stuck_after_sec,
             limit=settings.dispatch_batch_size,
+            reconnected_at=reconnected_at,
             now=now,
         )
         for task in stuck:
@@ -59,16 +74,28 @@ def rescue_stuck(*, settings: Settings, publisher: Publisher, now: datetime | No
                 if name is not None:
                     dead.append((task.id, task.attempt, name, reason.value, error))
                     log.info("STARTED -> DEAD (%s)", reason, extra=fields)
-    publisher.publish_dead(dead)
+    # If the broker is away, they are DEAD without a DLQ row: the DLQ sweep publishes them later.
+    _unless_broker_down(lambda: publisher.publish_dead(dead))
     return retried, len(dead)
 
 
-def republish_lost(*, settings: Settings, publisher: Publisher, now: datetime | None = None) -> int:
-    """ENQUEUED but unclaimed for ENQUEUE_TIMEOUT_SEC: publish the same attempt again."""
+def republish_lost(
+    *, settings: Settings, publisher: Publisher, broker: BrokerQueues, now: datetime | None = None
+) -> int:
+    """ENQUEUED but unclaimed for ENQUEUE_TIMEOUT_SEC: publish the same attempt again, while the
+    broker holds fewer messages for the queue than it has unclaimed tasks."""
+    waiting = broker.waiting([q.value for q in TASK_QUEUES], kind="republish")
+    lost: list[task_store.Dispatched] = []
     with db.transaction() as conn:
-        lost = task_store.take_lost_enqueued(
-            conn, timeout_sec=settings.enqueue_timeout_sec, limit=settings.dispatch_batch_size, now=now
-        )
+        for queue in TASK_QUEUES:
+            lost += task_store.take_lost_enqueued(
+                conn,
+                queue=queue.value,
+                timeout_sec=settings.enqueue_timeout_sec,
+                limit=settings.dispatch_batch_size,
+                waiting=waiting[queue.value],
+                now=now,
+            )
     for item in lost:
         metrics.RESCUES.labels(reason="lost_message").inc()
         log.info(
@@ -78,11 +105,15 @@ def republish_lost(*, settings: Settings, publisher: Publisher, now: datetime | 
     return publisher.publish_attempts(lost)
 
 
-def republish_dead(*, settings: Settings, publisher: Publisher, now: datetime | None = None) -> int:
-    """DEAD without its dlq_events row after ENQUEUE_TIMEOUT_SEC: publish the DLQ message again."""
+def republish_dead(
+    *, settings: Settings, publisher: Publisher, broker: BrokerQueues, now: datetime | None = None
+) -> int:
+    """DEAD without its dlq_events row after ENQUEUE_TIMEOUT_SEC: publish the DLQ message again, unless
+    the DLQ queue already holds a message for each such task (its worker is away)."""
+    waiting = broker.waiting([Queue.DLQ.value], kind="dlq_republish")[Queue.DLQ.value]
     with db.transaction() as conn:
         dead = task_store.take_unrecorded_dead(
-            conn, timeout_sec=settings.enqueue_timeout_sec, limit=settings.dispatch_batch_size, now=now
+            conn, timeout_sec=settings.enqueue_timeout_sec, limit=settings.dispatch_batch_size, waiting=waiting, now=now
         )
     for item in dead:
         metrics.RESCUES.labels(reason="dlq_republished").inc()
@@ -93,11 +124,32 @@ def republish_dead(*, settings: Settings, publisher: Publisher, now: datetime | 
     return publisher.publish_dead([(d.id, d.attempt, d.name, d.reason, d.error) for d in dead])
 
 
-def run_once(*, settings: Settings, publisher: Publisher, now: datetime | None = None) -> RescueCounts:
-    retried, dead = rescue_stuck(settings=settings, publisher=publisher, now=now)
+def _unless_broker_down(step: Callable[[], int]) -> int:
+    try:
+        return step()
+    except BrokerUnavailable:  # counted and logged by the publisher; the next sweep tries again
+        return 0
+
+
+def run_once(
+    *,
+    settings: Settings,
+    publisher: Publisher,
+    now: datetime | None = None,
+    reconnected_at: datetime | None = None,
+    broker: BrokerQueues | None = None,
+) -> RescueCounts:
+    """One sweep. `reconnected_at`: see `rescue_stuck`. `broker`: where queue lengths are read (default:
+    REDIS_URL, with failures counted apart from the service's)."""
+    broker = broker or BrokerQueues(settings, BrokerHealth())
+    retried, dead = rescue_stuck(settings=settings, publisher=publisher, now=now, reconnected_at=reconnected_at)
     return RescueCounts(
         retried=retried,
         dead=dead,
-        republished=republish_lost(settings=settings, publisher=publisher, now=now),
-        dlq_republished=republish_dead(settings=settings, publisher=publisher, now=now),
+        republished=_unless_broker_down(
+            lambda: republish_lost(settings=settings, publisher=publisher, broker=broker, now=now)
+        ),
+        dlq_republished=_unless_broker_down(
+            lambda: republish_dead(settings=settings, publisher=publisher, broker=broker, now=now)
+        ),
     )

@@ -602,13 +602,21 @@ def kill(conn: Connection, *, task_id: uuid.UUID, attempt: int, error: str, reas
     return str(row.name)
 
 
+# Heartbeat silence counts from the latest of: the last heartbeat; when this scheduler's connection
+# to the database last came back (`reconnected_at`, its start included); when the database server
+# started. While the database was unreachable no worker could write a heartbeat, so that silence says
+# nothing about the workers. The postmaster's start covers a restart that this scheduler did not see
+# (it started later); its own reconnection covers a failover to a replica (which keeps its older
+# start time) and a network outage (which leaves the server running).
+_SILENT_SINCE = "GREATEST(heartbeat_at, CAST(:reconnected_at AS timestamptz), pg_postmaster_start_time())"
+
 _LOCK_STUCK = text(
     f"""
     SELECT id, attempt, max_retries, retry_base_attempt,
-           heartbeat_at < {_NOW} - make_interval(secs => :heartbeat_timeout_sec) AS by_heartbeat
+           {_SILENT_SINCE} < {_NOW} - make_interval(secs => :heartbeat_timeout_sec) AS by_heartbeat
     FROM tasks
     WHERE status = 'STARTED'
-      AND (heartbeat_at < {_NOW} - make_interval(secs => :heartbeat_timeout_sec)
+      AND ({_SILENT_SINCE} < {_NOW} - make_interval(secs => :heartbeat_timeout_sec)
            OR started_at < {_NOW} - make_interval(secs => COALESCE(timeout_sec, :default_timeout_sec)))
     ORDER BY started_at
     LIMIT :limit
@@ -623,15 +631,22 @@ def lock_stuck(
     heartbeat_timeout_sec: float,
     default_timeout_sec: float,
     limit: int,
+    reconnected_at: datetime | None = None,
     now: datetime | None = None,
 ) -> list[Started]:
-    """STARTED tasks whose worker went silent or that ran past their timeout, locked for this transaction."""
+    """STARTED tasks whose worker went silent or that ran past their timeout, locked for this transaction.
+
+    Silent means no heartbeat for `heartbeat_timeout_sec` counted from the last heartbeat, but never
+    from before `reconnected_at` (when the caller last regained the database) or the database
+    server's start: a heartbeat missed while the database was away is not a dead worker.
+    """
     rows = conn.execute(
         _LOCK_STUCK,
         {
             "now": now,
             "heartbeat_timeout_sec": heartbeat_timeout_sec,
             "default_timeout_sec": default_timeout_sec,
+            "reconnected_at": reconnected_at,
             "limit": limit,
         },
     )
@@ -647,13 +662,28 @@ def lock_stuck(
     ]
 
 
+_CLOCK = text(f"SELECT {_NOW}")
+
+
+def database_now(conn: Connection, *, now: datetime | None = None) -> datetime:
+    """The database's clock (or `now`, in tests): the scheduler notes on it when the database came back."""
+    value: datetime = conn.execute(_CLOCK, {"now": now}).scalar_one()
+    return value
+
+
+# A lost message is published again only while the broker holds fewer messages for the queue than
+# the queue has unclaimed tasks (`waiting`, read from the broker just before): with the queue's
+# workers away the messages wait there, and publishing them again every ENQUEUE_TIMEOUT_SEC would
+# only pile up duplicates. The budget is counted in the statement, with the sweep.
 _REPUBLISH_ENQUEUED = text(
     f"""
     WITH lost AS (
         SELECT id FROM tasks
-        WHERE status = 'ENQUEUED' AND published_at < {_NOW} - make_interval(secs => :timeout_sec)
+        WHERE status = 'ENQUEUED' AND queue = :queue
+          AND published_at < {_NOW} - make_interval(secs => :timeout_sec)
         ORDER BY published_at
-        LIMIT :limit
+        LIMIT GREATEST(0, LEAST(:limit,
+            (SELECT count(*) FROM tasks WHERE status = 'ENQUEUED' AND queue = :queue) - :waiting))
         FOR UPDATE SKIP LOCKED
     )
     UPDATE tasks t SET published_at = {_NOW}
@@ -664,13 +694,19 @@ _REPUBLISH_ENQUEUED = text(
 
 
 def take_lost_enqueued(
-    conn: Connection, *, timeout_sec: float, limit: int, now: datetime | None = None
+    conn: Connection, *, queue: str, timeout_sec: float, limit: int, waiting: int = 0, now: datetime | None = None
 ) -> list[Dispatched]:
-    """ENQUEUED tasks unclaimed for `timeout_sec`; marks them published again (same attempt)."""
-    rows = conn.execute(_REPUBLISH_ENQUEUED, {"now": now, "timeout_sec": timeout_sec, "limit": limit})
+    """ENQUEUED tasks of `queue` unclaimed for `timeout_sec`; marks them published again (same attempt).
+
+    At most as many as the queue has unclaimed tasks beyond the `waiting` messages the broker holds
+    for it, so that the broker never holds more messages for a queue than it has unclaimed tasks.
+    """
+    params = {"now": now, "queue": queue, "timeout_sec": timeout_sec, "limit": limit, "waiting": waiting}
+    rows = conn.execute(_REPUBLISH_ENQUEUED, params)
     return [Dispatched(id=r.id, attempt=r.attempt, queue=r.queue, timeout_sec=r.timeout_sec) for r in rows]
 
 
+# As for lost task messages: one DLQ message per DEAD task still waiting in the broker is enough.
 _REPUBLISH_DEAD = text(
     f"""
     WITH lost AS (
@@ -678,7 +714,8 @@ _REPUBLISH_DEAD = text(
         WHERE status = 'DEAD' AND NOT dlq_recorded
           AND published_at < {_NOW} - make_interval(secs => :timeout_sec)
         ORDER BY published_at
-        LIMIT :limit
+        LIMIT GREATEST(0, LEAST(:limit,
+            (SELECT count(*) FROM tasks WHERE status = 'DEAD' AND NOT dlq_recorded) - :waiting))
         FOR UPDATE SKIP LOCKED
     )
     UPDATE tasks t SET published_at = {_NOW}
@@ -689,10 +726,15 @@ _REPUBLISH_DEAD = text(
 
 
 def take_unrecorded_dead(
-    conn: Connection, *, timeout_sec: float, limit: int, now: datetime | None = None
+    conn: Connection, *, timeout_sec: float, limit: int, waiting: int = 0, now: datetime | None = None
 ) -> list[DeadUnrecorded]:
-    """DEAD tasks whose DLQ record has not appeared within `timeout_sec`; marks them published again."""
-    rows = conn.execute(_REPUBLISH_DEAD, {"now": now, "timeout_sec": timeout_sec, "limit": limit})
+    """DEAD tasks whose DLQ record has not appeared within `timeout_sec`; marks them published again.
+
+    At most as many as there are such tasks beyond the `waiting` messages the DLQ queue holds: with
+    the DLQ worker down, each DEAD task has one message waiting and none is published again.
+    """
+    params = {"now": now, "timeout_sec": timeout_sec, "limit": limit, "waiting": waiting}
+    rows = conn.execute(_REPUBLISH_DEAD, params)
     return [
         DeadUnrecorded(id=r.id, attempt=r.attempt, name=r.name, reason=r.dead_reason, error=r.last_error) for r in rows
     ]
@@ -878,17 +920,22 @@ _DELETE_FINISHED = text(
         SELECT id FROM tasks
         WHERE status IN ({_sql_list(TERMINAL)})
           AND finished_at < {_NOW} - make_interval(secs => :older_than_sec)
+          AND (status <> 'DEAD' OR dlq_recorded)
         ORDER BY finished_at
         LIMIT :limit
         FOR UPDATE SKIP LOCKED
     )
-    DELETE FROM tasks t USING old WHERE t.id = old.id AND t.status IN ({_sql_list(TERMINAL)})
+    DELETE FROM tasks t USING old
+    WHERE t.id = old.id AND t.status IN ({_sql_list(TERMINAL)}) AND (t.status <> 'DEAD' OR t.dlq_recorded)
     """
 )
 
 
 def delete_finished(conn: Connection, *, older_than_sec: float, limit: int, now: datetime | None = None) -> int:
     """Delete up to `limit` SUCCEEDED, DEAD or CANCELLED tasks finished more than `older_than_sec` ago, and
-    their events (ON DELETE CASCADE). Not a transition: the task is gone. Returns how many."""
+    their events (ON DELETE CASCADE). Not a transition: the task is gone. Returns how many.
+
+    A DEAD task whose `dlq_events` row is not written yet is kept: the sweep still owes it its DLQ
+    message, and deleting it would lose the only record that it died."""
     params = {"older_than_sec": older_than_sec, "limit": limit, "now": now}
     return conn.execute(_DELETE_FINISHED, params).rowcount
