@@ -71,19 +71,12 @@ def api(
     port: Annotated[int | None, typer.Option(help="Port (default API_PORT).")] = None,
 ) -> None:
     """Serve the HTTP API (Swagger at /docs)."""
-    import uvicorn
-
     from taskscheduler.api import create_app
+    from taskscheduler.api.server import serve
 
     settings = _settings()
     _wait_for_database(settings)
-    uvicorn.run(
-        create_app(settings),
-        host=host or settings.api_host,
-        port=port or settings.api_port,
-        log_config=None,
-        access_log=False,
-    )
+    serve(create_app(settings), settings, host=host or settings.api_host, port=port or settings.api_port)
 
 
 @app.command()

@@ -30,7 +30,8 @@ def get_engine(url: str | None = None, *, autocommit: bool = False) -> Engine:
     Keyed by pid because a pooled connection must never be shared across a fork (Celery's prefork
     children inherit the parent's memory). The autocommit engine serves `run_statement`.
     """
-    url = normalize_database_url(url) if url else get_settings().require_urls()[0]
+    settings = get_settings()
+    url = normalize_database_url(url) if url else settings.require_urls()[0]
     key = (os.getpid(), url, autocommit)
     engine = _engines.get(key)
     if engine is None:
@@ -39,8 +40,11 @@ def get_engine(url: str | None = None, *, autocommit: bool = False) -> Engine:
             # run_statement retries a stale connection itself; elsewhere a ping per checkout is
             # worth its round trip.
             pool_pre_ping=not autocommit,
-            pool_size=10,
-            max_overflow=20,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            # SQLAlchemy's default, 30 s, kept an API request (and its worker thread) waiting that
+            # long when every connection was busy; the API answers its TimeoutError with a 503.
+            pool_timeout=settings.db_pool_timeout_sec,
             pool_recycle=1800,
             connect_args={"connect_timeout": 5, "application_name": "taskscheduler"},
             **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
