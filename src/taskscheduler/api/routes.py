@@ -21,6 +21,7 @@ from fastapi.security import HTTPBearer
 from sqlalchemy import text
 
 from taskscheduler import handlers, metrics
+from taskscheduler.api.body_guard import PreparsedJsonRoute
 from taskscheduler.api.deps import ConnDep, LockingConnDep, SettingsDep
 from taskscheduler.api.schemas import (
     IDEMPOTENCY_KEY_MAX,
@@ -61,7 +62,7 @@ bearer = HTTPBearer(
 )
 UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: {"description": "API_KEYS is set and no valid key was sent."}}
 
-router = APIRouter(dependencies=[Security(bearer)], responses=UNAUTHORIZED)
+router = APIRouter(dependencies=[Security(bearer)], responses=UNAUTHORIZED, route_class=PreparsedJsonRoute)
 health_router = APIRouter(tags=["health"])
 
 TASK_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No task with this id."}}
