@@ -71,22 +71,15 @@ def api(
     port: Annotated[int | None, typer.Option(help="Port (default API_PORT).")] = None,
 ) -> None:
     """Serve the HTTP API (Swagger at /docs)."""
-    import uvicorn
-
     from taskscheduler.api import create_app
+    from taskscheduler.api.server import serve
     from taskscheduler.auth import warn_if_open
 
     settings = _settings()
     host, port = host or settings.api_host, port or settings.api_port
     warn_if_open("the API", host, port, settings.api_key_list)
     _wait_for_database(settings)
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_config=None,
-        access_log=False,
-    )
+    serve(create_app(settings), settings, host=host, port=port)
 
 
 @app.command()

@@ -76,6 +76,22 @@ class Settings(BaseSettings):
     # Loopback unless told otherwise: compose and the Dockerfile set 0.0.0.0 (and API_KEYS belongs with it).
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
+    # Resources of the API process under abuse: slow clients, idle connections, a locked row.
+    api_request_timeout_sec: float = Field(
+        10.0, gt=0, description="A connection that has not sent its whole request (head, body) within this is closed."
+    )
+    api_max_connections: int = Field(
+        1000, ge=1, description="Open connections the API keeps at most; beyond it a new one gets a 503 and is closed."
+    )
+    api_lock_timeout_sec: float = Field(
+        2.0, gt=0, description="How long cancel and retry wait for a task's row lock before a 503."
+    )
+    # The SQLAlchemy engine's pool of each process (the API's synchronous routes, workers, scheduler).
+    db_pool_size: int = Field(10, ge=1, description="Connections each process's pool keeps open.")
+    db_max_overflow: int = Field(20, ge=0, description="Connections the pool may open beyond DB_POOL_SIZE under load.")
+    db_pool_timeout_sec: float = Field(
+        5.0, gt=0, description="How long a request waits for a pooled connection before giving up (the API: a 503)."
+    )
     worker_concurrency: int = Field(1, ge=1, description="Worker processes per `taskscheduler worker`.")
     # Retention: finished tasks (and their events) and dlq_events older than this are deleted; 0 keeps them.
     retention_days: float = Field(30.0, ge=0, description="Finished tasks are deleted this many days after finishing.")

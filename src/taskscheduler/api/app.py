@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from psycopg_pool import PoolTimeout
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolBusy
 
 from taskscheduler import __version__, handlers
 from taskscheduler.api.auth import ApiKeyAuth
@@ -61,7 +62,7 @@ def create_app(settings: Settings | None = None, *, process_heartbeat: bool = Tr
         # The creating routes run their statements on the event loop, on these connections; without
         # a lifespan (some test clients), they open one per request. Opened without waiting for the
         # connections: the API starts while the database is down, and answers 503 until it is up.
-        pool = db.statement_pool(settings.database_url or None)
+        pool = db.statement_pool(settings.database_url or None, size=settings.db_pool_size)
         await pool.open(wait=False)
         app.state.statement_pool = pool
         try:
@@ -104,8 +105,20 @@ def create_app(settings: Settings | None = None, *, process_heartbeat: bool = Tr
     async def key_in_flux(request: Request, exc: IdempotencyKeyInFlux) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
 
+    @app.exception_handler(PoolBusy)
+    async def no_pooled_connection(request: Request, exc: PoolBusy) -> JSONResponse:
+        # Every connection of the engine's pool stayed taken for DB_POOL_TIMEOUT_SEC.
+        log.warning("database pool exhausted: no connection free within %gs", settings.db_pool_timeout_sec)
+        return JSONResponse(
+            {"detail": "all database connections are busy, try again"}, status_code=503, headers={"Retry-After": "1"}
+        )
+
     @app.exception_handler(OperationalError)
     async def database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
+        if isinstance(exc.orig, psycopg.errors.LockNotAvailable):
+            # lock_timeout (deps.get_locking_conn): another transaction holds the task's row.
+            detail = "the task is being changed by another transaction, try again"
+            return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "1"})
         log.warning("database unavailable: %s", str(exc.orig).strip().splitlines()[0] if exc.orig else exc)
         return JSONResponse(
             {"detail": "database unavailable, try again"}, status_code=503, headers={"Retry-After": "1"}

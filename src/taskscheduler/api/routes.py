@@ -21,7 +21,8 @@ from pydantic import TypeAdapter
 from sqlalchemy import text
 
 from taskscheduler import handlers, metrics
-from taskscheduler.api.deps import ConnDep, SettingsDep
+from taskscheduler.api.body_guard import PreparsedJsonRoute
+from taskscheduler.api.deps import ConnDep, LockingConnDep, SettingsDep
 from taskscheduler.api.schemas import (
     IDEMPOTENCY_KEY_MAX,
     DlqEventOut,
@@ -65,7 +66,7 @@ UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
     401: {"description": "API_KEYS is set and no valid key was sent."},
 }
 
-router = APIRouter(dependencies=[Security(bearer)], responses=UNAUTHORIZED)
+router = APIRouter(dependencies=[Security(bearer)], responses=UNAUTHORIZED, route_class=PreparsedJsonRoute)
 health_router = APIRouter(tags=["health"])
 
 TASK_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No task with this id."}}
@@ -402,7 +403,7 @@ def _refusal(
     responses={**TASK_NOT_FOUND, 409: CONFLICT},
     tags=["tasks"],
 )
-def cancel_task(task_id: uuid.UUID, conn: ConnDep) -> TaskOut:
+def cancel_task(task_id: uuid.UUID, conn: LockingConnDep) -> TaskOut:
     """Cancel a PENDING, FAILED or ENQUEUED task: it becomes CANCELLED and never runs.
 
     A message already on its way to a worker is dropped when it arrives. A STARTED task cannot be
@@ -421,7 +422,7 @@ def cancel_task(task_id: uuid.UUID, conn: ConnDep) -> TaskOut:
     responses={**TASK_NOT_FOUND, 409: CONFLICT},
     tags=["tasks"],
 )
-def retry_task(task_id: uuid.UUID, conn: ConnDep) -> TaskOut:
+def retry_task(task_id: uuid.UUID, conn: LockingConnDep) -> TaskOut:
     """Run a DEAD or CANCELLED task again: PENDING now, with a fresh retry budget (`max_retries` more
     retries), the same id, and its events so far kept. Other statuses are a 409."""
     moved = task_store.retry(conn, task_id, detail="retried via the API")
@@ -490,14 +491,19 @@ def get_metrics(settings: SettingsDep) -> Response:
 
 
 @health_router.get("/healthz", summary="Liveness", response_model=Health)
-def healthz() -> Health:
+async def healthz() -> Health:
     """Liveness: the process answers. No API key needed."""
+    # async and without the database: it answers while every worker thread and pooled connection is
+    # taken (a sync route would wait for a thread).
     return Health(status="ok")
 
 
-@health_router.get("/readyz", summary="Readiness", response_model=Health, responses={503: {"model": Health}})
-def readyz(settings: SettingsDep) -> Health | JSONResponse:
-    """Readiness: the database and the broker are reachable. No API key needed."""
+@health_router.head("/healthz", include_in_schema=False)
+async def healthz_head() -> Response:
+    return Response(media_type="application/json")
+
+
+def _readiness(settings: Settings) -> Health:
     database = broker = "ok"
     database_url, redis_url = settings.require_urls()
     try:
@@ -511,7 +517,20 @@ def readyz(settings: SettingsDep) -> Health | JSONResponse:
         client.close()
     except Exception as exc:
         broker = f"unreachable: {type(exc).__name__}"
-    health = Health(status="ok" if database == broker == "ok" else "unavailable", database=database, broker=broker)
+    return Health(status="ok" if database == broker == "ok" else "unavailable", database=database, broker=broker)
+
+
+@health_router.get("/readyz", summary="Readiness", response_model=Health, responses={503: {"model": Health}})
+def readyz(settings: SettingsDep) -> Health | JSONResponse:
+    """Readiness: the database and the broker are reachable. No API key needed."""
+    health = _readiness(settings)
     if health.status != "ok":
         return JSONResponse(health.model_dump(), status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
     return health
+
+
+@health_router.head("/readyz", include_in_schema=False)
+def readyz_head(settings: SettingsDep) -> Response:
+    ok = _readiness(settings).status == "ok"
+    return Response(status_code=status.HTTP_200_OK if ok else status.HTTP_503_SERVICE_UNAVAILABLE,
+                    media_type="application/json")  # fmt: skip

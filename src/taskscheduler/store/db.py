@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -10,7 +11,9 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
 import psycopg
+import pydantic_core
 from psycopg.rows import DictRow, dict_row
+from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -31,7 +34,8 @@ def get_engine(url: str | None = None, *, autocommit: bool = False) -> Engine:
     Keyed by pid because a pooled connection must never be shared across a fork (Celery's prefork
     children inherit the parent's memory). The autocommit engine serves `run_statement`.
     """
-    url = normalize_database_url(url) if url else get_settings().require_urls()[0]
+    settings = get_settings()
+    url = normalize_database_url(url) if url else settings.require_urls()[0]
     key = (os.getpid(), url, autocommit)
     engine = _engines.get(key)
     if engine is None:
@@ -40,8 +44,11 @@ def get_engine(url: str | None = None, *, autocommit: bool = False) -> Engine:
             # run_statement retries a stale connection itself; elsewhere a ping per checkout is
             # worth its round trip.
             pool_pre_ping=not autocommit,
-            pool_size=10,
-            max_overflow=20,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            # SQLAlchemy's default, 30 s, kept an API request (and its worker thread) waiting that
+            # long when every connection was busy; the API answers its TimeoutError with a 503.
+            pool_timeout=settings.db_pool_timeout_sec,
             pool_recycle=1800,
             connect_args={"connect_timeout": 5, "application_name": "taskscheduler"},
             # Bound values (a task's payload or result, an error text) stay out of exception
@@ -147,6 +154,21 @@ CONNECTION_WAIT_SEC = 2.0
 RECONNECT_GIVE_UP_SEC = 5.0
 
 
+def _json_loads(data: bytes | str) -> Any:
+    try:
+        return pydantic_core.from_json(data)
+    except ValueError:  # nesting beyond its recursion limit, which json.loads goes past
+        return json.loads(data)
+
+
+async def _configure(conn: AsyncConn) -> None:
+    # These connections write and read task payloads on the event loop, where every millisecond
+    # spent is one nothing else is answered in; pydantic-core's JSON is ~4x faster than the json
+    # module's (a 256 KiB payload: ~5 ms instead of ~20 each way), and reads back the same values.
+    set_json_dumps(pydantic_core.to_json, conn)
+    set_json_loads(_json_loads, conn)
+
+
 def statement_pool(url: str | None = None, *, size: int = 10) -> AsyncStatementPool:
     """Autocommit connections for the statements the API runs on its event loop (its hot routes).
 
@@ -163,6 +185,7 @@ def statement_pool(url: str | None = None, *, size: int = 10) -> AsyncStatementP
         libpq_url(url),
         connection_class=AsyncConn,
         kwargs=_CONNECT_KWARGS,
+        configure=_configure,
         min_size=size,
         max_size=size,
         open=False,
