@@ -76,7 +76,10 @@ def configure_celery(settings: Settings | None = None) -> Celery:
         task_create_missing_queues=False,
         # One message at a time per pool process: a long task never sits on a message another
         # worker could run, and a crash loses at most one unstarted message (re-published later).
+        # With early acks the multiplier alone still lets a busy worker reserve one more message
+        # (Celery's docs say so); disable_prefetch (Redis only) fetches only while a process is free.
         worker_prefetch_multiplier=1,
+        worker_disable_prefetch=True,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_send_task_events=False,
