@@ -39,9 +39,9 @@ RECORD_DEAD = "taskscheduler.record_dead"
 # Seconds between a task's own time limit (the handler is interrupted and the attempt fails) and
 # the message's hard one (the pool process is killed; the stuck sweep then rescues the task).
 HARD_LIMIT_GRACE_SEC = 5.0
-# A message with several attempts runs them one after another for at most this long (plus the one
-# running when it ends), then sends the rest back to its queue: a deep batch never keeps other pool
-# processes idle, nor delays a warm shutdown, for longer than that.
+# A message with several attempts starts them one after another for at most this long, then sends
+# the rest back to its queue (at once, even while one still runs): neither a deep batch nor a slow
+# attempt keeps other pool processes idle, nor delays a warm shutdown, for longer than that.
 MESSAGE_SLICE_SEC = 1.0
 # Split a batch over at least this many messages, so that as many pool processes share it.
 SPREAD_OVER_MESSAGES = 8
