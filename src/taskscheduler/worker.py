@@ -43,9 +43,9 @@ RECORD_DEAD = "taskscheduler.record_dead"
 # Seconds between a task's own time limit (the handler is interrupted and the attempt fails) and
 # the message's hard one (the pool process is killed; the stuck sweep then rescues the task).
 HARD_LIMIT_GRACE_SEC = 5.0
-# A message with several attempts runs them one after another for at most this long (plus the one
-# running when it ends), then sends the rest back to its queue: a deep batch never keeps other pool
-# processes idle, nor delays a warm shutdown, for longer than that.
+# A message with several attempts starts them one after another for at most this long, then sends
+# the rest back to its queue (at once, even while one still runs): neither a deep batch nor a slow
+# attempt keeps other pool processes idle, nor delays a warm shutdown, for longer than that.
 MESSAGE_SLICE_SEC = 1.0
 # Split a batch over at least this many messages, so that as many pool processes share it.
 SPREAD_OVER_MESSAGES = 8
@@ -80,7 +80,10 @@ def configure_celery(settings: Settings | None = None) -> Celery:
         task_create_missing_queues=False,
         # One message at a time per pool process: a long task never sits on a message another
         # worker could run, and a crash loses at most one unstarted message (re-published later).
+        # With early acks the multiplier alone still lets a busy worker reserve one more message
+        # (Celery's docs say so); disable_prefetch (Redis only) fetches only while a process is free.
         worker_prefetch_multiplier=1,
+        worker_disable_prefetch=True,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_send_task_events=False,
@@ -507,6 +510,124 @@ def _logged(done: bool, message: str, outcome: str, fields: dict[str, Any]) -> s
     return "fenced"
 
 
+class MessageSlice:
+    """The attempts of one message, shared by the loop that runs them and the slicer that hands the
+    rest off once the slice has passed.
+
+    Under one lock the loop takes the next attempt or the slicer takes all those left, so no attempt
+    is both run here and sent back (were it both, its claim would still let only one run it). The
+    first attempt is never handed off: a message always gets something done.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[tuple[uuid.UUID, int]],
+        *,
+        deadline: float,
+        send_back: Callable[[Sequence[tuple[uuid.UUID, int]]], None],
+    ) -> None:
+        self.items = items
+        self.deadline = deadline
+        self._send_back = send_back
+        self._next = 0
+        self._open = True
+        self._lock = threading.Lock()
+        self._settled = threading.Event()  # no hand-off under way
+        self._settled.set()
+
+    def take(self) -> tuple[uuid.UUID, int] | None:
+        """The next attempt to run, or None when none is left here."""
+        if self._next and time.monotonic() >= self.deadline:
+            self.hand_off()  # the slicer is late (a busy process): do not start another one
+        with self._lock:
+            if not self._open or self._next >= len(self.items):
+                return None
+            self._next += 1
+            return self.items[self._next - 1]
+
+    def hand_off(self) -> None:
+        """Send the attempts not yet taken back to the queue, if any, once."""
+        with self._lock:
+            if not self._open or not 0 < self._next < len(self.items):
+                return
+            self._open = False
+            self._settled.clear()
+            rest = self.items[self._next :]
+        try:
+            self._send_back(rest)
+        except Exception as exc:  # the broker may be away; they stay ENQUEUED and the sweep republishes them
+            log.warning("could not send %d attempts back to the queue: %s", len(rest), exc)
+        finally:
+            self._settled.set()
+
+    def close(self) -> None:
+        """No hand-off after this one; waits for one under way, so that none outlives the message."""
+        with self._lock:
+            self._open = False
+        self._settled.wait()
+
+
+class Slicer:
+    """Hands off the rest of each message whose slice has passed, from one background thread per
+    process (started on first use, after the pool's fork), even while the message's current
+    attempt runs in the main thread.
+
+    A thread rather than a signal: SIGALRM is the handler's time limit (see _time_limit). It publishes
+    through Celery's producer pool, which gives each thread a producer and connection of its own.
+    """
+
+    def __init__(self) -> None:
+        self._watched: list[MessageSlice] = []
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    @contextmanager
+    def watching(self, message: MessageSlice) -> Iterator[None]:
+        """Hand off the rest of `message` at its deadline while the block runs."""
+        self._ensure_thread()
+        with self._changed:
+            self._watched.append(message)
+            self._changed.notify()
+        try:
+            yield
+        finally:
+            with self._changed:
+                if message in self._watched:
+                    self._watched.remove(message)
+            message.close()
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._run, name="message-slicer", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                now = time.monotonic()
+                due = [message for message in self._watched if message.deadline <= now]
+                if not due:
+                    next_deadline = min((message.deadline for message in self._watched), default=None)
+                    self._changed.wait(None if next_deadline is None else next_deadline - now)
+                    continue
+                for message in due:
+                    self._watched.remove(message)
+            for message in due:
+                message.hand_off()
+
+
+_slicer: Slicer | None = None
+
+
+def _process_slicer() -> Slicer:
+    global _slicer
+    if _slicer is None:
+        _slicer = Slicer()
+    return _slicer
+
+
 def run_attempts(
     items: Sequence[tuple[uuid.UUID, int]],
     *,
@@ -515,20 +636,18 @@ def run_attempts(
 ) -> list[str]:
     """Run the attempts of one message in turn, each claimed only as it starts.
 
-    After MESSAGE_SLICE_SEC the attempts not yet started are handed to `send_back` (a new message on
-    the same queue). They are still ENQUEUED, so this is safe, and if that publish fails the
-    lost-message sweep sends them.
+    MESSAGE_SLICE_SEC after the message starts, the attempts not yet started are handed to
+    `send_back` (a new message on the same queue), even while an attempt runs, so that a slow task
+    does not hold up the others while other pool processes are idle. They are still ENQUEUED, so this
+    is safe, and if that publish fails the lost-message sweep sends them.
     """
-    started = time.monotonic()
+    if send_back is None or len(items) < 2:
+        return [run_attempt(task_id, attempt, worker=worker) for task_id, attempt in items]
+    message = MessageSlice(items, deadline=time.monotonic() + MESSAGE_SLICE_SEC, send_back=send_back)
     outcomes: list[str] = []
-    for index, (task_id, attempt) in enumerate(items):
-        if index and send_back is not None and time.monotonic() - started > MESSAGE_SLICE_SEC:
-            try:
-                send_back(items[index:])
-            except Exception as exc:  # the broker may be away; the sweep republishes them
-                log.warning("could not send %d attempts back to the queue: %s", len(items) - index, exc)
-            return outcomes
-        outcomes.append(run_attempt(task_id, attempt, worker=worker))
+    with _process_slicer().watching(message):
+        while (item := message.take()) is not None:
+            outcomes.append(run_attempt(*item, worker=worker))
     return outcomes
 
 

@@ -61,6 +61,25 @@ def test_when_the_rest_cannot_be_sent_back_it_stays_enqueued_for_the_sweep(monke
     assert task_row(items[1][0])["status"] == "ENQUEUED"
 
 
+def test_the_rest_is_sent_back_once_while_a_slow_first_attempt_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(worker, "MESSAGE_SLICE_SEC", 0.2)
+    slow = new_task(name="demo_hang", payload={"sleep_sec": 2})
+    ids = [slow, *(new_task() for _ in range(3))]
+    attempts = {item.id: item.attempt for item in dispatch_all()}
+    items = [(task_id, attempts[task_id]) for task_id in ids]
+    sent_back: list[tuple[Sequence[tuple[uuid.UUID, int]], str]] = []
+
+    def send_back(rest: Sequence[tuple[uuid.UUID, int]]) -> None:
+        sent_back.append((rest, task_row(slow)["status"]))
+
+    assert worker.run_attempts(items, send_back=send_back) == ["succeeded"]
+    # Sent once, while the slow attempt was still running, and none of them also run here.
+    assert sent_back == [(items[1:], "STARTED")]
+    for task_id, _ in items[1:]:
+        assert task_row(task_id)["status"] == "ENQUEUED"
+        assert "STARTED" not in [to for _, to, _ in events(task_id)]
+
+
 def test_a_handler_past_its_task_timeout_fails_the_attempt() -> None:
     task_id = new_task(name="demo_hang", payload={"sleep_sec": 30}, timeout_sec=0.3, max_retries=1)
     (item,) = [d for d in dispatch_all() if d.id == task_id]

@@ -154,3 +154,79 @@ def test_a_batch_is_spread_over_at_least_eight_messages_per_queue():
 
 def test_one_task_per_message_when_batching_is_off():
     assert [len(m) for m in messages_for(_dispatched("low", 100), max_per_message=1)] == [1] * 100
+
+
+def _items(count):
+    return [(uuid.uuid4(), 1) for _ in range(count)]
+
+
+def test_a_message_slice_hands_each_attempt_to_the_loop_or_to_the_hand_off_never_both():
+    # The loop and the slicer race for the same message, many times: every attempt is run or sent
+    # back, none both, the rest is sent at most once and never includes the first.
+    import threading
+
+    from taskscheduler.worker import MessageSlice
+
+    for _ in range(300):
+        items = _items(20)
+        sent: list[list[tuple[uuid.UUID, int]]] = []
+        message = MessageSlice(items, deadline=time.monotonic() + 0.0005, send_back=sent.append)
+        taken: list[tuple[uuid.UUID, int]] = []
+
+        def loop(message=message, taken=taken):
+            while (item := message.take()) is not None:
+                taken.append(item)
+
+        threads = [threading.Thread(target=loop), threading.Thread(target=message.hand_off)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        message.close()
+        assert len(sent) <= 1
+        assert taken[0] == items[0]
+        assert taken + (sent[0] if sent else []) == items
+
+
+def test_no_hand_off_after_the_message_is_closed():
+    from taskscheduler.worker import MessageSlice
+
+    sent = []
+    message = MessageSlice(_items(3), deadline=time.monotonic(), send_back=sent.append)
+    assert message.take() is not None
+    message.close()  # e.g. the attempt raised and the message ended with attempts left
+    message.hand_off()
+    assert message.take() is None
+    assert sent == []
+
+
+def test_the_slicer_hands_off_the_rest_at_the_deadline_while_the_block_runs():
+    import threading
+
+    from taskscheduler.worker import MessageSlice, Slicer
+
+    items = _items(3)
+    sent = threading.Event()
+    rest: list[list[tuple[uuid.UUID, int]]] = []
+    message = MessageSlice(
+        items, deadline=time.monotonic() + 0.1, send_back=lambda r: (rest.append(list(r)), sent.set())
+    )
+    slicer = Slicer()
+    with slicer.watching(message):
+        assert message.take() == items[0]
+        assert sent.wait(10), "the slicer did not hand the rest off"  # while the "attempt" still runs
+    assert rest == [items[1:]]
+    assert message.take() is None
+
+
+def test_the_slicer_forgets_a_message_that_ended_before_its_deadline():
+    from taskscheduler.worker import MessageSlice, Slicer
+
+    sent = []
+    slicer = Slicer()
+    message = MessageSlice(_items(2), deadline=time.monotonic() + 3600, send_back=sent.append)
+    with slicer.watching(message):
+        assert message.take() is not None
+    assert slicer._watched == []
+    message.hand_off()  # what the slicer would do at the deadline: nothing, the message is over
+    assert sent == []
