@@ -692,15 +692,18 @@ def publish_attempts(
     """Publish `(task_id, attempt)` to each task's queue over one producer connection, grouped into
     messages by `messages_for`. `producer` and `retry_policy`: the scheduler's own (see CeleryPublisher)."""
     count = 0
+    # A worker that has its outcome in hand keeps retrying the write for WORKER_DB_RETRY_SEC while
+    # the database is away: the hard limit must not kill it meanwhile and lose that outcome.
+    outcome_write_sec = get_settings().worker_db_retry_sec
     with configure_celery().producer_or_acquire(producer) as producer:
         for chunk in messages_for(items, max_per_message=max_per_message):
             # Celery's hard limit, for a handler that ignores its own (see _time_limit): the slice,
-            # the longest task limit in the message, and a grace period.
+            # the longest task limit in the message, the outcome's write and a grace period.
             longest = max(item.timeout_sec or default_timeout_sec for item in chunk)
             _publish_message(
                 [(item.id, item.attempt) for item in chunk],
                 queue=chunk[0].queue,
-                time_limit_sec=MESSAGE_SLICE_SEC + longest + HARD_LIMIT_GRACE_SEC,
+                time_limit_sec=MESSAGE_SLICE_SEC + longest + outcome_write_sec + HARD_LIMIT_GRACE_SEC,
                 producer=producer,
                 retry_policy=retry_policy,
             )
