@@ -500,9 +500,9 @@ def test_long_data_dir_gets_short_private_socket_paths(data_dir: Path) -> None:
         parent.mkdir(mode=0o700)
 
     with start_embedded(long_dir) as started:
-        assert [stat.S_IMODE(p.stat().st_mode) for p in (data_dir, long_dir.parent)] == [0o700, 0o700]
         if os.geteuid() == 0 and shutil.which("setpriv"):
             _assert_private_to_us(long_dir, started)
+        assert [stat.S_IMODE(p.stat().st_mode) for p in (data_dir, long_dir.parent)] == [0o700, 0o700]
         valkey_socket = _valkey_socket(started.redis_client_url)
         pg_socket_dir = sa.make_url(started.database_url).query["host"]
         assert len(str(valkey_socket)) <= 107 and not valkey_socket.is_relative_to(long_dir)
