@@ -141,12 +141,10 @@ def holder_factory(tmp_path: Path) -> Iterator[Callable[[Path], _Holder]]:
 
 @contextlib.contextmanager
 def _scratch_base() -> Iterator[Path]:
-    """A fresh directory for data dirs, deliberately not under tmp_path.
+    """A fresh 0700 directory (mkdtemp) for data dirs: the tests check that it stays 0700.
 
-    As root, embedded PostgreSQL runs as its own system user, which must be able to traverse every
-    ancestor of its data directory for as long as it runs. Every pytest session started by the same
-    user chmods /tmp/pytest-of-<user> back to 0700, which would cut a running server off from its
-    data (it crashes at its next checkpoint) whenever another pytest run starts meanwhile.
+    Not under tmp_path, whose long test-named paths would move the sockets out of the data dir in
+    some tests and not in others.
     """
     base = Path(tempfile.mkdtemp(prefix="taskscheduler-embedded-test-"))
     try:
