@@ -494,9 +494,11 @@ def _prepare_postgres(pgdata: Path, account: _Account | None, secret: str, set_p
         # account can read. token_urlsafe needs no quoting in a SQL literal.
         single = [_pg_binary("postgres"), "--single", "-D", _pg_data_arg(pgdata), *settings, "postgres"]
         result = _run_pg(single, pgdata, account, input_text=f"ALTER ROLE {_PG_USER} PASSWORD '{secret}'\n")
-        if "ERROR" in result.stdout + result.stderr:
-            result = subprocess.CompletedProcess(result.args, result.returncode or 1, result.stdout, result.stderr)
-        _check(result, f"setting the PostgreSQL password in {pgdata}", account)
+        # An error report repeats the statement: keep the secret out of our message.
+        out, err = result.stdout.replace(secret, "***"), result.stderr.replace(secret, "***")
+        failed = int(bool(result.returncode) or "ERROR" in out + err)
+        masked = subprocess.CompletedProcess(result.args, failed, out, err)
+        _check(masked, f"setting the PostgreSQL password in {pgdata}", account)
 
 
 def _start_postgres(

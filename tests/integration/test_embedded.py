@@ -468,6 +468,22 @@ def test_the_secret_is_generated_and_kept_private(shared: tuple[Path, EmbeddedSe
     assert rules and all(rule[-1] == "scram-sha-256" for rule in rules)
 
 
+def test_a_data_dir_without_a_secret_gets_a_new_one(data_dir: Path) -> None:
+    # Also how a data dir from before the secret existed (trust authentication) is taken over.
+    with start_embedded(data_dir) as first:
+        _insert_row(first.database_url, "kept")
+    old_secret = (data_dir / "secret").read_text().strip()
+    (data_dir / "secret").unlink()
+
+    with start_embedded(data_dir) as again:
+        new_secret = (data_dir / "secret").read_text().strip()
+        assert new_secret != old_secret
+        assert _select_rows(again.database_url) == ["kept"]
+        socket_dir = str(_pg_socket(again.database_url).parent)
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            psycopg.connect(host=socket_dir, user="postgres", dbname="postgres", password=old_secret)
+
+
 def test_parents_of_the_data_dir_keep_their_modes(shared: tuple[Path, EmbeddedServers]) -> None:
     data_dir, _servers = shared
     # _scratch_base makes the parent with mkdtemp: 0700, and it must still be so.
