@@ -456,7 +456,7 @@ host all all 127.0.0.1/32 scram-sha-256
 host all all ::1/128 scram-sha-256
 """
 
-# Command-line settings win over postgresql.conf and ALTER SYSTEM, so no one can reopen TCP or trust.
+# Command-line settings win over postgresql.conf and ALTER SYSTEM: neither can reopen TCP or the socket.
 _PG_SETTINGS = (
     "listen_addresses=",  # no TCP at all
     "unix_socket_directories=.",  # the socket in the data directory, which is 0700
