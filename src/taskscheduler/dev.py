@@ -141,14 +141,18 @@ def run_dev(*, port: int, data_dir: Path, environ: Mapping[str, str], say: Calla
         env["REDIS_URL"] = configured.redis_url
         say("using DATABASE_URL and REDIS_URL from the environment")
     else:
-        from taskscheduler.embedded import start_embedded
+        from taskscheduler.embedded import SECRET_FILE, mask_secret, start_embedded
 
         say(f"starting embedded PostgreSQL and Valkey in {data_dir}/ ...")
         started = time.monotonic()
         servers = start_embedded(data_dir)
         env["DATABASE_URL"] = servers.database_url
         env["REDIS_URL"] = servers.redis_url
-        say(f"servers up in {time.monotonic() - started:.1f}s")
+        say(f"servers up in {time.monotonic() - started:.1f}s, for this user only:")
+        # The URLs carry the password: shown masked, with where to find it.
+        for name in ("DATABASE_URL", "REDIS_URL"):
+            say(f"  {name}={mask_secret(env[name], servers)}")
+        say(f"  password (***) in {data_dir / SECRET_FILE}")
     try:
         run_migrations(env["DATABASE_URL"])
         settings = dev_settings(env)

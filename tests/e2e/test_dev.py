@@ -127,6 +127,11 @@ def test_dev_runs_everything_stops_cleanly_and_keeps_its_data(tmp_path: Path, da
         assert second.returncode != 0
         assert "in use" in second.stderr and "Traceback" not in second.stderr
 
+        # The children's URLs carry the servers' secret; nothing dev and its roles print shows it.
+        secret = (data_dir / "secret").read_text().strip()
+        assert secret and secret not in dev.log()
+        assert "DATABASE_URL=postgresql+psycopg://postgres:***@/taskscheduler?host=" in dev.log()
+
         procs = dev.processes() + _server_processes(data_dir)
         assert len(_alive(procs)) >= 7, "dev, api, scheduler, four workers"
         dev.popen.send_signal(signal.SIGTERM)
