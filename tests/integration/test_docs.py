@@ -4,6 +4,7 @@ pages that load their assets from the API itself (they work offline)."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from typing import Any
@@ -144,6 +145,10 @@ def test_the_docs_assets_are_the_packaged_swagger_ui_and_redoc(secured: TestClie
     redoc = {url.rsplit("/", 1)[-1]: url for url in _links(secured.get("/redoc").text)}
     bundle = secured.get(swagger["swagger-ui-bundle.js"])
     assert "SwaggerUIBundle" in bundle.text
+    # Swagger UI renders OpenAPI 3.1 from version 5 on; 4.x shows "Unable to render this definition".
+    version = re.search(r'PACKAGE_VERSION:"(\d+)\.', bundle.text)
+    assert version is not None, "no Swagger UI version in the bundle"
+    assert int(version.group(1)) >= 5
     assert bundle.headers["content-type"].startswith("text/javascript")
     assert secured.get(swagger["swagger-ui.css"]).headers["content-type"].startswith("text/css")
     assert "Redoc" in secured.get(redoc["redoc.standalone.js"]).text
