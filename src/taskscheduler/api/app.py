@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from importlib.resources import files
 from typing import Any
 
 import psycopg
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from psycopg_pool import PoolTimeout
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolBusy
@@ -44,6 +47,15 @@ TAGS = [
     {"name": "operations", "description": "Metrics for Prometheus."},
     {"name": "health", "description": "Probes for orchestrators; no API key needed."},
 ]
+
+OPENAPI_URL = "/openapi.json"
+DOCS_URL = "/docs"
+REDOC_URL = "/redoc"
+OAUTH2_REDIRECT_URL = "/docs/oauth2-redirect"
+# Swagger UI's and ReDoc's files, served from the installed fastapi-offline distribution (the ones
+# FastAPI's pages would load from a CDN): the pages work offline and load nothing from another host.
+DOCS_STATIC_URL = "/docs/static"
+DOCS_STATIC_DIR = files("fastapi_offline") / "static"
 
 
 def create_app(settings: Settings | None = None, *, process_heartbeat: bool = True) -> FastAPI:
@@ -82,8 +94,13 @@ def create_app(settings: Settings | None = None, *, process_heartbeat: bool = Tr
         openapi_tags=TAGS,
         lifespan=lifespan,
         redirect_slashes=False,
+        openapi_url=OPENAPI_URL,
+        # Served by _add_docs from local files instead.
+        docs_url=None,
+        redoc_url=None,
     )
-    app.openapi = _openapi_listing_task_names(app)  # type: ignore[method-assign]
+    app.openapi = _openapi(app)  # type: ignore[method-assign]
+    _add_docs(app)
 
     # The routes ask for settings through `get_settings`; give them the ones this app was built with.
     # async: FastAPI would run a sync dependency in the thread pool, a hop per request.
@@ -98,8 +115,10 @@ def create_app(settings: Settings | None = None, *, process_heartbeat: bool = Tr
     app.include_router(health_router)
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
     # Outermost: a request without a valid key is refused before its body is read.
-    public = {"/healthz", "/readyz", app.docs_url, app.swagger_ui_oauth2_redirect_url, app.openapi_url, app.redoc_url}
-    app.add_middleware(ApiKeyAuth, keys=settings.api_key_list, public_paths={p for p in public if p})
+    public = {"/healthz", "/readyz", DOCS_URL, OAUTH2_REDIRECT_URL, OPENAPI_URL, REDOC_URL}
+    app.add_middleware(
+        ApiKeyAuth, keys=settings.api_key_list, public_paths=public, public_prefixes=[DOCS_STATIC_URL + "/"]
+    )
 
     @app.exception_handler(IdempotencyKeyInFlux)
     async def key_in_flux(request: Request, exc: IdempotencyKeyInFlux) -> JSONResponse:
@@ -150,16 +169,70 @@ def create_app(settings: Settings | None = None, *, process_heartbeat: bool = Tr
     return app
 
 
-def _openapi_listing_task_names(app: FastAPI) -> Callable[[], dict[str, Any]]:
-    """The schema, with `name` limited to the registered handlers: Swagger then offers them in a
-    list, and a client generated from the schema cannot send a name the API would refuse."""
+def _add_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs and ReDoc at /redoc, as FastAPI serves them but with local assets."""
+    app.mount(DOCS_STATIC_URL, StaticFiles(directory=str(DOCS_STATIC_DIR)), name="docs-static")
+
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=root + OPENAPI_URL,
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_STATIC_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_STATIC_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_STATIC_URL}/favicon.png",
+            oauth2_redirect_url=root + OAUTH2_REDIRECT_URL,
+            # Swagger UI would otherwise send the schema's address to swagger.io's online validator.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    async def swagger_ui_redirect(request: Request) -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_redoc_html(
+            openapi_url=root + OPENAPI_URL,
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_STATIC_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_STATIC_URL}/favicon.png",
+            with_google_fonts=False,
+        )
+
+    app.add_route(DOCS_URL, swagger_ui, include_in_schema=False)
+    app.add_route(OAUTH2_REDIRECT_URL, swagger_ui_redirect, include_in_schema=False)
+    app.add_route(REDOC_URL, redoc, include_in_schema=False)
+
+
+# FastAPI's own validation-error schemas, which it leaves undescribed.
+_FASTAPI_SCHEMA_DESCRIPTIONS = {
+    "HTTPValidationError": {"detail": "One entry per problem found in the request."},
+    "ValidationError": {
+        "loc": "Where: `body`, `query`, `path` or `header`, then the field's path (names and list indexes).",
+        "msg": "What is wrong, in words.",
+        "type": "The kind of error, e.g. `missing`, `int_type` or `value_error`.",
+        "input": "The value that was refused.",
+        "ctx": "Details of the error, e.g. the limit that was exceeded.",
+    },
+}
+
+
+def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """The schema, with `name` limited to the registered handlers (Swagger then offers them in a
+    list, and a client generated from the schema cannot send a name the API would refuse) and
+    every property described."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = build()  # FastAPI's own builder caches it in app.openapi_schema
-            name = schema["components"]["schemas"]["TaskCreate"]["properties"]["name"]
-            name["enum"] = handlers.registered_names()
+            components = schema["components"]["schemas"]
+            components["TaskCreate"]["properties"]["name"]["enum"] = handlers.registered_names()
+            for model, descriptions in _FASTAPI_SCHEMA_DESCRIPTIONS.items():
+                properties = components.get(model, {}).get("properties", {})
+                for prop, description in descriptions.items():
+                    if prop in properties:
+                        properties[prop].setdefault("description", description)
         return app.openapi_schema  # type: ignore[return-value]
 
     return openapi

@@ -22,11 +22,15 @@ class ApiKeyAuth:
         *,
         keys: list[str],
         public_paths: Iterable[str],
+        public_prefixes: Iterable[str] = (),
         refusals: RefusalLog | None = None,
     ) -> None:
         self.app = app
         self.keys = list(keys)
         self.public_paths = frozenset(public_paths)
+        # Each must be a folder served by a static mount only (the docs' assets): StaticFiles keeps a
+        # request inside its folder, so `../` cannot reach a protected route through the prefix.
+        self.public_prefixes = tuple(public_prefixes)
         self.refusals = refusals or RefusalLog()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -37,7 +41,7 @@ class ApiKeyAuth:
         root_path: str = scope.get("root_path", "")
         if root_path and path.startswith(root_path):
             path = path[len(root_path) :] or "/"
-        if path in self.public_paths:
+        if path in self.public_paths or path.startswith(self.public_prefixes):
             await self.app(scope, receive, send)
             return
         headers = [value for name, value in scope["headers"] if name.lower() == b"authorization"]

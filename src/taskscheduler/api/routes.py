@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import redis
-from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, Security, status
+from fastapi import APIRouter, Body, Header, HTTPException, Path, Query, Request, Response, Security, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import TypeAdapter
@@ -126,6 +126,8 @@ def new_task_spec(body: TaskCreate, idempotency_key: str | None) -> task_store.N
 def _conflict(exc: task_store.IdempotencyConflict) -> HTTPException:
     return HTTPException(status.HTTP_409_CONFLICT, detail=str(exc))
 
+
+TaskId = Annotated[uuid.UUID, Path(description="The task's id, as `id` in the task (a UUID).")]
 
 IdempotencyKeyHeader = Annotated[
     str | None,
@@ -346,7 +348,7 @@ def list_tasks(
 
 
 @router.get("/tasks/{task_id}", summary="Get a task", response_model=TaskOut, responses=TASK_NOT_FOUND, tags=["tasks"])
-def get_task(task_id: uuid.UUID, conn: ConnDep) -> TaskOut:
+def get_task(task_id: TaskId, conn: ConnDep) -> TaskOut:
     """The task, with its payload, result, status, attempt, last error and timestamps."""
     row = task_store.get_task(conn, task_id)
     if row is None:
@@ -366,7 +368,7 @@ def get_task(task_id: uuid.UUID, conn: ConnDep) -> TaskOut:
     responses=TASK_NOT_FOUND,
     tags=["tasks"],
 )
-def get_task_events(task_id: uuid.UUID, conn: ConnDep) -> list[TaskEventOut]:
+def get_task_events(task_id: TaskId, conn: ConnDep) -> list[TaskEventOut]:
     """Every transition of the task, oldest first."""
     events = task_store.list_events(conn, task_id)
     if not events and task_store.get_task(conn, task_id) is None:
@@ -403,7 +405,7 @@ def _refusal(
     responses={**TASK_NOT_FOUND, 409: CONFLICT},
     tags=["tasks"],
 )
-def cancel_task(task_id: uuid.UUID, conn: LockingConnDep) -> TaskOut:
+def cancel_task(task_id: TaskId, conn: LockingConnDep) -> TaskOut:
     """Cancel a PENDING, FAILED or ENQUEUED task: it becomes CANCELLED and never runs.
 
     A message already on its way to a worker is dropped when it arrives. A STARTED task cannot be
@@ -422,7 +424,7 @@ def cancel_task(task_id: uuid.UUID, conn: LockingConnDep) -> TaskOut:
     responses={**TASK_NOT_FOUND, 409: CONFLICT},
     tags=["tasks"],
 )
-def retry_task(task_id: uuid.UUID, conn: LockingConnDep) -> TaskOut:
+def retry_task(task_id: TaskId, conn: LockingConnDep) -> TaskOut:
     """Run a DEAD or CANCELLED task again: PENDING now, with a fresh retry budget (`max_retries` more
     retries), the same id, and its events so far kept. Other statuses are a 409."""
     moved = task_store.retry(conn, task_id, detail="retried via the API")
@@ -435,7 +437,9 @@ def retry_task(task_id: uuid.UUID, conn: LockingConnDep) -> TaskOut:
 
 
 @router.get("/dlq", summary="Dead-letter events", response_model=list[DlqEventOut], tags=["dlq"])
-def list_dlq(conn: ConnDep, limit: Annotated[int, Query(ge=1, le=500)] = 100) -> list[DlqEventOut]:
+def list_dlq(
+    conn: ConnDep, limit: Annotated[int, Query(ge=1, le=500, description="Events to return, the newest.")] = 100
+) -> list[DlqEventOut]:
     """Dead-letter events, newest first: one per task attempt that ended DEAD."""
     return [DlqEventOut.model_validate(dict(e)) for e in dlq_store.list_dlq_events(conn, limit=limit)]
 

@@ -30,8 +30,11 @@ def _json_integer(value: Any) -> Any:
     return value
 
 
-# An integer as JSON Schema means it: no strings, no booleans, no fractions.
-JsonInt = Annotated[int, BeforeValidator(_json_integer), Strict()]
+# Integers as JSON Schema means them: no strings, no booleans, no fractions. The bounds come before
+# the BeforeValidator: placed after it, pydantic cannot attach them to the integer and writes them
+# into the JSON schema as raw `ge`/`le` keys, which no OpenAPI tool reads (Swagger showed no range).
+Priority = Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY), BeforeValidator(_json_integer), Strict()]
+RetryCount = Annotated[int, Field(ge=0, le=100), BeforeValidator(_json_integer), Strict()]
 
 _NUMERIC = re.compile(r"^\s*[-+]?\d+(\.\d*)?\s*$")
 
@@ -83,14 +86,12 @@ class TaskCreate(BaseModel):
     payload: Annotated[dict[str, Any], Field(strict=True, description="Any JSON object; given to the handler.")] = (
         Field(default_factory=dict)
     )
-    priority: Annotated[
-        JsonInt, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY, description="8-10 high, 4-7 default, 1-3 low.")
-    ] = 5
+    priority: Annotated[Priority, Field(description="8-10 high, 4-7 default, 1-3 low.")] = 5
     run_at: Annotated[
         IsoDatetime | None,
         Field(description="ISO 8601 with a UTC offset, e.g. 2030-01-01T12:00:00Z. Default: now."),
     ] = None
-    max_retries: Annotated[JsonInt, Field(ge=0, le=100, description="Retries after the first attempt.")] = 3
+    max_retries: Annotated[RetryCount, Field(description="Retries after the first attempt.")] = 3
     timeout_sec: Annotated[
         float | None,
         Field(gt=0, le=7 * 24 * 3600, allow_inf_nan=False, description="Run-time limit; default STUCK_AFTER_SEC."),
@@ -140,29 +141,29 @@ class TaskBatchCreate(BaseModel):
 
 
 class _TaskBase(BaseModel):
-    id: uuid.UUID
-    name: str
-    priority: int
-    queue: str
-    status: TaskStatus
-    run_at: datetime
+    id: uuid.UUID = Field(description="The task's id.")
+    name: str = Field(description="The handler that runs it.")
+    priority: int = Field(description="1-10; decides the queue: 8-10 high, 4-7 default, 1-3 low.")
+    queue: str = Field(description="The queue its messages go to: high, default or low.")
+    status: TaskStatus = Field(description="Where it is in its lifecycle.")
+    run_at: datetime = Field(description="When it runs next (or ran last); a retry moves it by the backoff.")
     attempt: int = Field(description="Dispatches so far; the fencing token of the current attempt.")
-    max_retries: int
-    timeout_sec: float | None
-    last_error: str | None
+    max_retries: int = Field(description="Retries allowed after the first attempt (since the last API retry).")
+    timeout_sec: float | None = Field(description="Its run-time limit in seconds; null means STUCK_AFTER_SEC.")
+    last_error: str | None = Field(description="The error of its last failed attempt, if any.")
     dead_reason: str | None = Field(
         None, description="Why the task is DEAD: max_retries_exceeded or stuck_task_timeout."
     )
-    idempotency_key: str | None = None
-    created_at: datetime
-    updated_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    idempotency_key: str | None = Field(None, description="The idempotency key it was created with, if any.")
+    created_at: datetime = Field(description="When it was created.")
+    updated_at: datetime = Field(description="When its status last changed.")
+    started_at: datetime | None = Field(description="When its current or last attempt started.")
+    finished_at: datetime | None = Field(description="When it reached SUCCEEDED, DEAD or CANCELLED.")
 
 
 class TaskOut(_TaskBase):
-    payload: dict[str, Any]
-    result: Any
+    payload: dict[str, Any] = Field(description="The JSON object given to the handler.")
+    result: Any = Field(description="What the handler returned (any JSON value); null until it succeeds.")
 
 
 class TaskSummary(_TaskBase):
@@ -170,7 +171,7 @@ class TaskSummary(_TaskBase):
 
 
 class TaskPage(BaseModel):
-    tasks: list[TaskSummary]
+    tasks: list[TaskSummary] = Field(description="This page's tasks, newest first.")
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null when this is the last page.")
 
 
@@ -197,24 +198,24 @@ class DlqRetryOut(BaseModel):
 
 
 class TaskEventOut(BaseModel):
-    at: datetime
-    from_status: TaskStatus | None
-    to_status: TaskStatus
-    attempt: int
-    detail: str | None
+    at: datetime = Field(description="When the transition happened.")
+    from_status: TaskStatus | None = Field(description="The status before; null for the task's creation.")
+    to_status: TaskStatus = Field(description="The status after.")
+    attempt: int = Field(description="The task's attempt at the time.")
+    detail: str | None = Field(description="What happened, in words: an error, a rescue, who cancelled it.")
 
 
 class DlqEventOut(BaseModel):
-    id: int
-    task_id: uuid.UUID
-    task_name: str
-    attempt: int
-    reason: str
-    error: str | None
-    created_at: datetime
+    id: int = Field(description="The event's id.")
+    task_id: uuid.UUID = Field(description="The task that ended DEAD.")
+    task_name: str = Field(description="The task's handler name.")
+    attempt: int = Field(description="The attempt that ended DEAD (one event per task and attempt).")
+    reason: str = Field(description="max_retries_exceeded or stuck_task_timeout.")
+    error: str | None = Field(description="The last error of the task, if any.")
+    created_at: datetime = Field(description="When the dead-letter worker recorded it.")
 
 
 class Health(BaseModel):
-    status: str
-    database: str | None = None
-    broker: str | None = None
+    status: str = Field(description="ok, or unavailable when a dependency is not reachable.")
+    database: str | None = Field(None, description="readyz only: ok, or why the database is unreachable.")
+    broker: str | None = Field(None, description="readyz only: ok, or why the broker is unreachable.")
