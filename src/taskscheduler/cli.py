@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from rich.text import Text
 
     from taskscheduler.client import ApiClient
+    from taskscheduler.embedded import RunningServers
 
 app = typer.Typer(help="A fault-tolerant distributed task scheduler.", no_args_is_help=True, add_completion=False)
 log = logging.getLogger("taskscheduler")
@@ -33,10 +35,12 @@ class QueueName(StrEnum):
     dlq = "dlq"
 
 
-def _settings() -> Settings:
+def _settings(*, urls: bool = True) -> Settings:
+    """The settings, with logging configured; with ``urls``, DATABASE_URL and REDIS_URL must be set."""
     try:
         settings = get_settings()
-        settings.require_urls()
+        if urls:
+            settings.require_urls()
     except Exception as exc:  # pydantic ValidationError or a missing URL: say it plainly, no traceback
         typer.secho(f"configuration error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None
@@ -169,6 +173,32 @@ def _enable_multiprocess_metrics() -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
 
 
+DEFAULT_DATA_DIR = Path(".taskscheduler")
+DataDirOption = Annotated[
+    Path, typer.Option("--data-dir", help="The data dir of the `taskscheduler dev` to use (as given to dev).")
+]
+
+
+def _running_dev(data_dir: Path) -> RunningServers | None:
+    """The embedded servers of the `taskscheduler dev` running in ``data_dir``, if one runs."""
+    from taskscheduler.embedded import EmbeddedError, find_running
+
+    try:
+        return find_running(data_dir)
+    except EmbeddedError as exc:
+        _fail(str(exc))
+
+
+def _require_dev(data_dir: Path) -> RunningServers:
+    servers = _running_dev(data_dir)
+    if servers is None:
+        _fail(
+            f"DATABASE_URL is not set and no `taskscheduler dev` runs in {data_dir.resolve()}:"
+            " start `taskscheduler dev` here (or pass its --data-dir), or set DATABASE_URL"
+        )
+    return servers
+
+
 class Role(StrEnum):
     api = "api"
     scheduler = "scheduler"
@@ -186,12 +216,14 @@ def check(
         typer.Option(min=0, help="Seconds; default 3 x PROCESS_HEARTBEAT_SEC."),
     ] = None,
     any_host: Annotated[bool, typer.Option(help="Accept a process on any host, not only this one.")] = False,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
 ) -> None:
     """Exit 0 if a process of ROLE on this host heartbeated recently, else 1: for healthchecks.
 
     Every api, scheduler and worker process records that it is alive every PROCESS_HEARTBEAT_SEC in
     the `process_heartbeats` table (the scheduler from its loop, so a hung loop goes stale) and
-    deletes its row when it stops.
+    deletes its row when it stops. Without DATABASE_URL, it asks the `taskscheduler dev` running in
+    --data-dir (default ./.taskscheduler).
     """
     import socket
 
@@ -200,12 +232,13 @@ def check(
     from taskscheduler.store import db
     from taskscheduler.store import processes as process_store
 
-    settings = _settings()
+    settings = _settings(urls=False)
+    database_url = settings.database_url or _require_dev(data_dir).database_url
     limit = max_age if max_age is not None else 3 * settings.process_heartbeat_sec
     hostname = None if any_host else socket.gethostname()
     where = f"{role.value}{f' (queue {queue.value})' if queue else ''}{f' on {hostname}' if hostname else ''}"
     try:
-        with db.transaction(settings.database_url) as conn:
+        with db.transaction(database_url) as conn:
             seen = process_store.last_seen(
                 conn, role=role.value, hostname=hostname, queue=queue.value if queue else None
             )
@@ -230,9 +263,7 @@ def check(
 @app.command()
 def dev(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the API.")] = 8000,
-    data_dir: Annotated[Path, typer.Option(help="Where the embedded servers keep their data.")] = Path(
-        ".taskscheduler"
-    ),
+    data_dir: Annotated[Path, typer.Option(help="Where the embedded servers keep their data.")] = DEFAULT_DATA_DIR,
 ) -> None:
     """Run everything on this machine: embedded PostgreSQL and Valkey (unless DATABASE_URL and
     REDIS_URL are set), migrations, the API, the scheduler and the four workers. Ctrl-C stops all."""
@@ -248,6 +279,65 @@ def dev(
         typer.secho(f"[dev] {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from None
     raise typer.Exit(code)
+
+
+@app.command("env")
+def env_(data_dir: DataDirOption = DEFAULT_DATA_DIR) -> None:
+    """Print `export` lines for the `taskscheduler dev` running in --data-dir: `eval "$(taskscheduler env)"`
+    points the CLI, `check`, psql and Celery's tools at it. They hold its password."""
+    import shlex
+
+    from taskscheduler.dev import dev_api_url
+    from taskscheduler.store.db import libpq_url
+
+    servers = _running_dev(data_dir)
+    if servers is None:
+        _fail(f"no `taskscheduler dev` runs in {data_dir.resolve()}: start it there, or pass its --data-dir")
+    exports = {
+        # The libpq form: we accept it, and so do psql and every other PostgreSQL client.
+        "DATABASE_URL": libpq_url(servers.database_url),
+        "REDIS_URL": servers.redis_url,
+    }
+    api_url = dev_api_url(servers.data_dir)
+    if api_url:
+        exports["TASKSCHEDULER_URL"] = api_url
+    for name, value in exports.items():
+        typer.echo(f"export {name}={shlex.quote(value)}")
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog="Example: taskscheduler psql -- -c 'select count(*) from dlq_events'",
+)
+def psql(ctx: typer.Context, data_dir: DataDirOption = DEFAULT_DATA_DIR) -> None:
+    """Open psql on DATABASE_URL's database, else on the `taskscheduler dev` running in --data-dir.
+    Arguments after `--` go to psql."""
+    import shutil
+
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from taskscheduler.embedded import psql_program
+    from taskscheduler.store.db import libpq_url
+
+    settings = _settings(urls=False)
+    url = settings.database_url or _require_dev(data_dir).database_url
+    # The embedded server's own psql when installed: it is as new as that server and, like any
+    # psql, also reads older servers (an older psql cannot read a newer server's catalogs).
+    program = psql_program() or shutil.which("psql")
+    if program is None:
+        _fail("no psql found: install the PostgreSQL client (psql)")
+    params = {k: str(v) for k, v in conninfo_to_dict(libpq_url(url)).items()}
+    env = dict(os.environ)
+    password = params.pop("password", None)
+    if password:
+        env["PGPASSWORD"] = password  # not on the command line, which every user can read
+    argv = [str(program), "-d", make_conninfo(**params), *ctx.args]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(program, argv, env)  # psql takes over this process: the terminal, signals, exit code
+    except OSError as exc:
+        _fail(f"cannot run {program}: {exc}")
 
 
 # --- commands for people: they talk to the API over HTTP ------------------------------------------------------------

@@ -43,6 +43,17 @@ ROLES: tuple[tuple[str, ...], ...] = (
 STOP_GRACE_SEC = 10.0
 RESTART_DELAY_SEC = 1.0
 
+# In the data dir, while dev runs on embedded servers: the API's base URL, for `taskscheduler env`.
+API_URL_FILE = "api_url"
+
+
+def dev_api_url(data_dir: Path) -> str | None:
+    """The API address that the `dev` of ``data_dir`` last announced (check it still runs first)."""
+    try:
+        return (data_dir / API_URL_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
 
 def dev_settings(environ: Mapping[str, str]) -> dict[str, str]:
     """DEV_DEFAULTS, each unless the environment sets it."""
@@ -159,6 +170,8 @@ def run_dev(*, port: int, data_dir: Path, environ: Mapping[str, str], say: Calla
         env.update(settings)
         env["API_PORT"] = str(port)
         env.setdefault("API_HOST", "127.0.0.1")
+        if servers is not None:
+            (data_dir / API_URL_FILE).write_text(f"http://127.0.0.1:{port}\n")
         say("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + " (override with the environment)")
         say(f"Swagger UI: http://127.0.0.1:{port}/docs  (Ctrl-C stops everything)")
         return Supervisor(env=env, say=say).run()

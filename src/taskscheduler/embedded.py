@@ -71,7 +71,17 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-__all__ = ["DATABASE_NAME", "SECRET_FILE", "EmbeddedError", "EmbeddedServers", "mask_secret", "start_embedded"]
+__all__ = [
+    "DATABASE_NAME",
+    "SECRET_FILE",
+    "EmbeddedError",
+    "EmbeddedServers",
+    "RunningServers",
+    "find_running",
+    "mask_secret",
+    "psql_program",
+    "start_embedded",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -136,15 +146,91 @@ def start_embedded(data_dir: Path) -> EmbeddedServers:
     except BaseException:
         runtime.stop(quiet=True)
         raise
-    secret = quote(runtime.secret, safe="")
-    socket_path = quote(str(runtime.valkey_socket))
-    query = f"host={quote(str(runtime.pg_connect_dir), safe='/')}"
+    database_url, redis_url, redis_client_url = _urls(runtime.secret, runtime.pg_connect_dir, runtime.valkey_socket)
     return EmbeddedServers(
-        database_url=f"postgresql+psycopg://{_PG_USER}:{secret}@/{DATABASE_NAME}?{query}",
-        redis_url=f"redis+socket://:{secret}@{socket_path}",
-        redis_client_url=f"unix://:{secret}@{socket_path}",
-        _runtime=runtime,
+        database_url=database_url, redis_url=redis_url, redis_client_url=redis_client_url, _runtime=runtime
     )
+
+
+def _urls(secret: str, pg_connect_dir: Path, valkey_socket: Path) -> tuple[str, str, str]:
+    """(SQLAlchemy URL, Celery broker URL, redis-py URL) of the servers, the secret in each."""
+    quoted = quote(secret, safe="")
+    socket_path = quote(str(valkey_socket))
+    query = f"host={quote(str(pg_connect_dir), safe='/')}"
+    return (
+        f"postgresql+psycopg://{_PG_USER}:{quoted}@/{DATABASE_NAME}?{query}",
+        f"redis+socket://:{quoted}@{socket_path}",
+        f"unix://:{quoted}@{socket_path}",
+    )
+
+
+@dataclass(frozen=True)
+class RunningServers:
+    """The servers that another process (``taskscheduler dev``) started on a data dir, as clients reach them."""
+
+    data_dir: Path
+    #: pid of the process that started them and holds the data dir's lock.
+    owner_pid: int
+    #: As ``EmbeddedServers``: each carries the secret, so never print them unasked.
+    database_url: str = field(repr=False)
+    redis_url: str = field(repr=False)
+    redis_client_url: str = field(repr=False)
+    #: The folder holding PostgreSQL's socket (libpq's ``host``), the user and the database.
+    pg_host: Path
+    pg_user: str
+    pg_database: str
+    secret: str = field(repr=False)
+
+
+def find_running(data_dir: Path) -> RunningServers | None:
+    """The embedded servers running on ``data_dir`` (started by another process), or None.
+
+    Starts, locks and changes nothing: the pid in the data dir's lock file must be alive and both
+    servers must accept connections on their sockets. Raises ``EmbeddedError`` if they run but their secret
+    cannot be read (another user's data dir).
+    """
+    data_dir = Path(data_dir).expanduser().resolve()
+    owner = _read_pid(data_dir / _LOCK_FILE)
+    if owner is None or not _pid_alive(owner):
+        return None
+    _run_dir, pg_connect_dir, valkey_socket = _socket_dirs(data_dir)
+    if not (_listening(pg_connect_dir / _PG_SOCKET) and _listening(valkey_socket)):
+        return None
+    secret = _read_secret(data_dir / SECRET_FILE)
+    if secret is None:
+        return None
+    database_url, redis_url, redis_client_url = _urls(secret, pg_connect_dir, valkey_socket)
+    return RunningServers(
+        data_dir=data_dir,
+        owner_pid=owner,
+        database_url=database_url,
+        redis_url=redis_url,
+        redis_client_url=redis_client_url,
+        pg_host=pg_connect_dir,
+        pg_user=_PG_USER,
+        pg_database=DATABASE_NAME,
+        secret=secret,
+    )
+
+
+def _listening(socket_path: Path) -> bool:
+    """Whether a server accepts connections on the Unix socket ``socket_path`` (no data is sent)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(str(socket_path))
+        except OSError:
+            return False
+    return True
+
+
+def psql_program() -> Path | None:
+    """The wheel's psql (the embedded server's version, which also reads older servers), if installed."""
+    try:
+        program = _pg_bin_dir(_pg_wheel_root()) / "psql"
+    except EmbeddedError:
+        return None
+    return program if os.access(program, os.X_OK) else None
 
 
 def mask_secret(text: str, servers: EmbeddedServers) -> str:
