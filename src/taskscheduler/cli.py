@@ -57,7 +57,8 @@ class _OneLineErrors(TyperGroup):
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except typer.TyperException as exc:  # click's ClickException and UsageError derive from it
             if type(exc).__name__ == "NoArgsIsHelpError":  # bare `taskscheduler`: the help, as before
-                typer.echo(exc.format_message(), err=True)
+                if exc.format_message().strip():  # rich has printed the help itself
+                    typer.echo(exc.format_message(), err=True)
                 sys.exit(EXIT_USAGE)
             code = getattr(exc, "exit_code", EXIT_FAILURE)
             context = getattr(exc, "ctx", None)
@@ -108,13 +109,16 @@ def _load_task_modules(settings: Settings) -> None:
 
 
 def _wait_for_database(settings: Settings) -> None:
+    """Wait up to DB_WAIT_SEC for the database (it may start after us, as under compose); then one
+    line and exit 1. Nothing listens meanwhile: the API binds its port only once this returns."""
     from taskscheduler.store import db
 
+    where = db.describe_server(settings.database_url)
+    log.info("waiting up to %g s for the database at %s (DB_WAIT_SEC)", settings.db_wait_sec, where)
     try:
-        db.wait_for_database(settings.database_url)
+        db.wait_for_database(settings.database_url, timeout_sec=settings.db_wait_sec)
     except RuntimeError as exc:
-        typer.secho(str(exc), err=True, fg=typer.colors.RED)
-        raise typer.Exit(1) from None
+        _fail(f"the database at {where} did not answer within {settings.db_wait_sec:g} s (DB_WAIT_SEC): {exc}")
 
 
 @app.command()
