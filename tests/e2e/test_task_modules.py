@@ -14,7 +14,7 @@ from tests.helpers import wait_until
 
 pytestmark = pytest.mark.e2e
 
-HANDLERS = '''
+HANDLERS = """
 import os
 
 from taskscheduler.handlers import task
@@ -23,7 +23,7 @@ from taskscheduler.handlers import task
 @task("myapp_echo")
 def echo(payload: dict) -> dict:
     return {"echo": payload, "pid": os.getpid()}
-'''
+"""
 
 
 def _start_in(cluster: Cluster, cwd: Path, *args: str) -> Proc:
@@ -52,9 +52,7 @@ def test_roles_import_task_modules_from_the_working_directory(cluster_factory: t
     api = _start_in(cluster, project, "api")
     _start_in(cluster, project, "scheduler")
     worker = _start_in(cluster, project, "worker", "--queues", "default", "--concurrency", "2")
-    wait_until(
-        lambda: cluster._api_up() or api.popen.poll() is not None, timeout=90, what="the API in the project dir"
-    )
+    wait_until(lambda: cluster._api_up() or api.popen.poll() is not None, timeout=90, what="the API in the project dir")
     assert api.popen.poll() is None, api.log()
     Cluster.wait_worker_ready(worker)
 
@@ -69,4 +67,12 @@ def test_roles_import_task_modules_from_the_working_directory(cluster_factory: t
     task = wait_until(finished, timeout=60, what="the task to finish")
     assert task["status"] == "SUCCEEDED", task  # a pool process (forked after the import) ran it
     assert task["result"]["echo"] == {"n": 1}
-    assert task["result"]["pid"] != worker.popen.pid
+    pool_pid = task["result"]["pid"]
+    assert pool_pid != worker.popen.pid
+    started = [
+        e for e in httpx.get(f"{cluster.url}/tasks/{task_id}/events", timeout=10).json() if e["to_status"] == "STARTED"
+    ]
+    # The STARTED event names the worker and the pool process that ran the task (README, walkthrough B).
+    assert started[0]["detail"].startswith(f"default-{worker.popen.pid}@") and started[0]["detail"].endswith(
+        f" pid {pool_pid}"
+    )
