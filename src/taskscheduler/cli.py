@@ -6,13 +6,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 from taskscheduler.config import Settings, get_settings
 from taskscheduler.logs import configure_logging
@@ -24,8 +25,59 @@ if TYPE_CHECKING:
     from taskscheduler.client import ApiClient
     from taskscheduler.embedded import RunningServers
 
-app = typer.Typer(help="A fault-tolerant distributed task scheduler.", no_args_is_help=True, add_completion=False)
 log = logging.getLogger("taskscheduler")
+
+# One rule for every command's errors: one line on stderr (`error: ...`; `configuration error: ...` for
+# the settings), never a traceback or a usage box, and the exit code says whose move it is:
+EXIT_FAILURE = 1  # the command was right but did not succeed: an HTTP error, an unreachable server, unhealthy
+EXIT_USAGE = 2  # the command line or the configuration is wrong: running it again as it is cannot help
+
+
+def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+class _OneLineErrors(TyperGroup):
+    """Typer's group, with click's usage errors (an unknown option, a value out of range, a missing
+    argument) shown as one `error:` line, exit 2, instead of a boxed usage message."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            # Not standalone: errors come back to us instead of being printed; an Exit comes back
+            # as its code, a command's normal end as its return value (None).
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # click's ClickException and UsageError derive from it
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `taskscheduler`: the help, as before
+                if exc.format_message().strip():  # rich has printed the help itself
+                    typer.echo(exc.format_message(), err=True)
+                sys.exit(EXIT_USAGE)
+            code = getattr(exc, "exit_code", EXIT_FAILURE)
+            context = getattr(exc, "ctx", None)
+            hint = f" (see: {context.command_path} --help)" if code == EXIT_USAGE and context is not None else ""
+            typer.secho(f"error: {exc.format_message()}{hint}", err=True, fg=typer.colors.RED)
+            sys.exit(code)
+        except typer.Abort:
+            typer.secho("error: aborted", err=True, fg=typer.colors.RED)
+            sys.exit(EXIT_FAILURE)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    cls=_OneLineErrors,
+    help="A fault-tolerant distributed task scheduler.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 class QueueName(StrEnum):
@@ -43,19 +95,33 @@ def _settings(*, urls: bool = True) -> Settings:
             settings.require_urls()
     except Exception as exc:  # pydantic ValidationError or a missing URL: say it plainly, no traceback
         typer.secho(f"configuration error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_USAGE) from None
     configure_logging(settings.log_format, settings.log_level)
     return settings
 
 
-def _wait_for_database(settings: Settings) -> None:
-    from taskscheduler.store import db
+def _load_task_modules(settings: Settings) -> None:
+    """TASK_MODULES, imported as `celery -A` would (the working directory first); a module that
+    cannot be imported is a configuration error, one line, exit 2."""
+    from taskscheduler import handlers
 
     try:
-        db.wait_for_database(settings.database_url)
+        handlers.load_task_modules(settings.task_module_list)
     except RuntimeError as exc:
-        typer.secho(str(exc), err=True, fg=typer.colors.RED)
-        raise typer.Exit(1) from None
+        _fail(str(exc), EXIT_USAGE)
+
+
+def _wait_for_database(settings: Settings) -> None:
+    """Wait up to DB_WAIT_SEC for the database (it may start after us, as under compose); then one
+    line and exit 1. Nothing listens meanwhile: the API binds its port only once this returns."""
+    from taskscheduler.store import db
+
+    where = db.describe_server(settings.database_url)
+    log.info("waiting up to %g s for the database at %s (DB_WAIT_SEC)", settings.db_wait_sec, where)
+    try:
+        db.wait_for_database(settings.database_url, timeout_sec=settings.db_wait_sec)
+    except RuntimeError as exc:
+        _fail(f"the database at {where} did not answer within {settings.db_wait_sec:g} s (DB_WAIT_SEC): {exc}")
 
 
 @app.command()
@@ -80,6 +146,7 @@ def api(
     from taskscheduler.auth import warn_if_open
 
     settings = _settings()
+    _load_task_modules(settings)
     host, port = host or settings.api_host, port or settings.api_port
     warn_if_open("the API", host, port, settings.api_key_list)
     _wait_for_database(settings)
@@ -125,14 +192,9 @@ def worker(
         # Before prometheus_client is imported: the pool processes write their samples to files.
         _enable_multiprocess_metrics()
 
-    from taskscheduler import handlers
     from taskscheduler.worker import configure_celery
 
-    try:
-        handlers.load_task_modules(settings.task_module_list)
-    except RuntimeError as exc:
-        typer.secho(str(exc), err=True, fg=typer.colors.RED)
-        raise typer.Exit(2) from None
+    _load_task_modules(settings)
     _wait_for_database(settings)
     app_ = configure_celery(settings)
     app_.worker_main(
@@ -356,6 +418,7 @@ ApiKeyOption = Annotated[
     ),
 ]
 DEFAULT_API_URL = "http://127.0.0.1:8000"
+TASK_QUEUES = ("high", "default", "low")
 
 STATUS_STYLE = {
     "PENDING": "cyan",
@@ -368,26 +431,26 @@ STATUS_STYLE = {
 }
 
 
-def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
-
-
 def _task_id(value: str) -> str:
     import uuid
 
     try:
         return str(uuid.UUID(value))
     except ValueError:
-        _fail(f"{value!r} is not a task id (a UUID such as 6f1c2d3e-...)", 2)
+        _fail(f"{value!r} is not a task id (a UUID such as 6f1c2d3e-...)", EXIT_USAGE)
 
 
 def _call(url: str, api_key: str | None, action: Callable[[ApiClient], Any]) -> Any:
-    from taskscheduler.client import ApiClient, ClientError
+    from taskscheduler.client import ApiClient, ClientError, Unreachable
 
     try:
         with ApiClient(url, api_key) as client:
             return action(client)
+    except Unreachable as exc:
+        _fail(
+            f"{exc} (is `taskscheduler dev` or `taskscheduler api` running? point the CLI at it with --url"
+            " or TASKSCHEDULER_URL)"
+        )
     except ClientError as exc:
         _fail(str(exc))
 
@@ -486,24 +549,24 @@ def submit(
     try:
         body_payload = json.loads(payload)
     except json.JSONDecodeError as exc:
-        _fail(f"--payload is not valid JSON: {exc}", 2)
+        _fail(f"--payload is not valid JSON: {exc}", EXIT_USAGE)
     if not isinstance(body_payload, dict):
-        _fail('--payload must be a JSON object, e.g. \'{"msg": "hi"}\'', 2)
+        _fail('--payload must be a JSON object, e.g. \'{"msg": "hi"}\'', EXIT_USAGE)
     if in_ is not None and at is not None:
-        _fail("give --in or --at, not both", 2)
+        _fail("give --in or --at, not both", EXIT_USAGE)
     body: dict[str, Any] = {"name": name, "payload": body_payload, "priority": priority}
     if in_ is not None:
         try:
             body["run_at"] = (datetime.now(UTC) + parse_duration(in_)).isoformat()
         except ClientError as exc:
-            _fail(f"--in: {exc}", 2)
+            _fail(f"--in: {exc}", EXIT_USAGE)
     if at is not None:
         try:
             moment = datetime.fromisoformat(at.replace("Z", "+00:00").replace("z", "+00:00"))
         except ValueError:
-            _fail(f"--at {at!r} is not an ISO 8601 time, e.g. 2030-01-01T12:00:00Z", 2)
+            _fail(f"--at {at!r} is not an ISO 8601 time, e.g. 2030-01-01T12:00:00Z", EXIT_USAGE)
         if moment.tzinfo is None:
-            _fail(f"--at {at!r} has no UTC offset: add Z or e.g. +02:00", 2)
+            _fail(f"--at {at!r} has no UTC offset: add Z or e.g. +02:00", EXIT_USAGE)
         body["run_at"] = moment.isoformat()
     if max_retries is not None:
         body["max_retries"] = max_retries
@@ -565,7 +628,9 @@ def list_(
     statuses = [s.upper() for s in status_ or []]
     unknown = [s for s in statuses if s not in TaskStatus.__members__]
     if unknown:
-        _fail(f"unknown status {unknown[0]!r}; one of {', '.join(TaskStatus)}", 2)
+        _fail(f"unknown status {unknown[0]!r}; one of {', '.join(TaskStatus)}", EXIT_USAGE)
+    if queue is not None and queue not in TASK_QUEUES:
+        _fail(f"unknown queue {queue!r}; one of {', '.join(TASK_QUEUES)}", EXIT_USAGE)
     params: dict[str, Any] = {"status": statuses, "limit": limit}
     for key, value in (("name", name), ("queue", queue), ("cursor", cursor)):
         if value is not None:

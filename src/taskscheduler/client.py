@@ -17,6 +17,10 @@ class ClientError(Exception):
     """Something a person should read: a bad argument, an unreachable API or an HTTP error."""
 
 
+class Unreachable(ClientError):
+    """The API could not be reached, or did not answer in time."""
+
+
 def parse_duration(text: str) -> timedelta:
     """`90`, `10s`, `1.5m`, `2h`, `1h30m`, `500ms`, `1d` -> timedelta. A bare number is seconds."""
     value = text.strip().lower().replace(" ", "")
@@ -64,8 +68,10 @@ class ApiClient:
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise Unreachable(f"no answer from the API at {self.url} in time: {exc or type(exc).__name__}") from None
         except httpx.HTTPError as exc:
-            raise ClientError(f"cannot reach the API at {self.url}: {exc or type(exc).__name__}") from None
+            raise Unreachable(f"cannot reach the API at {self.url}: {exc or type(exc).__name__}") from None
         if response.status_code >= 400:
             raise ClientError(describe_error(response))
         try:

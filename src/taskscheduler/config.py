@@ -69,6 +69,9 @@ class Settings(BaseSettings):
         gt=0,
         description="How long a worker retries a claim or an outcome while the database is unreachable.",
     )
+    db_wait_sec: float = Field(
+        60.0, ge=0, description="How long a role waits at start for the database to answer before it exits 1."
+    )
     task_modules: str = ""
     api_keys: str = ""
     log_format: Literal["text", "json"] = "text"

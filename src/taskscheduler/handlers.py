@@ -15,6 +15,8 @@ the workers (to run them).
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -56,12 +58,25 @@ def registered_names() -> list[str]:
 
 
 def load_task_modules(modules: list[str]) -> None:
-    """Import the user's handler modules; a bad name is a clear startup error, not a silent gap."""
+    """Import the user's handler modules; a bad name is a clear startup error, not a silent gap.
+
+    The working directory comes first on `sys.path`, as under `python -m` and `celery -A`: the
+    console script `taskscheduler` otherwise sees only its own directory, so `myapp/` next to the
+    user would import under `dev` (whose children run with `python -m`) and nowhere else. Celery's
+    pool processes fork after this and inherit both the path and the imported modules.
+    """
+    if modules:
+        cwd = os.getcwd()
+        if cwd not in sys.path and "" not in sys.path:
+            sys.path.insert(0, cwd)
     for module in modules:
         try:
             importlib.import_module(module)
         except ImportError as exc:
-            raise RuntimeError(f"TASK_MODULES: cannot import {module!r}: {exc}") from exc
+            raise RuntimeError(
+                f"TASK_MODULES: cannot import {module!r} (looked in the working directory {os.getcwd()}"
+                f" and the installed packages): {exc}"
+            ) from exc
 
 
 @task("demo_ok")

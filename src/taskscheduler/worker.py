@@ -662,7 +662,8 @@ def execute_many(self: Any, items: list[list[Any]]) -> list[str]:
 
     return run_attempts(
         [(uuid.UUID(task_id), int(attempt)) for task_id, attempt in items],
-        worker=self.request.hostname,
+        # The pool process's pid: the one to kill to stop this attempt (README, walkthrough B).
+        worker=f"{self.request.hostname} pid {os.getpid()}",
         send_back=send_back if queue else None,
     )
 

@@ -100,21 +100,38 @@ def transaction(url: str | None = None) -> Iterator[Connection]:
         yield conn
 
 
-def wait_for_database(url: str | None = None, *, timeout_sec: float = 60.0) -> None:
-    """Block until the database answers, or raise after `timeout_sec`."""
+def wait_for_database(url: str | None = None, *, timeout_sec: float = 60.0, log_every_sec: float = 10.0) -> None:
+    """Block until the database answers, or raise after `timeout_sec` with the last error's first line.
+
+    The reason it does not answer is logged at most every `log_every_sec`, not at every try."""
     deadline = time.monotonic() + timeout_sec
     delay = 0.2
+    next_log = time.monotonic()
     while True:
         try:
             with get_engine(url).connect() as conn:
                 conn.execute(text("SELECT 1"))
             return
         except OperationalError as exc:
-            if time.monotonic() >= deadline:
-                raise RuntimeError(f"database not reachable after {timeout_sec:.0f}s: {exc.orig}") from exc
-            log.info("waiting for the database: %s", str(exc.orig).strip().splitlines()[0])
-            time.sleep(delay)
+            reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+            now = time.monotonic()
+            if now >= deadline:
+                raise RuntimeError(reason) from exc
+            if now >= next_log:
+                log.info("waiting for the database: %s", reason)
+                next_log = now + log_every_sec
+            time.sleep(min(delay, max(deadline - now, 0.0)))
             delay = min(delay * 2, 2.0)
+
+
+def describe_server(url: str | None = None) -> str:
+    """`host:port` (or the socket directory) of DATABASE_URL, for messages: never the password."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(normalize_database_url(url) if url else get_settings().require_urls()[0])
+    socket_dir = parsed.query.get("host")
+    host = parsed.host or (socket_dir if isinstance(socket_dir, str) else None) or "localhost"
+    return host if host.startswith("/") else f"{host}:{parsed.port or 5432}"
 
 
 AsyncConn = psycopg.AsyncConnection[DictRow]
