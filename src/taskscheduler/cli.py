@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -326,19 +327,32 @@ def check(
 def dev(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the API.")] = 8000,
     data_dir: Annotated[Path, typer.Option(help="Where the embedded servers keep their data.")] = DEFAULT_DATA_DIR,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="The roles' output on this terminal, not in DATA_DIR/logs/.")
+    ] = False,
 ) -> None:
     """Run everything on this machine: embedded PostgreSQL and Valkey (unless DATABASE_URL and
-    REDIS_URL are set), migrations, the API, the scheduler and the four workers. Ctrl-C stops all."""
-    from taskscheduler.dev import run_dev
+    REDIS_URL are set), migrations, the API, the scheduler and the four workers. Ctrl-C stops all.
+
+    A role that dies is restarted; one that exits with a configuration error, or dies 3 times in
+    30 s, stops everything (exit non-zero) with its last output shown."""
+    from taskscheduler.dev import DevError, run_dev
     from taskscheduler.embedded import EmbeddedError
 
     def say(message: str) -> None:
-        typer.secho(f"[dev] {message}", err=True, fg=typer.colors.CYAN)
+        # After SIGHUP the terminal is gone: writing fails, and the clean stop must still happen.
+        with contextlib.suppress(OSError):
+            typer.secho(f"[dev] {message}", err=True, fg=typer.colors.CYAN)
 
     try:
-        code = run_dev(port=port, data_dir=data_dir.resolve(), environ=os.environ, say=say)
+        code = run_dev(port=port, data_dir=data_dir.resolve(), environ=os.environ, say=say, verbose=verbose)
+    except DevError as exc:
+        with contextlib.suppress(OSError):
+            typer.secho(f"[dev] {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(exc.exit_code) from None
     except EmbeddedError as exc:
-        typer.secho(f"[dev] {exc}", err=True, fg=typer.colors.RED)
+        with contextlib.suppress(OSError):
+            typer.secho(f"[dev] {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from None
     raise typer.Exit(code)
 

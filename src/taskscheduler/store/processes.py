@@ -66,3 +66,12 @@ def delete_stale(conn: Connection, *, older_than_sec: float, now: datetime | Non
         " WHERE seen_at < COALESCE(CAST(:now AS timestamptz), now()) - make_interval(secs => :older_than_sec)"
     )
     return conn.execute(sql, {"older_than_sec": older_than_sec, "now": now}).rowcount
+
+
+def beating_pids(conn: Connection, *, hostname: str, pids: list[int]) -> set[int]:
+    """Which of `pids` on `hostname` have recorded a heartbeat: they are up (for `taskscheduler dev`)."""
+    rows = conn.execute(
+        text("SELECT DISTINCT pid FROM process_heartbeats WHERE hostname = :hostname AND pid = ANY(:pids)"),
+        {"hostname": hostname, "pids": pids},
+    )
+    return {row.pid for row in rows}
