@@ -96,8 +96,7 @@ class Settings(BaseSettings):
     # Off by default: each event is one more publish to Redis per task and state change.
     task_events: bool = Field(
         False,
-        description="Workers send Celery task events and heartbeats, and publishers task-sent events (for Flower"
-        " and `celery events`).",
+        description="Workers send Celery task events and worker heartbeats (for Flower and `celery events`).",
     )
     # Retention: finished tasks (and their events) and dlq_events older than this are deleted; 0 keeps them.
     retention_days: float = Field(30.0, ge=0, description="Finished tasks are deleted this many days after finishing.")

@@ -89,9 +89,11 @@ def configure_celery(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         # Task events (TASK_EVENTS) are what Flower and `celery events` show: received, started,
-        # succeeded... per message, and task-sent from the scheduler.
+        # succeeded... per message, sent by the workers. Not task-sent: it names the message
+        # EXECUTE rather than its shadow name and travels apart from the message, so it may reach
+        # Flower after the worker's events and rename the task back (seen in tests/e2e/test_flower.py).
         worker_send_task_events=settings.task_events,
-        task_send_sent_event=settings.task_events,
+        task_send_sent_event=False,
         enable_utc=True,
     )
     _configured_for = key
