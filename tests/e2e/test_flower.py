@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
+from taskscheduler.config import Settings
+from taskscheduler.worker import configure_celery
 from tests.e2e.conftest import Proc
 from tests.helpers import free_port, new_task, task_row, wait_until
 
@@ -118,6 +120,24 @@ def test_flower_lists_the_worker_and_the_tasks_that_ran_under_their_handler_name
     )
     assert ping.returncode == 0, ping.stdout + ping.stderr
     assert "pong" in ping.stdout
+
+
+def test_a_worker_with_task_events_sends_heartbeats(cluster_factory: Any, settings: Settings) -> None:
+    # Without them a monitor sees the worker only through its task events, and Flower shows it
+    # offline two minutes after its last task.
+    cluster = cluster_factory(TASK_EVENTS="true")
+    cluster.start_worker("default")
+    app = configure_celery(settings)
+    seen: list[dict[str, Any]] = []
+
+    def on_heartbeat(event: dict[str, Any]) -> None:
+        seen.append(event)
+        receiver.should_stop = True
+
+    with app.connection_for_read() as connection:
+        receiver = app.events.Receiver(connection, handlers={"worker-heartbeat": on_heartbeat})
+        receiver.capture(limit=None, timeout=30, wakeup=False)
+    assert seen and seen[0]["hostname"].startswith("default-")
 
 
 def test_celery_report_shows_the_redis_transport_with_redis_url_alone(cluster_factory: Any) -> None:
