@@ -198,19 +198,21 @@ def worker(
     _load_task_modules(settings)
     _wait_for_database(settings)
     app_ = configure_celery(settings)
-    app_.worker_main(
-        [
-            "worker",
-            f"--queues={queues.value}",
-            f"--concurrency={concurrency or settings.worker_concurrency}",
-            "--pool=prefork",
-            f"--hostname={queues.value}-{os.getpid()}@%h",
-            f"--loglevel={settings.log_level}",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ]
-    )
+    argv = [
+        "worker",
+        f"--queues={queues.value}",
+        f"--concurrency={concurrency or settings.worker_concurrency}",
+        "--pool=prefork",
+        f"--hostname={queues.value}-{os.getpid()}@%h",
+        f"--loglevel={settings.log_level}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    # Worker heartbeats are events too: with TASK_EVENTS, Flower and `celery events` see the worker
+    # online through them; without, nothing here reads them, so they are not sent.
+    if not settings.task_events:
+        argv.append("--without-heartbeat")
+    app_.worker_main(argv)
 
 
 def _enable_multiprocess_metrics() -> None:

@@ -96,6 +96,11 @@ class Settings(BaseSettings):
         5.0, gt=0, description="How long a request waits for a pooled connection before giving up (the API: a 503)."
     )
     worker_concurrency: int = Field(1, ge=1, description="Worker processes per `taskscheduler worker`.")
+    # Off by default: each event is one more publish to Redis per task and state change.
+    task_events: bool = Field(
+        False,
+        description="Workers send Celery task events and worker heartbeats (for Flower and `celery events`).",
+    )
     # Retention: finished tasks (and their events) and dlq_events older than this are deleted; 0 keeps them.
     retention_days: float = Field(30.0, ge=0, description="Finished tasks are deleted this many days after finishing.")
     dlq_retention_days: float = Field(180.0, ge=0, description="dlq_events are deleted this many days after creation.")
@@ -152,6 +157,15 @@ class Settings(BaseSettings):
                 f"{' and '.join(missing)} not set: set them, or run `taskscheduler dev` to use embedded servers"
             )
         return self.database_url, self.redis_url
+
+    def require_redis_url(self) -> str:
+        """REDIS_URL, for what needs the broker only (`celery -A taskscheduler`: inspect, events, Flower)."""
+        if not self.redis_url:
+            raise RuntimeError(
+                "REDIS_URL not set: set it (and REDIS_KEY_PREFIX, if the deployment uses one) to the broker of"
+                " the workers; for a running `taskscheduler dev`, see `taskscheduler env`"
+            )
+        return self.redis_url
 
 
 @lru_cache

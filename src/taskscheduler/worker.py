@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -55,11 +56,12 @@ _configured_for: str | None = None
 
 
 def configure_celery(settings: Settings | None = None) -> Celery:
-    """Point the Celery app at REDIS_URL. Called by every process before it publishes or consumes."""
+    """Point the Celery app at REDIS_URL. Called by every process before it publishes or consumes,
+    and by `taskscheduler.celery` (the app `celery -A taskscheduler` finds), which needs no more."""
     global _configured_for
     settings = settings or get_settings()
-    redis_url = settings.require_urls()[1]
-    key = f"{redis_url}|{settings.redis_key_prefix}"
+    redis_url = settings.require_redis_url()
+    key = f"{redis_url}|{settings.redis_key_prefix}|{settings.task_events}"
     if _configured_for == key:
         return celery_app
     transport_options: dict[str, Any] = {}
@@ -86,7 +88,12 @@ def configure_celery(settings: Settings | None = None) -> Celery:
         worker_disable_prefetch=True,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
-        worker_send_task_events=False,
+        # Task events (TASK_EVENTS) are what Flower and `celery events` show: received, started,
+        # succeeded... per message, sent by the workers. Not task-sent: it names the message
+        # EXECUTE rather than its shadow name and travels apart from the message, so it may reach
+        # Flower after the worker's events and rename the task back (seen in tests/e2e/test_flower.py).
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=False,
         enable_utc=True,
     )
     _configured_for = key
@@ -655,10 +662,11 @@ def run_attempts(
 def execute_many(self: Any, items: list[list[Any]]) -> list[str]:
     queue = (self.request.delivery_info or {}).get("routing_key")
     hard_limit = (self.request.timelimit or (None, None))[0]
+    shadow = getattr(self.request, "shadow", None)
 
     def send_back(rest: Sequence[tuple[uuid.UUID, int]]) -> None:
         assert queue is not None
-        _publish_message(rest, queue=queue, time_limit_sec=hard_limit)
+        _publish_message(rest, queue=queue, time_limit_sec=hard_limit, shadow=rest_name(shadow, len(rest)))
 
     return run_attempts(
         [(uuid.UUID(task_id), int(attempt)) for task_id, attempt in items],
@@ -707,6 +715,7 @@ def publish_attempts(
                 time_limit_sec=MESSAGE_SLICE_SEC + longest + outcome_write_sec + HARD_LIMIT_GRACE_SEC,
                 producer=producer,
                 retry_policy=retry_policy,
+                shadow=message_name([item.name for item in chunk]),
             )
             count += len(chunk)
     return count
@@ -729,6 +738,36 @@ def messages_for(items: Iterable[task_store.Dispatched], *, max_per_message: int
     return messages
 
 
+# Handler names a message's shadow name lists at most; the count says how many tasks it carries.
+_NAMES_SHOWN = 3
+
+
+def message_name(names: Sequence[str]) -> str | None:
+    """The name Flower, `celery events` and Celery's logs show for a message instead of
+    EXECUTE (its shadow name): the handler names it carries, e.g. `send_email`,
+    `send_email (20 tasks)`, `send_email, resize (5 tasks)`, `a, b, c +2 more (9 tasks)`.
+    None (EXECUTE) when the names are unknown."""
+    distinct = list(dict.fromkeys(name for name in names if name))
+    if not distinct:
+        return None
+    shown = ", ".join(distinct[:_NAMES_SHOWN])
+    if len(distinct) > _NAMES_SHOWN:
+        shown += f" +{len(distinct) - _NAMES_SHOWN} more"
+    return shown if len(names) == 1 else f"{shown} ({len(names)} tasks)"
+
+
+def rest_name(shadow: str | None, count: int) -> str | None:
+    """The name of a message's rest, sent back to the queue: the message's names (the names of the
+    tasks not yet claimed are not known here; the message's are a superset) with the new count."""
+    if not shadow:
+        return None
+    names = _COUNT_SUFFIX.sub("", shadow)
+    return names if count == 1 else f"{names} ({count} tasks)"
+
+
+_COUNT_SUFFIX = re.compile(r" \(\d+ tasks\)$")
+
+
 def _publish_message(
     items: Sequence[tuple[uuid.UUID, int]],
     *,
@@ -736,6 +775,7 @@ def _publish_message(
     time_limit_sec: float | None,
     producer: Any = None,
     retry_policy: dict[str, Any] | None = None,
+    shadow: str | None = None,
 ) -> None:
     execute_many.apply_async(
         ([[str(task_id), attempt] for task_id, attempt in items],),
@@ -744,6 +784,7 @@ def _publish_message(
         time_limit=time_limit_sec,
         producer=producer,
         retry_policy=retry_policy,
+        shadow=shadow,
     )
 
 
@@ -764,6 +805,7 @@ def publish_dead(
                 routing_key=Queue.DLQ.value,
                 producer=producer,
                 retry_policy=retry_policy,
+                shadow=f"dead: {name}",
             )
             count += 1
     return count

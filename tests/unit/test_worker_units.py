@@ -12,7 +12,14 @@ import pytest
 from taskscheduler.config import MAX_JSON_DEPTH
 from taskscheduler.lifecycle import nested_deeper_than
 from taskscheduler.store.tasks import MAX_ERROR_CHARS, Dispatched, storable_error
-from taskscheduler.worker import ResultNotStorable, _error_text, messages_for, storable_result
+from taskscheduler.worker import (
+    ResultNotStorable,
+    _error_text,
+    message_name,
+    messages_for,
+    rest_name,
+    storable_result,
+)
 
 MiB = 1024 * 1024
 
@@ -230,3 +237,23 @@ def test_the_slicer_forgets_a_message_that_ended_before_its_deadline():
     assert slicer._watched == []
     message.hand_off()  # what the slicer would do at the deadline: nothing, the message is over
     assert sent == []
+
+
+@pytest.mark.parametrize(
+    ("names", "shown"),
+    [
+        (["send_email"], "send_email"),
+        (["send_email"] * 20, "send_email (20 tasks)"),
+        (["send_email", "resize", "send_email", "resize", "send_email"], "send_email, resize (5 tasks)"),
+        (["a", "b", "c", "d", "a", "e", "a", "a", "a"], "a, b, c +2 more (9 tasks)"),
+        ([""], None),  # names unknown: Celery shows the task's own name
+    ],
+)
+def test_a_message_is_named_after_the_handlers_it_carries(names: list[str], shown: str | None) -> None:
+    assert message_name(names) == shown
+
+
+def test_the_rest_of_a_message_keeps_its_names_with_its_own_count() -> None:
+    assert rest_name("send_email, resize (20 tasks)", 12) == "send_email, resize (12 tasks)"
+    assert rest_name("a, b, c +2 more (9 tasks)", 1) == "a, b, c +2 more"
+    assert rest_name(None, 3) is None

@@ -58,6 +58,8 @@ class Dispatched:
     attempt: int
     queue: str
     timeout_sec: float | None
+    # The handler's name, for the message's shadow name (what Flower shows); not part of the message.
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -390,12 +392,12 @@ _DISPATCH = text(
         SET status = 'ENQUEUED', attempt = t.attempt + 1, published_at = now(), updated_at = now()
         FROM due
         WHERE t.id = due.id AND t.status = due.status
-        RETURNING t.id, t.attempt, t.queue, t.priority, t.run_at, t.timeout_sec, due.status AS from_status
+        RETURNING t.id, t.attempt, t.queue, t.priority, t.run_at, t.timeout_sec, t.name, due.status AS from_status
     ), event AS (
         INSERT INTO task_events (task_id, from_status, to_status, attempt)
         SELECT id, from_status, 'ENQUEUED', attempt FROM moved ORDER BY priority DESC, run_at
     )
-    SELECT id, attempt, queue, timeout_sec, from_status FROM moved ORDER BY priority DESC, run_at
+    SELECT id, attempt, queue, timeout_sec, name, from_status FROM moved ORDER BY priority DESC, run_at
     """
 )
 
@@ -413,7 +415,7 @@ def dispatch_due(
     rows = conn.execute(_DISPATCH, {"priorities": priorities, "limit": limit, "now": now}).all()
     for r in rows:
         metrics.transition(r.from_status, TaskStatus.ENQUEUED, r.queue)
-    return [Dispatched(id=r.id, attempt=r.attempt, queue=r.queue, timeout_sec=r.timeout_sec) for r in rows]
+    return [Dispatched(id=r.id, attempt=r.attempt, queue=r.queue, timeout_sec=r.timeout_sec, name=r.name) for r in rows]
 
 
 _ENQUEUED_PER_QUEUE = text("SELECT queue, count(*) FROM tasks WHERE status = 'ENQUEUED' GROUP BY queue")
@@ -688,7 +690,7 @@ _REPUBLISH_ENQUEUED = text(
     )
     UPDATE tasks t SET published_at = {_NOW}
     FROM lost WHERE t.id = lost.id AND t.status = 'ENQUEUED'
-    RETURNING t.id, t.attempt, t.queue, t.timeout_sec
+    RETURNING t.id, t.attempt, t.queue, t.timeout_sec, t.name
     """
 )
 
@@ -703,7 +705,7 @@ def take_lost_enqueued(
     """
     params = {"now": now, "queue": queue, "timeout_sec": timeout_sec, "limit": limit, "waiting": waiting}
     rows = conn.execute(_REPUBLISH_ENQUEUED, params)
-    return [Dispatched(id=r.id, attempt=r.attempt, queue=r.queue, timeout_sec=r.timeout_sec) for r in rows]
+    return [Dispatched(id=r.id, attempt=r.attempt, queue=r.queue, timeout_sec=r.timeout_sec, name=r.name) for r in rows]
 
 
 # As for lost task messages: one DLQ message per DEAD task still waiting in the broker is enough.
