@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import text
+from typer.testing import CliRunner, Result
 
 from taskscheduler.lifecycle import DlqReason, queue_for_priority
 from taskscheduler.store import db
@@ -120,3 +121,21 @@ def queued(redis_client: Any, prefix: str, queue: str) -> list[tuple[str, ...]]:
 def queued_attempts(redis_client: Any, prefix: str, queue: str) -> list[tuple[str, int]]:
     """The `(task_id, attempt)` pairs the messages waiting in a task queue carry, in order."""
     return [(task_id, attempt) for (items,) in queued(redis_client, prefix, queue) for task_id, attempt in items]
+
+
+def cli_run(*args: str, env: dict[str, str] | None = None) -> Result:
+    """The CLI in this process, as `taskscheduler ARGS`; it must end by exiting, never by a traceback."""
+    from taskscheduler.cli import app
+
+    result = CliRunner().invoke(app, list(args), env=env)
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result
+
+
+def one_line_error(result: Result, code: int) -> str:
+    """The one `error: ...` line a failed command printed, after checking its exit code."""
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]

@@ -100,7 +100,27 @@ def configure_celery(settings: Settings | None = None) -> Celery:
     return celery_app
 
 
-class Heartbeats:
+class _ProcessThread:
+    """One daemon thread per process running `_run`, started on first use: a pool process forks
+    after import, and a thread does not survive a fork, so the check is made on every use."""
+
+    thread_name = "worker-helper"
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Heartbeats(_ProcessThread):
     """Refreshes `heartbeat_at` of the attempts this process runs, from one background thread.
 
     One thread per process, started on first use (after the pool's fork), rather than one per task:
@@ -108,14 +128,15 @@ class Heartbeats:
     for each of them was a measurable share of a worker's time.
     """
 
+    thread_name = "heartbeats"
+
     def __init__(self, interval_sec: float) -> None:
+        super().__init__()
         self._interval = interval_sec
         self._running: dict[tuple[uuid.UUID, int], float] = {}
         # Attempts whose outcome is being written: their write reports what happened to them.
         self._recording: set[tuple[uuid.UUID, int]] = set()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
 
     @contextmanager
     def beating(self, task_id: uuid.UUID, attempt: int) -> Iterator[None]:
@@ -141,12 +162,6 @@ class Heartbeats:
         finally:
             with self._lock:
                 self._recording.discard((task_id, attempt))
-
-    def _ensure_thread(self) -> None:
-        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-            self._pid = os.getpid()
-            self._thread = threading.Thread(target=self._run, name="heartbeats", daemon=True)
-            self._thread.start()
 
     def _run(self) -> None:
         while True:
@@ -574,7 +589,7 @@ class MessageSlice:
         self._settled.wait()
 
 
-class Slicer:
+class Slicer(_ProcessThread):
     """Hands off the rest of each message whose slice has passed, from one background thread per
     process (started on first use, after the pool's fork), even while the message's current
     attempt runs in the main thread.
@@ -583,11 +598,12 @@ class Slicer:
     through Celery's producer pool, which gives each thread a producer and connection of its own.
     """
 
+    thread_name = "message-slicer"
+
     def __init__(self) -> None:
+        super().__init__()
         self._watched: list[MessageSlice] = []
         self._changed = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
 
     @contextmanager
     def watching(self, message: MessageSlice) -> Iterator[None]:
@@ -603,12 +619,6 @@ class Slicer:
                 if message in self._watched:
                     self._watched.remove(message)
             message.close()
-
-    def _ensure_thread(self) -> None:
-        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-            self._pid = os.getpid()
-            self._thread = threading.Thread(target=self._run, name="message-slicer", daemon=True)
-            self._thread.start()
 
     def _run(self) -> None:
         while True:

@@ -20,30 +20,15 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
-from tests.helpers import free_port, task_row, to_dead, wait_until
-from typer.testing import CliRunner, Result
+from tests.helpers import cli_run as run
+from tests.helpers import free_port, one_line_error, task_row, to_dead, wait_until
 
 from taskscheduler.api import create_app
-from taskscheduler.cli import app
 from taskscheduler.config import Settings, get_settings
 from taskscheduler.liveness import ProcessHeartbeat
 from taskscheduler.store import db
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
-
-
-def run(*args: str, env: dict[str, str] | None = None) -> Result:
-    result = CliRunner().invoke(app, list(args), env=env)
-    assert "Traceback" not in result.output, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return result
-
-
-def one_line_error(result: Result, code: int) -> str:
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
 
 
 # --- submit, status, list, cancel, retry -----------------------------------------------------------------------

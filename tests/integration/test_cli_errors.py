@@ -13,27 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner, Result
+from tests.helpers import cli_run as run
+from tests.helpers import one_line_error
 
-from taskscheduler.cli import app
 from taskscheduler.config import Settings
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
 
 CLI = shutil.which("taskscheduler", path=str(Path(sys.executable).parent)) or "taskscheduler"
-
-
-def run(*args: str) -> Result:
-    result = CliRunner().invoke(app, list(args))
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return result
-
-
-def one_line_error(result: Result, code: int) -> str:
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
 
 
 def closed_port() -> int:
