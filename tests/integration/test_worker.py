@@ -284,3 +284,20 @@ def test_a_dead_attempt_whose_dlq_message_cannot_be_published_is_left_to_the_dlq
     with db.transaction() as conn:
         (lost,) = task_store.take_unrecorded_dead(conn, timeout_sec=0, limit=10, now=far_future())
     assert lost.id == row["id"] and lost.error == "RuntimeError: boom"
+
+
+def test_the_hard_limit_leaves_room_to_write_the_outcome_while_the_database_is_away(
+    monkeypatch: pytest.MonkeyPatch, redis_client: Any, clean_db: Any
+) -> None:
+    """Celery kills a pool process at the message's hard limit: it must come after the longest task
+    limit plus the time a worker keeps retrying its outcome's write, or the kill loses that outcome."""
+    import json
+
+    monkeypatch.setenv("WORKER_DB_RETRY_SEC", "77")
+    get_settings.cache_clear()
+    new_task(timeout_sec=20)
+    worker.publish_attempts(dispatch_all(), default_timeout_sec=180)
+    (raw,) = redis_client.lrange(f"{clean_db.redis_key_prefix}default", 0, -1)
+    hard, _soft = json.loads(raw)["headers"]["timelimit"]
+    assert hard >= 20 + 77
+    get_settings.cache_clear()
