@@ -470,20 +470,19 @@ def record_failure(
     """
     fields: dict[str, Any] = {"task_id": str(task_id), "attempt": attempt}
     error = task_store.storable_error(error) or ""
+    policy = (timed_out, max_retries, retry_base_attempt, settings, fields)
     try:
-        return _record_failure(task_id, attempt, error, timed_out, max_retries, retry_base_attempt, settings, fields)
-    except GaveUp as exc:
-        return _gave_up(exc, "failure", fields)
-    except SQLAlchemyError as exc:  # the error text refused despite storable_error: keep the failure
-        refused = _describe(exc)
-    log.warning(
-        "error text refused by the database (%s); recording the failure without it",
-        refused,
-        extra={**fields, "event": "error_refused"},
-    )
-    error = f"the attempt failed, but its error text could not be stored ({refused})"
-    try:
-        return _record_failure(task_id, attempt, error, timed_out, max_retries, retry_base_attempt, settings, fields)
+        try:
+            return _record_failure(task_id, attempt, error, *policy)
+        except SQLAlchemyError as exc:  # the error text refused despite storable_error: keep the failure
+            refused = _describe(exc)
+        log.warning(
+            "error text refused by the database (%s); recording the failure without it",
+            refused,
+            extra={**fields, "event": "error_refused"},
+        )
+        error = f"the attempt failed, but its error text could not be stored ({refused})"
+        return _record_failure(task_id, attempt, error, *policy)
     except GaveUp as exc:
         return _gave_up(exc, "failure", fields)
 
