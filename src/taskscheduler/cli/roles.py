@@ -17,6 +17,7 @@ import typer
 
 from taskscheduler.cli.errors import EXIT_USAGE, fail
 from taskscheduler.config import Settings, get_settings
+from taskscheduler.dev import DEFAULT_DATA_DIR, DevError, dev_api_url, run_dev
 from taskscheduler.lifecycle import Queue
 from taskscheduler.logs import configure_logging
 
@@ -177,7 +178,6 @@ def _enable_multiprocess_metrics() -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
 
 
-DEFAULT_DATA_DIR = Path(".taskscheduler")
 DataDirOption = Annotated[
     Path, typer.Option("--data-dir", help="The data dir of the `taskscheduler dev` to use (as given to dev).")
 ]
@@ -277,7 +277,6 @@ def dev(
 
     A role that dies is restarted; one that exits with a configuration error, or dies 3 times in
     30 s, stops everything (exit non-zero) with its last output shown."""
-    from taskscheduler.dev import DevError, run_dev
     from taskscheduler.embedded import EmbeddedError
 
     def say(message: str) -> None:
@@ -300,7 +299,6 @@ def env_(data_dir: DataDirOption = DEFAULT_DATA_DIR) -> None:
     points the CLI, `check`, psql and Celery's tools at it. They hold its password."""
     import shlex
 
-    from taskscheduler.dev import dev_api_url
     from taskscheduler.store.db import libpq_url
 
     servers = _running_dev(data_dir)
