@@ -17,16 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from taskscheduler.embedded import processes
 from taskscheduler.embedded.datadir import PG_SOCKET, SECRET_FILE, write_private
 from taskscheduler.embedded.errors import EmbeddedError
 from taskscheduler.embedded.pg_install import Account
-from taskscheduler.embedded.processes import (
-    START_TIMEOUT_SEC,
-    STOP_TIMEOUT_SEC,
-    processes_in,
-    signal_and_wait,
-    wait_serving,
-)
 
 _logger = logging.getLogger(__name__)
 
@@ -140,9 +134,9 @@ def start(
         return True
 
     try:
-        if not wait_serving(proc, "PostgreSQL", log_path, log_offset, serving, poll_sec=0.05):
+        if not processes.wait_serving(proc, "PostgreSQL", log_path, log_offset, serving, poll_sec=0.05):
             raise EmbeddedError(
-                f"PostgreSQL in {pgdata} did not accept connections within {START_TIMEOUT_SEC}s: {refusal}"
+                f"PostgreSQL in {pgdata} did not accept connections within {processes.START_TIMEOUT_SEC}s: {refusal}"
             )
     except BaseException:
         stop(proc)
@@ -174,15 +168,15 @@ def clear_previous(pgdata: Path) -> None:
     started by an earlier owner of this directory that died together with its watchdog.
     """
     pid_file = pgdata / "postmaster.pid"
-    procs = processes_in(pgdata, "postgres")
+    procs = processes.working_in(pgdata, "postgres")
     if procs:
         pid = _read_first_int(pid_file)
         postmaster = [p for p in procs if p.pid == pid] or procs
         _logger.warning(
             "stopping PostgreSQL left running in %s by a previous owner (pids %s)", pgdata, [p.pid for p in procs]
         )
-        signal_and_wait(postmaster, signal.SIGINT, signal.SIGQUIT)
-        signal_and_wait(processes_in(pgdata, "postgres"), signal.SIGQUIT, signal.SIGKILL)
+        processes.signal_and_wait(postmaster, signal.SIGINT, signal.SIGQUIT)
+        processes.signal_and_wait(processes.working_in(pgdata, "postgres"), signal.SIGQUIT, signal.SIGKILL)
     if not pid_file.exists():
         return
     # No postgres works in pgdata now, so postmaster.pid is stale. PostgreSQL itself copes with a dead
@@ -206,8 +200,10 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)  # fast shutdown: roll back sessions, checkpoint, exit
         try:
-            proc.wait(timeout=STOP_TIMEOUT_SEC)
+            proc.wait(timeout=processes.STOP_TIMEOUT_SEC)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGQUIT)  # immediate shutdown: crash recovery at the next start
             proc.wait()
-            raise EmbeddedError(f"PostgreSQL (pid {proc.pid}) ignored SIGINT for {STOP_TIMEOUT_SEC}s") from None
+            raise EmbeddedError(
+                f"PostgreSQL (pid {proc.pid}) ignored SIGINT for {processes.STOP_TIMEOUT_SEC}s"
+            ) from None

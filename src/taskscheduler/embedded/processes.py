@@ -47,7 +47,7 @@ def wait_exited(procs: list[psutil.Process], timeout: float) -> list[psutil.Proc
         time.sleep(0.01)
 
 
-def processes_in(directory: Path, name: str) -> list[psutil.Process]:
+def working_in(directory: Path, name: str) -> list[psutil.Process]:
     """Live processes called ``name`` whose working directory is ``directory``.
 
     PostgreSQL's postmaster and backends chdir to their data directory, and we start Valkey in its

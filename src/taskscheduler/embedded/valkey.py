@@ -20,15 +20,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from taskscheduler.embedded import processes
 from taskscheduler.embedded.datadir import listening, write_private
 from taskscheduler.embedded.errors import EmbeddedError
-from taskscheduler.embedded.processes import (
-    START_TIMEOUT_SEC,
-    STOP_TIMEOUT_SEC,
-    processes_in,
-    signal_and_wait,
-    wait_serving,
-)
 
 _logger = logging.getLogger(__name__)
 
@@ -50,12 +44,12 @@ def clear_previous(valkey_dir: Path, socket_path: Path) -> None:
     Only called while we hold the data-dir lock, so such a server was started by an earlier owner of
     this directory that died together with its watchdog.
     """
-    orphans = processes_in(valkey_dir, "valkey-server")
+    orphans = processes.working_in(valkey_dir, "valkey-server")
     if orphans:
         _logger.warning(
             "stopping Valkey left running in %s by a previous owner (pids %s)", valkey_dir, [p.pid for p in orphans]
         )
-        signal_and_wait(orphans, signal.SIGTERM, signal.SIGKILL)  # SIGTERM: fsync the AOF and exit
+        processes.signal_and_wait(orphans, signal.SIGTERM, signal.SIGKILL)  # SIGTERM: fsync the AOF and exit
     if not os.path.lexists(socket_path):
         return
     if not listening(socket_path):  # a stale socket file
@@ -113,8 +107,8 @@ def start(valkey_dir: Path, socket_path: Path, secret: str) -> subprocess.Popen[
             return False
 
     try:
-        if not wait_serving(proc, "Valkey", log_path, log_offset, serving, poll_sec=0.01):
-            raise EmbeddedError(f"Valkey did not answer on {socket_path} within {START_TIMEOUT_SEC}s")
+        if not processes.wait_serving(proc, "Valkey", log_path, log_offset, serving, poll_sec=0.01):
+            raise EmbeddedError(f"Valkey did not answer on {socket_path} within {processes.START_TIMEOUT_SEC}s")
     except BaseException:
         stop(proc, socket_path)
         raise
@@ -127,10 +121,12 @@ def stop(proc: subprocess.Popen[bytes], socket_path: Path) -> None:
     if proc.poll() is None:
         proc.terminate()  # SIGTERM: fsync the AOF, remove the socket, exit
         try:
-            proc.wait(timeout=STOP_TIMEOUT_SEC)
+            proc.wait(timeout=processes.STOP_TIMEOUT_SEC)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
             socket_path.unlink(missing_ok=True)
-            raise EmbeddedError(f"Valkey (pid {proc.pid}) ignored SIGTERM for {STOP_TIMEOUT_SEC}s; killed it") from None
+            raise EmbeddedError(
+                f"Valkey (pid {proc.pid}) ignored SIGTERM for {processes.STOP_TIMEOUT_SEC}s; killed it"
+            ) from None
     socket_path.unlink(missing_ok=True)
