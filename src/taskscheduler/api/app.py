@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolBusy
 
 from taskscheduler import __version__, handlers
+from taskscheduler.api import explain, ui
 from taskscheduler.api.auth import ApiKeyAuth
 from taskscheduler.api.body_guard import BodyGuard
 from taskscheduler.api.routes import health_router, router
@@ -112,12 +113,18 @@ def create_app(settings: Settings | None = None, *, process_heartbeat: bool = Tr
     # every request.
     app.state.settings = settings
     app.include_router(router)
+    app.include_router(explain.router)
     app.include_router(health_router)
-    app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
-    # Outermost: a request without a valid key is refused before its body is read.
-    public = {"/healthz", "/readyz", DOCS_URL, OAUTH2_REDIRECT_URL, OPENAPI_URL, REDOC_URL}
+    ui.install(app, settings)
+    app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes, form_prefixes=(ui.PREFIX + "/",))
+    # Outermost: a request without a valid key is refused before its body is read. The dashboard
+    # (/ui) asks for its own login instead, on every route of it (ui.install).
+    public = {"/healthz", "/readyz", DOCS_URL, OAUTH2_REDIRECT_URL, OPENAPI_URL, REDOC_URL, ui.PREFIX}
     app.add_middleware(
-        ApiKeyAuth, keys=settings.api_key_list, public_paths=public, public_prefixes=[DOCS_STATIC_URL + "/"]
+        ApiKeyAuth,
+        keys=settings.api_key_list,
+        public_paths=public,
+        public_prefixes=[DOCS_STATIC_URL + "/", ui.PREFIX + "/"],
     )
 
     @app.exception_handler(IdempotencyKeyInFlux)

@@ -142,10 +142,18 @@ def _parse_strict(body: bytes) -> Any:
     return document
 
 
+def _app_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    return path[len(root_path) :] or "/" if root_path and path.startswith(root_path) else path
+
+
 class BodyGuard:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, form_prefixes: tuple[str, ...] = ()) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # Paths whose bodies are HTML forms (the dashboard's), not JSON; their size is checked all the same.
+        self.form_prefixes = form_prefixes
         # One large body parsed at a time: the parse holds the GIL, so every thread parsing beside
         # it would be one more the event loop waits behind. Created on the loop, at first use.
         self._parsers: anyio.CapacityLimiter | None = None
@@ -174,8 +182,13 @@ class BodyGuard:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        if body:
-            content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if self.form_prefixes and _app_path(scope).startswith(self.form_prefixes):
+            if body and content_type != "application/x-www-form-urlencoded":
+                detail = f"Content-Type must be application/x-www-form-urlencoded, got {content_type or 'none'!r}"
+                await self._reject(scope, receive, send, 415, detail)
+                return
+        elif body:
             if content_type != "application/json" and not content_type.endswith("+json"):
                 detail = f"Content-Type must be application/json, got {content_type or 'none'!r}"
                 await self._reject(scope, receive, send, 415, detail)

@@ -6,6 +6,7 @@ import logging
 import os
 from datetime import datetime
 
+from taskscheduler import explain
 from taskscheduler.config import Settings
 from taskscheduler.lifecycle import TASK_QUEUES
 from taskscheduler.scheduler.publisher import Publisher
@@ -31,7 +32,7 @@ def run_once(*, settings: Settings, publisher: Publisher, now: datetime | None =
     full queue is topped up once a quarter of it (at most a batch) has drained, not task by task:
     under a backlog that keeps ticks few and batches large.
     """
-    refill_at = max(1, min(settings.dispatch_batch_size, settings.max_enqueued_per_queue // 4))
+    refill_at = explain.refill_at(settings.dispatch_batch_size, settings.max_enqueued_per_queue)
     batch: list[task_store.Dispatched] = []
     with db.transaction() as conn:
         waiting = task_store.enqueued_per_queue(conn)
