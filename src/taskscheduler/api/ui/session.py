@@ -88,7 +88,9 @@ class Sessions:
 
     def logged_in(self, key_id: str) -> tuple[Session, str]:
         """A new session for a key that was just checked (a new nonce: the pre-login one is dropped)."""
-        session = Session(nonce=secrets.token_urlsafe(18), key_id=key_id, expires_at=self._clock() + SESSION_TTL_SEC)
+        session = Session(
+            nonce=secrets.token_urlsafe(18), key_id=key_id, expires_at=float(int(self._clock() + SESSION_TTL_SEC))
+        )
         payload = _b64(json.dumps([session.key_id, session.nonce, int(session.expires_at)]).encode())
         signature = _b64(_mac(self._secrets[key_id], payload))
         return session, f"{_SIGNED}.{payload}.{signature}"
