@@ -43,9 +43,7 @@ def dead_recorded(task_id: uuid.UUID, name: str = "demo_ok", error: str = "boom"
     attempt = to_dead(task_id, **kwargs)
     with db.transaction() as conn:
         reason = task_row(task_id)["dead_reason"]
-        dlq_store.record_dlq_event(
-            conn, task_id=task_id, attempt=attempt, task_name=name, reason=reason, error=error
-        )
+        dlq_store.record_dlq_event(conn, task_id=task_id, attempt=attempt, task_name=name, reason=reason, error=error)
 
 
 def one_of_each_status() -> dict[str, uuid.UUID]:
@@ -114,7 +112,7 @@ def test_the_overview_counts_one_task_of_each_status_in_its_queue(client: TestCl
         cell = re.search(rf'data-status="{status}" data-queue="{queue}"><a [^>]*>(\d+)</a>', html)
         assert cell and cell.group(1) == "1", status
     assert "1 DEAD task" in text(html)
-    assert f'/ui/tasks/{ids["DEAD"]}' in html  # among the newest dead
+    assert f"/ui/tasks/{ids['DEAD']}" in html  # among the newest dead
 
 
 def test_every_task_page_shows_its_status_and_the_actions_it_allows(client: TestClient) -> None:
