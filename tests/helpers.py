@@ -14,6 +14,7 @@ from typer.testing import CliRunner, Result
 
 from taskscheduler.lifecycle import DlqReason, queue_for_priority
 from taskscheduler.store import db
+from taskscheduler.store import dlq as dlq_store
 from taskscheduler.store import tasks as task_store
 
 
@@ -139,3 +140,34 @@ def one_line_error(result: Result, code: int) -> str:
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     return lines[0]
+
+
+def dead_recorded(task_id: uuid.UUID, name: str = "demo_ok", error: str = "boom", **kwargs: Any) -> None:
+    """A DEAD task with its dlq_events row, as the DLQ worker leaves it."""
+    attempt = to_dead(task_id, **kwargs)
+    with db.transaction() as conn:
+        reason = task_row(task_id)["dead_reason"]
+        dlq_store.record_dlq_event(conn, task_id=task_id, attempt=attempt, task_name=name, reason=reason, error=error)
+
+
+def one_of_each_status() -> dict[str, uuid.UUID]:
+    """Made in an order in which each store helper's dispatch (of every due task) moves only its own."""
+    ids: dict[str, uuid.UUID] = {}
+    ids["DEAD"] = new_task(name="demo_fail")
+    dead_recorded(ids["DEAD"], name="demo_fail")
+    for status in ("STARTED", "SUCCEEDED", "FAILED"):
+        ids[status] = new_task(priority=2 if status == "STARTED" else 5)
+        attempt = to_started(ids[status])
+        with db.transaction() as conn:
+            if status == "SUCCEEDED":
+                assert task_store.succeed(conn, task_id=ids[status], attempt=attempt, result={"ok": True})
+            elif status == "FAILED":
+                assert task_store.fail(conn, task_id=ids[status], attempt=attempt, error="E", retry_in_sec=600)
+    ids["ENQUEUED"] = new_task(priority=9)
+    dispatch_all(now=datetime.now(UTC))  # only it is due now
+    ids["PENDING"] = new_task(run_at=far_future())
+    ids["CANCELLED"] = new_task(run_at=far_future())
+    with db.transaction() as conn:
+        task_store.cancel(conn, ids["CANCELLED"])
+    assert {s: task_row(i)["status"] for s, i in ids.items()} == {s: s for s in ids}
+    return ids

@@ -13,14 +13,13 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from tests.helpers import dispatch_all, far_future, new_task, task_row, to_dead, to_started
+from tests.helpers import dead_recorded, far_future, new_task, one_of_each_status, task_row, to_started
 
 from taskscheduler.api import create_app
-from taskscheduler.api.ui.session import COOKIE_NAME
+from taskscheduler.api.ui.session import COOKIE_NAME, NONCE_COOKIE_NAME
 from taskscheduler.config import Settings
 from taskscheduler.lifecycle import DlqReason
 from taskscheduler.store import db, views
-from taskscheduler.store import dlq as dlq_store
 from taskscheduler.store import tasks as task_store
 
 KEY = "dashboard-test-key-0123456789"
@@ -36,37 +35,6 @@ def csrf(html: str) -> str:
 def text(html: str) -> str:
     """The page's text, tags removed, whitespace collapsed: what a reader sees."""
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
-
-
-def dead_recorded(task_id: uuid.UUID, name: str = "demo_ok", error: str = "boom", **kwargs: Any) -> None:
-    """A DEAD task with its dlq_events row, as the DLQ worker leaves it."""
-    attempt = to_dead(task_id, **kwargs)
-    with db.transaction() as conn:
-        reason = task_row(task_id)["dead_reason"]
-        dlq_store.record_dlq_event(conn, task_id=task_id, attempt=attempt, task_name=name, reason=reason, error=error)
-
-
-def one_of_each_status() -> dict[str, uuid.UUID]:
-    """Made in an order in which each store helper's dispatch (of every due task) moves only its own."""
-    ids: dict[str, uuid.UUID] = {}
-    ids["DEAD"] = new_task(name="demo_fail")
-    dead_recorded(ids["DEAD"], name="demo_fail")
-    for status in ("STARTED", "SUCCEEDED", "FAILED"):
-        ids[status] = new_task(priority=2 if status == "STARTED" else 5)
-        attempt = to_started(ids[status])
-        with db.transaction() as conn:
-            if status == "SUCCEEDED":
-                assert task_store.succeed(conn, task_id=ids[status], attempt=attempt, result={"ok": True})
-            elif status == "FAILED":
-                assert task_store.fail(conn, task_id=ids[status], attempt=attempt, error="E", retry_in_sec=600)
-    ids["ENQUEUED"] = new_task(priority=9)
-    dispatch_all(now=datetime.now(UTC))  # only it is due now
-    ids["PENDING"] = new_task(run_at=far_future())
-    ids["CANCELLED"] = new_task(run_at=far_future())
-    with db.transaction() as conn:
-        task_store.cancel(conn, ids["CANCELLED"])
-    assert {s: task_row(i)["status"] for s, i in ids.items()} == {s: s for s in ids}
-    return ids
 
 
 @pytest.fixture
@@ -327,6 +295,16 @@ def test_login_refuses_a_forged_form_and_an_outside_next(secured: TestClient) ->
     response = secured.post("/ui/login", data={"csrf": csrf(form), "key": KEY, "next": "https://evil.example/"})
     assert response.headers["location"] == "/ui/"
     assert secured.cookies.get(COOKIE_NAME, path="/ui/")
+
+
+def test_a_request_without_the_login_cookie_does_not_overwrite_it(secured: TestClient) -> None:
+    """As a link followed from another site arrives: SameSite=Strict keeps the login cookie off it."""
+    login(secured)
+    secured.cookies.clear()
+    response = secured.get("/ui/tasks")
+    assert response.status_code == 303
+    cookies = response.headers.get_list("set-cookie")
+    assert cookies and all(c.startswith(f"{NONCE_COOKIE_NAME}=") for c in cookies)
 
 
 def test_an_altered_cookie_is_no_session(secured: TestClient) -> None:

@@ -11,7 +11,7 @@ from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from taskscheduler.api.ui.render import environment
-from taskscheduler.api.ui.session import COOKIE_NAME, SESSION_TTL_SEC, Session, Sessions
+from taskscheduler.api.ui.session import COOKIE_NAME, NONCE_COOKIE_NAME, SESSION_TTL_SEC, Session, Sessions
 from taskscheduler.auth import RefusalLog
 
 PREFIX = "/ui"
@@ -56,11 +56,20 @@ def ui_session(request: Request) -> Session:
         return found
     sessions = sessions_of(request)
     session = sessions.read(request.cookies.get(COOKIE_NAME))
-    if session is None:
-        session, cookie = sessions.anonymous()
-        request.state.ui_cookie = cookie
+    if session is None or not session.logged_in:
+        session = sessions.read(request.cookies.get(NONCE_COOKIE_NAME))
+        if session is None or session.logged_in:  # missing, or a login cookie where a nonce belongs
+            session, cookie = sessions.anonymous()
+            set_cookie(request, NONCE_COOKIE_NAME, cookie)
     request.state.ui_session = session
     return session
+
+
+def set_cookie(request: Request, name: str, value: str | None) -> None:
+    """Have the response set (None: delete) a cookie of the dashboard."""
+    cookies: dict[str, str | None] = getattr(request.state, "ui_cookies", {})
+    cookies[name] = value
+    request.state.ui_cookies = cookies
 
 
 SessionDep = Annotated[Session, Depends(ui_session)]
@@ -113,12 +122,12 @@ def _loopback_client(request: Request) -> bool:
 def with_cookie(request: Request, response: Response) -> Response:
     """Headers every dashboard response carries, and the session cookie when it changed."""
     response.headers.update(SECURITY_HEADERS)
-    cookie: str | None = getattr(request.state, "ui_cookie", None)
-    if cookie is not None:
+    cookies: dict[str, str | None] = getattr(request.state, "ui_cookies", {})
+    for name, value in cookies.items():
         response.set_cookie(
-            COOKIE_NAME,
-            cookie,
-            max_age=SESSION_TTL_SEC,
+            name,
+            value or "",
+            max_age=SESSION_TTL_SEC if value else 0,
             path=base_url(request) + "/",
             httponly=True,
             samesite="strict",

@@ -27,8 +27,10 @@ from taskscheduler.api.ui.access import (
     safe_next,
     see_other,
     sessions_of,
+    set_cookie,
 )
 from taskscheduler.api.ui.pages import BadInput, dead_filter
+from taskscheduler.api.ui.session import COOKIE_NAME
 from taskscheduler.lifecycle import CANCELLABLE, RETRYABLE
 from taskscheduler.store import db, views
 from taskscheduler.store import tasks as task_store
@@ -188,7 +190,8 @@ def login(request: Request, session: SessionDep, form: FormDep) -> Response:
         login_refusals.refused(client, "invalid API key", "POST /ui/login")
         return page(request, "login.html", status_code=401, next=target, error="That is not one of the API keys.")
     new_session, cookie = sessions.logged_in(key_id)
-    request.state.ui_session, request.state.ui_cookie = new_session, cookie
+    request.state.ui_session = new_session
+    set_cookie(request, COOKIE_NAME, cookie)
     return see_other(request, target)
 
 
@@ -198,6 +201,5 @@ def logout(request: Request, session: SessionDep, form: FormDep) -> Response:
     if not sessions.csrf_ok(session, field(form, "csrf")):
         message = "The form expired or did not come from this dashboard. Reload the page and try again."
         return page(request, "error.html", status_code=403, title="Not logged out", message=message)
-    new_session, cookie = sessions.anonymous()
-    request.state.ui_session, request.state.ui_cookie = new_session, cookie
+    set_cookie(request, COOKIE_NAME, None)
     return redirect(request, "/login" if sessions.login_required else "/")

@@ -6,10 +6,10 @@ anything it can be recovered from: only a key id (an HMAC of the key) and the ex
 processes check each other's cookies without sharing anything but API_KEYS, and removing a key from
 API_KEYS ends every session opened with it.
 
-Every visitor also gets a nonce in the cookie, before any login (and when no login is needed, without
-API_KEYS): each form carries a CSRF token derived from it, and a POST whose token does not match its
-cookie's nonce is refused. The cookie is HttpOnly and SameSite=Strict, so another site can neither
-read the nonce nor send the cookie with a forged form.
+Every visitor also gets a nonce, in a cookie of its own, before any login (and when no login is
+needed, without API_KEYS): each form carries a CSRF token derived from the session's nonce, and a POST
+whose token does not match its cookie's nonce is refused. The cookies are HttpOnly and
+SameSite=Strict, so another site can neither read the nonce nor send the cookies with a forged form.
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+# The login (signed), set only by a login; and the visitor's nonce for CSRF tokens. Two cookies, so
+# that a request that arrives without the login cookie (SameSite=Strict keeps it off a link followed
+# from another site) and gets a new nonce does not overwrite the login.
 COOKIE_NAME = "taskscheduler_ui"
+NONCE_COOKIE_NAME = "taskscheduler_ui_nonce"
 SESSION_TTL_SEC = 12 * 3600
 _ANONYMOUS = "a"
 _SIGNED = "s"
