@@ -113,6 +113,7 @@ def test_dev_runs_everything_stops_cleanly_and_keeps_its_data(tmp_path: Path, da
         startup = dev.log().split("[dev] ready in")[0].splitlines()
         assert len(startup) < 30, dev.log()
         assert f"http://127.0.0.1:{dev.port}/docs" in dev.log()
+        assert f"UI       http://127.0.0.1:{dev.port}/ui/" in dev.log()
         assert 'eval "$(taskscheduler env' in dev.log()
         assert f"{data_dir}/logs/<role>.log" in dev.log()
         assert "SecurityWarning" not in dev.log() and "celery@" not in dev.log()

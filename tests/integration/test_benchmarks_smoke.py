@@ -146,3 +146,14 @@ def test_profile_report_reads_collapsed_stacks(tmp_path: Path) -> None:
     inclusive = dict(summary["child"]["inclusive_pct"])
     assert inclusive["Engine.begin (engine/base.py)"] == pytest.approx(85.7)
     assert inclusive["Logger.info (logging/__init__.py)"] == pytest.approx(14.3)
+
+
+@pytest.mark.timeout(300)
+def test_dashboard_smoke(services: Services, tmp_path: Path) -> None:
+    data = run_benchmark("dashboard", services, tmp_path)
+    pages = data["pages"]
+    assert {"overview", "tasks", "task (SUCCEEDED, 4 events)", "dead letters", "processes"} <= set(pages)
+    for page in pages.values():
+        assert positive(page["median_ms"]) and page["median_ms"] <= page["p95_ms"] <= page["max_ms"]
+        assert page["bytes"] > 0
+    assert set(data["targets"]) == {f"{label} < 50 ms (median)" for label in pages}

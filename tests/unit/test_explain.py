@@ -134,7 +134,7 @@ def test_a_running_or_finished_task_gets_one_reason_that_says_so(status: str, co
 
 def test_durations_read_as_people_say_them() -> None:
     assert [duration(s) for s in (0.25, 9.94, 42, 200, 7500, 200_000)] == [
-        "0.2 s",
+        "250 ms",
         "9.9 s",
         "42 s",
         "3 min 20 s",

@@ -151,6 +151,7 @@ def run_dev(
             env_command = f'eval "$(taskscheduler env --data-dir {data_dir})"'
         for line in (
             f"API      {api}   Swagger UI {api}/docs",
+            f"UI       {api}/ui/   the dashboard",
             f"servers  {where}:",
             f"         DATABASE_URL={shown['DATABASE_URL']}",
             f"         REDIS_URL={shown['REDIS_URL']}",

@@ -27,6 +27,13 @@ def when(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def when_ms(value: datetime | None) -> str:
+    """To the millisecond, where the order of quick steps matters (a task's timeline)."""
+    if value is None:
+        return ""
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
+
+
 def iso(value: datetime | None) -> str:
     return "" if value is None else value.astimezone(UTC).isoformat()
 
@@ -57,7 +64,14 @@ def environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters.update(
-        when=when, iso=iso, pretty_json=pretty_json, seconds=seconds, count=count, duration=duration, query=query
+        when=when,
+        when_ms=when_ms,
+        iso=iso,
+        pretty_json=pretty_json,
+        seconds=seconds,
+        count=count,
+        duration=duration,
+        query=query,
     )
     return env
 
