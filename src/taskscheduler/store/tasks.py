@@ -771,7 +771,7 @@ def list_tasks(
     clauses: list[str] = []
     params: dict[str, Any] = {"limit": limit}
     if where.statuses:
-        clauses.append("status = ANY(:statuses)")
+        clauses.append("status = s.status")
         params["statuses"] = [str(s) for s in where.statuses]
     if where.name is not None:
         clauses.append("name = :name")
@@ -792,6 +792,14 @@ def list_tasks(
     if clauses:
         sql += " WHERE " + " AND ".join(clauses)
     sql += " ORDER BY created_at DESC, id DESC LIMIT :limit"
+    if where.statuses:
+        # Each status's newest from tasks_status_created_idx, then merged: with `status = ANY(...)` the
+        # planner walks tasks_created_id_idx instead and filters (100 ms for a page of DEAD tasks
+        # among 1M finished ones, against 0.1 ms).
+        sql = (
+            f"SELECT t.* FROM unnest(CAST(:statuses AS text[])) AS s(status) CROSS JOIN LATERAL ({sql}) t"
+            " ORDER BY t.created_at DESC, t.id DESC LIMIT :limit"
+        )
     return list(conn.execute(text(sql), params).mappings())
 
 

@@ -22,7 +22,7 @@ from taskscheduler.lifecycle import MAX_PRIORITY, MIN_PRIORITY, TASK_QUEUES, TER
 # A status with more tasks than this is counted by estimate (shown as such).
 EXACT_COUNT_CAP = 2_000
 # The charts of the last hour read at most this many of the newest finished tasks.
-RECENT_CAP = 10_000
+RECENT_CAP = 5_000
 # The explanation counts the due tasks ahead of a task up to this many.
 DUE_AHEAD_CAP = 10_000
 
@@ -91,9 +91,10 @@ def _estimate(conn: Connection, status: str, queue: str) -> int:
 
 # --- the last hour ------------------------------------------------------------------------------------------------
 
-# Per minute and queue, of the newest finished tasks (at most %(cap)s) of the last hour: how many
-# finished, and the dispatch lag (started_at - run_at) of those that ran. With the cap reached, the
-# minutes before the oldest one read are not counted: `oldest` says where the count begins.
+# Of the newest finished tasks (at most %(cap)s) of the last hour, per minute and queue, per queue, and
+# in all: how many finished, and the dispatch lag (started_at - run_at) of those that ran. One read of
+# the rows for the three groupings. With the cap reached, the minutes before the oldest row read are
+# not counted: `oldest` (of the grand total) says where the count begins.
 RECENT_FINISHED = f"""
     WITH recent AS (
         SELECT finished_at, queue, EXTRACT(EPOCH FROM started_at - run_at)::float8 AS lag_sec
@@ -105,25 +106,11 @@ RECENT_FINISHED = f"""
     SELECT date_bin('1 minute', finished_at, %(since)s) AS minute, queue, count(*) AS finished,
            percentile_cont(0.5) WITHIN GROUP (ORDER BY lag_sec) AS lag_p50,
            percentile_cont(0.95) WITHIN GROUP (ORDER BY lag_sec) AS lag_p95,
-           (SELECT count(*) FROM recent) AS read, (SELECT min(finished_at) FROM recent) AS oldest
+           min(finished_at) AS oldest,
+           GROUPING(date_bin('1 minute', finished_at, %(since)s), queue) AS grouping
     FROM recent
-    GROUP BY 1, 2
+    GROUP BY GROUPING SETS ((1, 2), (2), ())
     ORDER BY 1, 2
-    """
-
-# The same percentiles over the whole hour, per queue.
-RECENT_LAG_BY_QUEUE = f"""
-    WITH recent AS (
-        SELECT queue, EXTRACT(EPOCH FROM started_at - run_at)::float8 AS lag_sec
-        FROM tasks
-        WHERE status IN ({", ".join(f"'{s.value}'" for s in sorted(TERMINAL))}) AND finished_at >= %(since)s
-        ORDER BY finished_at DESC
-        LIMIT %(cap)s
-    )
-    SELECT queue, count(*) AS finished, count(lag_sec) AS ran,
-           percentile_cont(0.5) WITHIN GROUP (ORDER BY lag_sec) AS lag_p50,
-           percentile_cont(0.95) WITHIN GROUP (ORDER BY lag_sec) AS lag_p95
-    FROM recent GROUP BY queue
     """
 
 
@@ -155,14 +142,17 @@ class RecentActivity:
 
 
 def recent_activity(conn: Connection, *, now: datetime, since: datetime, cap: int = RECENT_CAP) -> RecentActivity:
-    params = {"since": since, "cap": cap}
-    rows = list(conn.exec_driver_sql(RECENT_FINISHED, params))
-    minutes = [MinuteStats(r.minute, r.queue, int(r.finished), r.lag_p50, r.lag_p95) for r in rows]
-    counted_from = rows[0].oldest if rows and int(rows[0].read) >= cap else None
-    by_queue = {
-        r.queue: QueueLag(r.queue, int(r.finished), r.lag_p50, r.lag_p95)
-        for r in conn.exec_driver_sql(RECENT_LAG_BY_QUEUE, params)
-    }
+    minutes: list[MinuteStats] = []
+    by_queue: dict[str, QueueLag] = {}
+    read, oldest = 0, None
+    for r in conn.exec_driver_sql(RECENT_FINISHED, {"since": since, "cap": cap}):
+        if r.grouping == 0:  # a minute of a queue
+            minutes.append(MinuteStats(r.minute, r.queue, int(r.finished), r.lag_p50, r.lag_p95))
+        elif r.grouping == 2:  # a queue over the hour (the minute rolled up)
+            by_queue[r.queue] = QueueLag(r.queue, int(r.finished), r.lag_p50, r.lag_p95)
+        else:  # everything read
+            read, oldest = int(r.finished), r.oldest
+    counted_from = oldest if read >= cap else None
     return RecentActivity(since=since, now=now, minutes=minutes, by_queue=by_queue, counted_from=counted_from)
 
 

@@ -76,6 +76,7 @@ def overview_data(conn: Connection, settings: Settings) -> dict[str, Any]:
         "queues": QUEUES,
         "charts": _charts(activity),
         "activity": activity,
+        "recent_cap": views.RECENT_CAP,
         "dead_total": counts.totals[TaskStatus.DEAD],
         "newest_dead": views.newest_dead(conn, limit=NEWEST_DEAD),
         "processes": views.processes(conn, stale_after_sec=stale_after),
