@@ -76,6 +76,10 @@ def duration(seconds: float) -> str:
     return f"{secs} s"
 
 
+def _tasks(n: int) -> str:
+    return f"{n:,} task" if n == 1 else f"{n:,} tasks"
+
+
 def _at(value: datetime) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
 
@@ -134,7 +138,7 @@ def _waiting(task: Mapping[str, Any], status: TaskStatus, facts: QueueFacts) -> 
         reasons.append(Reason(ReasonCode.NO_LIVE_SCHEDULER, message))
     if due and facts.max_enqueued - facts.unclaimed < facts.refill_at:
         message = (
-            f"queue {facts.queue} is held back: it has {facts.unclaimed:,} unclaimed tasks"
+            f"queue {facts.queue} is held back: it has {_tasks(facts.unclaimed)} unclaimed"
             f" (MAX_ENQUEUED_PER_QUEUE is {facts.max_enqueued:,}); the scheduler dispatches more of it once its"
             f" workers have taken {facts.refill_at - (facts.max_enqueued - facts.unclaimed):,}"
         )
@@ -142,7 +146,9 @@ def _waiting(task: Mapping[str, Any], status: TaskStatus, facts: QueueFacts) -> 
     if due and facts.due_ahead > 0:
         capped = facts.due_ahead >= facts.due_ahead_cap > 0
         count = f"at least {facts.due_ahead:,}" if capped else f"{facts.due_ahead:,}"
-        message = f"{count} due tasks of queue {facts.queue} go first (a higher priority, or due earlier)"
+        verb = "goes" if facts.due_ahead == 1 and not capped else "go"
+        noun = "task" if facts.due_ahead == 1 and not capped else "tasks"
+        message = f"{count} due {noun} of queue {facts.queue} {verb} first (a higher priority, or due earlier)"
         reasons.append(Reason(ReasonCode.BEHIND_DUE_TASKS, message))
     if due and not reasons:
         late = duration(-wait)
@@ -161,7 +167,12 @@ def _enqueued(task: Mapping[str, Any], facts: QueueFacts) -> list[Reason]:
         reasons.append(_no_worker(facts))
     else:
         others = facts.unclaimed - 1
-        ahead = f"; {others:,} other tasks of the queue are unclaimed too" if others > 0 else ""
+        are = "is" if others == 1 else "are"
+        ahead = (
+            f"; {others:,} other {'task' if others == 1 else 'tasks'} of the queue {are} unclaimed too"
+            if others
+            else ""
+        )
         workers = "1 worker consumes" if facts.live_workers == 1 else f"{facts.live_workers} workers consume"
         message = (
             f"in the broker for {duration(waited)}, waiting for a worker: {workers} queue {facts.queue}"

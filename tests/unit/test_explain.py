@@ -73,7 +73,7 @@ def test_a_failed_task_waits_out_its_backoff_and_names_its_error() -> None:
 def test_a_due_task_on_a_full_queue_is_held_back_by_back_pressure() -> None:
     reasons = explain(task(), facts(unclaimed=1800, max_enqueued=2000, refill_at=500))
     assert codes(reasons) == [ReasonCode.QUEUE_BACKPRESSURE]
-    assert "1,800 unclaimed" in reasons[0].message and "taken 300" in reasons[0].message
+    assert "1,800 tasks unclaimed" in reasons[0].message and "taken 300" in reasons[0].message
 
 
 def test_a_queue_with_room_below_the_refill_mark_is_still_held_back_and_above_it_is_not() -> None:
@@ -147,3 +147,12 @@ def test_refill_at_is_a_quarter_of_the_queue_bounded_by_a_batch() -> None:
     assert refill_at(500, 2000) == 500
     assert refill_at(100, 2000) == 100
     assert refill_at(500, 1) == 1
+
+
+def test_one_is_one_task() -> None:
+    (held,) = explain(task(), facts(unclaimed=1, max_enqueued=1, refill_at=1))
+    assert "it has 1 task unclaimed" in held.message
+    (ahead,) = explain(task(), facts(due_ahead=1))
+    assert ahead.message.startswith("1 due task of queue default goes first")
+    waiting = explain(task("ENQUEUED", attempt=1, published_at=NOW), facts(unclaimed=2))
+    assert "1 other task of the queue is unclaimed too" in waiting[0].message

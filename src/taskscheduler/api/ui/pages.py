@@ -103,9 +103,13 @@ def _charts(activity: views.RecentActivity) -> list[Any]:
         lag.append(Series(f"{queue} p50", f"q-{queue}", [s.lag_p50 if s else None for s in stats]))
         lag.append(Series(f"{queue} p95", f"q-{queue}", [s.lag_p95 if s else None for s in stats], dashed=True))
     return [
-        line_chart("Finished per minute", "tasks", finished, labels, format_value=lambda v: f"{v:,.0f}"),
+        line_chart("Finished per minute", "tasks", finished, labels, format_value=_tasks),
         line_chart("Dispatch lag (started_at - run_at)", "seconds", lag, labels, format_value=explain.duration),
     ]
+
+
+def _tasks(value: float) -> str:
+    return f"{value:,.1f}".rstrip("0").rstrip(".")
 
 
 @router.get("/")
