@@ -15,7 +15,8 @@
     toggle.textContent = paused ? "Resume auto-refresh" : "Pause auto-refresh";
   });
   async function refresh() {
-    if (paused || busy || document.hidden) return;
+    // Not while the keyboard is in the part that would be replaced: the focus would be lost.
+    if (paused || busy || document.hidden || live.contains(document.activeElement)) return;
     busy = true;
     try {
       const response = await fetch(live.dataset.live, { credentials: "same-origin", headers: { Accept: "text/html" } });
