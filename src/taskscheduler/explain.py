@@ -2,8 +2,8 @@
 
 The facts are read in one go by `store.views.queue_facts`; this module decides, in words and as
 codes, for `GET /tasks/{id}/explain`, the dashboard's task page and scripts. Every reason that holds
-is given, the one that will clear last first: a task waiting for its run_at on a queue with no
-live worker waits for both.
+is given (a task waiting for its run_at on a queue with no live worker waits for both): the task's
+own wait first (run_at, backoff), then what holds its dispatch back, then its queue's workers.
 """
 
 from __future__ import annotations

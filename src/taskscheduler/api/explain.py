@@ -32,8 +32,9 @@ class ExplainOut(BaseModel):
     task_id: uuid.UUID = Field(description="The task.")
     status: TaskStatus = Field(description="Its status now.")
     reasons: list[ReasonOut] = Field(
-        description="Every reason that holds now, in no particular order; a STARTED or finished task has one that"
-        " says so (`running`, `finished`)."
+        description="Every reason that holds now: the task's own wait first (run_at, backoff), then what holds its"
+        " dispatch back, then its queue's workers. A STARTED or finished task has one that says so (`running`,"
+        " `finished`)."
     )
 
 
