@@ -9,17 +9,11 @@ from typing import Any
 
 import pytest
 
+from taskscheduler.broker import message_name, messages_for, rest_name
 from taskscheduler.config import MAX_JSON_DEPTH
 from taskscheduler.lifecycle import nested_deeper_than
 from taskscheduler.store.tasks import MAX_ERROR_CHARS, Dispatched, storable_error
-from taskscheduler.worker import (
-    ResultNotStorable,
-    _error_text,
-    message_name,
-    messages_for,
-    rest_name,
-    storable_result,
-)
+from taskscheduler.worker.results import ResultNotStorable, error_text, storable_result
 
 MiB = 1024 * 1024
 
@@ -104,8 +98,8 @@ def test_an_exception_whose_message_cannot_be_read_still_gives_an_error_text():
         def __str__(self) -> str:
             raise RuntimeError("no")
 
-    assert _error_text(Broken()) == "Broken: <the exception's message could not be read>"
-    assert _error_text(KeyError("k")) == "KeyError: 'k'"
+    assert error_text(Broken()) == "Broken: <the exception's message could not be read>"
+    assert error_text(KeyError("k")) == "KeyError: 'k'"
 
 
 def test_nested_deeper_than_counts_container_levels():
@@ -116,20 +110,20 @@ def test_nested_deeper_than_counts_container_levels():
 
 
 def test_a_handler_past_its_time_limit_is_interrupted():
-    from taskscheduler.worker import AttemptTimedOut, _time_limit
+    from taskscheduler.worker.limits import AttemptTimedOut, time_limit
 
     started = time.monotonic()
-    with pytest.raises(AttemptTimedOut), _time_limit(0.2):
+    with pytest.raises(AttemptTimedOut), time_limit(0.2):
         time.sleep(10)
     assert time.monotonic() - started < 5
 
 
 def test_the_time_limit_is_disarmed_once_the_handler_returns():
     # Nothing may interrupt the outcome's write that follows the handler.
-    from taskscheduler.worker import _time_limit
+    from taskscheduler.worker.limits import time_limit
 
     previous = signal.getsignal(signal.SIGALRM)
-    with _time_limit(0.2):
+    with time_limit(0.2):
         pass
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
     assert signal.getsignal(signal.SIGALRM) is previous
@@ -172,7 +166,7 @@ def test_a_message_slice_hands_each_attempt_to_the_loop_or_to_the_hand_off_never
     # back, none both, the rest is sent at most once and never includes the first.
     import threading
 
-    from taskscheduler.worker import MessageSlice
+    from taskscheduler.worker.slicing import MessageSlice
 
     for _ in range(300):
         items = _items(20)
@@ -196,7 +190,7 @@ def test_a_message_slice_hands_each_attempt_to_the_loop_or_to_the_hand_off_never
 
 
 def test_no_hand_off_after_the_message_is_closed():
-    from taskscheduler.worker import MessageSlice
+    from taskscheduler.worker.slicing import MessageSlice
 
     sent = []
     message = MessageSlice(_items(3), deadline=time.monotonic(), send_back=sent.append)
@@ -210,7 +204,7 @@ def test_no_hand_off_after_the_message_is_closed():
 def test_the_slicer_hands_off_the_rest_at_the_deadline_while_the_block_runs():
     import threading
 
-    from taskscheduler.worker import MessageSlice, Slicer
+    from taskscheduler.worker.slicing import MessageSlice, Slicer
 
     items = _items(3)
     sent = threading.Event()
@@ -227,7 +221,7 @@ def test_the_slicer_hands_off_the_rest_at_the_deadline_while_the_block_runs():
 
 
 def test_the_slicer_forgets_a_message_that_ended_before_its_deadline():
-    from taskscheduler.worker import MessageSlice, Slicer
+    from taskscheduler.worker.slicing import MessageSlice, Slicer
 
     sent = []
     slicer = Slicer()
