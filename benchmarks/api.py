@@ -26,8 +26,10 @@ import time
 from typing import Any
 
 import httpx
+from tests.harness import free_port
+from tools import profile_report
 
-from benchmarks import common, profile_report, throughput
+from benchmarks import common, throughput
 
 BODY = {"name": "demo_ok", "payload": {}, "priority": 5}
 SMOKE = {"duration": 2.0, "connections": 4, "batch_size": 50, "batch_requests": 4}
@@ -174,83 +176,62 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     client = args.client
     if client == "auto":
         client = "wrk" if shutil.which("wrk") else "httpx"
-    if args.wait_quiet:
-        common.wait_quiet(args.wait_quiet)
-    warning = common.busy_warning()
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-    load_before = os.getloadavg()
-    port = common.free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
 
-    with (
-        common.private_database(args.admin_database_url, "api", setup_sql=args.setup_sql) as pdb,
-        common.private_redis_prefix(args.redis_url, args.redis_key_prefix) as prefix,
-    ):
-        versions = common.server_versions(pdb, args.redis_url)
-        procs = common.Processes.for_run(
-            database_url=pdb.url, redis_url=args.redis_url, prefix=prefix, log_level=args.log_level
-        )
-        ok = False
-        try:
-            api = procs.api(port)
-            # Warm-up: fill the connection pool and let psycopg prepare its statements.
-            asyncio.run(_httpx_load(f"{base}/tasks", connections=8, duration=None, requests=200, body=BODY))
-            before_count = count_tasks(pdb)
+    with common.run("api", args) as run, run.processes() as procs:
+        pdb = run.pdb
+        api = procs.api(port)
+        # Warm-up: fill the connection pool and let psycopg prepare its statements.
+        asyncio.run(_httpx_load(f"{base}/tasks", connections=8, duration=None, requests=200, body=BODY))
+        before_count = count_tasks(pdb)
 
-            api_procs = lambda: api.tree()  # noqa: E731
-            tracker = common.CpuTracker({"api": api_procs, "postgres": common.postgres_backends(pdb.name)})
-            tracker.start()
-            profiler = (
-                throughput.start_profiler(
-                    "api", api.pid, args.results_dir / f"profiles-{common.run_id()}", subprocesses=False
-                )
-                if args.profile
-                else None
+        tracker = common.CpuTracker({"api": api.tree, "postgres": common.postgres_backends(pdb.name)})
+        tracker.start()
+        profiler = (
+            throughput.start_profiler(
+                "api", api.pid, args.results_dir / f"profiles-{common.run_id()}", subprocesses=False
             )
-            single = (
-                run_wrk(f"{base}/tasks", connections=args.connections, duration=args.duration, body=BODY)
-                if client == "wrk"
-                else run_httpx(f"{base}/tasks", connections=args.connections, duration=args.duration, body=BODY)
+            if args.profile
+            else None
+        )
+        single = (
+            run_wrk(f"{base}/tasks", connections=args.connections, duration=args.duration, body=BODY)
+            if client == "wrk"
+            else run_httpx(f"{base}/tasks", connections=args.connections, duration=args.duration, body=BODY)
+        )
+        cpu = tracker.stop()
+        if profiler is not None and profiler.stop() is not None:
+            single["profile"] = str(profiler.path)
+            single["profile_summary"] = profile_report.report(profiler.path)
+        single["created"] = count_tasks(pdb) - before_count
+        single["cpu_seconds"] = cpu
+        single["cpu_seconds_per_1000"] = common.per_1000(cpu, single["created"])
+
+        state, why = probe_batch(base)
+        batch: dict[str, Any] = {"status": state, "why": why}
+        if state == "ok":
+            before_count = count_tasks(pdb)
+            tracker = common.CpuTracker({"api": api.tree, "postgres": common.postgres_backends(pdb.name)})
+            tracker.start()
+            batch.update(
+                run_batch(
+                    base,
+                    # A smoke run counts its batch requests exactly (the smoke test checks every
+                    # task was created); wrk runs for a time.
+                    client="httpx" if args.smoke else client,
+                    batch_size=args.batch_size,
+                    requests=args.batch_requests,
+                    duration=args.batch_duration,
+                    connections=args.batch_connections,
+                )
             )
             cpu = tracker.stop()
-            if profiler is not None and profiler.stop() is not None:
-                single["profile"] = str(profiler.path)
-                single["profile_summary"] = profile_report.report(profiler.path)
-            created = count_tasks(pdb) - before_count
-            single["created"] = created
-            single["cpu_seconds"] = cpu
-            single["cpu_seconds_per_1000"] = {k: 1000 * v / max(created, 1) for k, v in cpu.items()}
-
-            state, why = probe_batch(base)
-            batch: dict[str, Any] = {"status": state, "why": why}
-            if state == "ok":
-                before_count = count_tasks(pdb)
-                tracker = common.CpuTracker({"api": api_procs, "postgres": common.postgres_backends(pdb.name)})
-                tracker.start()
-                batch.update(
-                    run_batch(
-                        base,
-                        # A smoke run counts its batch requests exactly (the smoke test checks every
-                        # task was created); wrk runs for a time.
-                        client="httpx" if args.smoke else client,
-                        batch_size=args.batch_size,
-                        requests=args.batch_requests,
-                        duration=args.batch_duration,
-                        connections=args.batch_connections,
-                    )
-                )
-                cpu = tracker.stop()
-                batch["created"] = count_tasks(pdb) - before_count
-                batch["cpu_seconds"] = cpu
-                batch["cpu_seconds_per_1000"] = {k: 1000 * v / max(batch["created"], 1) for k, v in cpu.items()}
-            else:
-                print(f"batch: {why}", file=sys.stderr)
-            ok = True
-        finally:
-            if not ok:
-                print(procs.dump(), file=sys.stderr)
-            procs.cleanup(args.keep_logs)
+            batch["created"] = count_tasks(pdb) - before_count
+            batch["cpu_seconds"] = cpu
+            batch["cpu_seconds_per_1000"] = common.per_1000(cpu, batch["created"])
+        else:
+            print(f"batch: {why}", file=sys.stderr)
 
     rows: list[tuple[Any, ...]] = [
         (
@@ -288,28 +269,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if batch["status"] == "ok":
         targets["batch >= 20000 tasks/s"] = batch["tasks_per_sec"] >= 20000
     common.print_table("Targets (issue 6)", ["target", "met"], list(targets.items()))
-    result = {
-        "smoke": args.smoke,
-        "warning": warning,
-        "load_avg_before": load_before,
-        "params": {
-            "client": client,
-            "connections": args.connections,
-            "duration": args.duration,
-            "batch_size": args.batch_size,
-            "batch_requests": args.batch_requests,
-            "batch_duration": args.batch_duration,
-            "batch_connections": args.batch_connections,
-            "log_level": args.log_level,
-            "setup_sql": args.setup_sql,
-        },
-        "servers": versions,
-        "single": single,
-        "batch": batch,
-        "targets": targets,
-    }
-    common.write_result(args.results_dir, "api", result)
-    return result
+    params = {"client": client, "connections": args.connections, "duration": args.duration,
+              "batch_size": args.batch_size, "batch_requests": args.batch_requests,
+              "batch_duration": args.batch_duration, "batch_connections": args.batch_connections}  # fmt: skip
+    return run.write(params, single=single, batch=batch, targets=targets)
 
 
 if __name__ == "__main__":
