@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "p50_start_ms<=50": stats["start_ms"]["p50"] <= 50,
         f"p99_start_ms<={1000 * poll_interval + 100:g}": stats["start_ms"]["p99"] <= 1000 * poll_interval + 100,
     }
-    common.print_table("Targets (issue 6)", ["target", "met"], list(targets.items()))
+    common.print_table("Targets", ["target", "met"], list(targets.items()))
     params = {"rate": rate, "duration": duration, "lead": args.lead, "tasks": n, "workers": args.workers,
               "concurrency": args.concurrency, "poll_interval_sec": poll_interval}  # fmt: skip
     return run.write(

@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if dispatch_idle and dispatch_batch:
         targets["dispatch poll <= 5 ms (nothing due)"] = dispatch_idle["custom"]["execution_ms"] <= 5
         targets[f"dispatch poll <= 5 ms ({batch} due)"] = dispatch_batch["custom"]["execution_ms"] <= 5
-    common.print_table("Targets (issue 6)", ["target", "met"], list(targets.items()))
+    common.print_table("Targets", ["target", "met"], list(targets.items()))
     params = {"pending": args.pending, "finished": args.finished, "backlog": args.backlog, "runs": args.runs,
               "query_params": dict(PARAMS)}  # fmt: skip
     return run.write(params, build_seconds=build_seconds, size=size, queries=results, targets=targets)

@@ -108,6 +108,19 @@ def start_profiler(name: str, pid: int, out_dir: Path, *, subprocesses: bool, ra
 # --------------------------------------------------------------------------------------------- ours
 
 
+def _rates(n: int, *, started: float, first: float, last: float, p10: float, p90: float) -> dict[str, float]:
+    """Rates of `n` tasks from `started`, the first run at `first`, the last finished at `last`; "steady"
+    is the rate between the 10th and the 90th percentile of completions."""
+    return {
+        "tasks": n,
+        "seconds": last - started,
+        "rate": n / (last - started),
+        "rate_from_first_dispatch": n / (last - first),
+        "startup_seconds": first - started,
+        "steady_rate": 0.8 * n / (p90 - p10) if p90 > p10 else float("nan"),
+    }
+
+
 def _trees(procs: list[Proc]) -> list[psutil.Process]:
     return [p for proc in procs for p in proc.tree()]
 
@@ -179,14 +192,9 @@ def run_ours(
     counters = {k: after[k] - before[k] for k in before if after.get(k, 0) != before[k]}
     counters["xact_commit"] -= polls + 2  # the benchmark's own polls and snapshots
     result: dict[str, Any] = {
-        "tasks": n,
+        **_rates(n, started=t0, first=first_dispatch, last=last_finish, p10=p10, p90=p90),
         "load_avg_before": load_before,
         "statuses": statuses,
-        "seconds": last_finish - t0,
-        "rate": n / (last_finish - t0),
-        "rate_from_first_dispatch": n / (last_finish - first_dispatch),
-        "startup_seconds": first_dispatch - t0,
-        "steady_rate": 0.8 * n / (p90 - p10) if p90 > p10 else float("nan"),
         "redispatched": int(redispatched),
         "republished_by_lost_message_sweep": republished,
         "cpu_seconds": cpu,
@@ -249,13 +257,8 @@ def run_raw(
     t10 = next(t for t, c in samples if c >= 0.1 * n)
     t90 = next(t for t, c in samples if c >= 0.9 * n)
     return {
-        "tasks": n,
+        **_rates(n, started=t0, first=first, last=t_end, p10=t10, p90=t90),
         "load_avg_before": load_before,
-        "seconds": t_end - t0,
-        "rate": n / (t_end - t0),
-        "rate_from_first_dispatch": n / (t_end - first),
-        "startup_seconds": first - t0,
-        "steady_rate": 0.8 * n / (t90 - t10) if t90 > t10 else float("nan"),
         "time_limits": time_limits,
         "cpu_seconds": cpu,
         "cpu_seconds_per_1000": common.per_1000(cpu, n),
