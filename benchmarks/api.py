@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 import httpx
-from tests.harness import free_port
+from tests.harness import Proc, free_port
 from tools import profile_report
 
 from benchmarks import common, throughput
@@ -113,8 +113,39 @@ async def _httpx_load(
     }
 
 
-def run_httpx(url: str, *, connections: int, duration: float, body: Any) -> dict[str, Any]:
-    return asyncio.run(_httpx_load(url, connections=connections, duration=duration, requests=None, body=body))
+def warm_up(url: str, requests: int) -> None:
+    """Fill the api's connection pool and let psycopg prepare its statements."""
+    asyncio.run(_httpx_load(url, connections=min(8, requests), duration=None, requests=requests, body=BODY))
+
+
+def measured_load(
+    pdb: common.PrivateDatabase,
+    api: Proc,
+    url: str,
+    *,
+    client: str,
+    connections: int,
+    body: Any,
+    duration: float,
+    requests: int | None = None,
+) -> dict[str, Any]:
+    """POSTs of `body` to `url` from wrk for `duration` seconds, or from the httpx client (for
+    `requests` requests when given), with the CPU of the api and its backends per 1,000 tasks created."""
+    before = count_tasks(pdb)
+    tracker = common.CpuTracker({"api": api.tree, "postgres": common.postgres_backends(pdb.name)})
+    tracker.start()
+    if client == "wrk":
+        out = run_wrk(url, connections=connections, duration=duration, body=body)
+    else:
+        load = _httpx_load(
+            url, connections=connections, duration=None if requests else duration, requests=requests, body=body
+        )
+        out = asyncio.run(load)
+    cpu = tracker.stop()
+    out["created"] = count_tasks(pdb) - before
+    out["cpu_seconds"] = cpu
+    out["cpu_seconds_per_1000"] = common.per_1000(cpu, out["created"])
+    return out
 
 
 # ------------------------------------------------------------------------------------------ batch
@@ -131,17 +162,23 @@ def probe_batch(base: str) -> tuple[str, str]:
 
 
 def run_batch(
-    base: str, *, client: str, batch_size: int, requests: int, duration: float, connections: int
+    pdb: common.PrivateDatabase,
+    api: Proc,
+    base: str,
+    *,
+    client: str,
+    batch_size: int,
+    requests: int,
+    duration: float,
+    connections: int,
 ) -> dict[str, Any]:
     """wrk for `duration` seconds, or the httpx client for `requests` requests: a Python client on the
     same machine takes as much CPU as the server's work on a batch, wrk little."""
     body = {"tasks": [BODY] * batch_size}
-    if client == "wrk":
-        out = run_wrk(f"{base}/tasks/batch", connections=connections, duration=duration, body=body)
-    else:
-        out = asyncio.run(
-            _httpx_load(f"{base}/tasks/batch", connections=connections, duration=None, requests=requests, body=body)
-        )
+    out = measured_load(
+        pdb, api, f"{base}/tasks/batch", client=client, connections=connections, body=body, duration=duration,
+        requests=requests,
+    )  # fmt: skip
     out["batch_size"] = batch_size
     out["tasks_per_sec"] = out["requests_per_sec"] * batch_size
     return out
@@ -180,42 +217,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = f"http://127.0.0.1:{port}"
 
     with common.run("api", args) as run, run.processes() as procs:
-        pdb = run.pdb
         api = procs.api(port)
-        # Warm-up: fill the connection pool and let psycopg prepare its statements.
-        asyncio.run(_httpx_load(f"{base}/tasks", connections=8, duration=None, requests=200, body=BODY))
-        before_count = count_tasks(pdb)
-
-        tracker = common.CpuTracker({"api": api.tree, "postgres": common.postgres_backends(pdb.name)})
-        tracker.start()
-        profiler = (
-            throughput.start_profiler(
-                "api", api.pid, args.results_dir / f"profiles-{common.run_id()}", subprocesses=False
-            )
-            if args.profile
-            else None
-        )
-        single = (
-            run_wrk(f"{base}/tasks", connections=args.connections, duration=args.duration, body=BODY)
-            if client == "wrk"
-            else run_httpx(f"{base}/tasks", connections=args.connections, duration=args.duration, body=BODY)
-        )
-        cpu = tracker.stop()
+        warm_up(f"{base}/tasks", 200)
+        profile_dir = args.results_dir / f"profiles-{common.run_id()}"
+        profiler = throughput.start_profiler("api", api.pid, profile_dir, subprocesses=False) if args.profile else None
+        single = measured_load(
+            run.pdb, api, f"{base}/tasks", client=client, connections=args.connections, body=BODY,
+            duration=args.duration,
+        )  # fmt: skip
         if profiler is not None and profiler.stop() is not None:
             single["profile"] = str(profiler.path)
             single["profile_summary"] = profile_report.report(profiler.path)
-        single["created"] = count_tasks(pdb) - before_count
-        single["cpu_seconds"] = cpu
-        single["cpu_seconds_per_1000"] = common.per_1000(cpu, single["created"])
 
         state, why = probe_batch(base)
         batch: dict[str, Any] = {"status": state, "why": why}
         if state == "ok":
-            before_count = count_tasks(pdb)
-            tracker = common.CpuTracker({"api": api.tree, "postgres": common.postgres_backends(pdb.name)})
-            tracker.start()
             batch.update(
                 run_batch(
+                    run.pdb,
+                    api,
                     base,
                     # A smoke run counts its batch requests exactly (the smoke test checks every
                     # task was created); wrk runs for a time.
@@ -226,10 +246,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     connections=args.batch_connections,
                 )
             )
-            cpu = tracker.stop()
-            batch["created"] = count_tasks(pdb) - before_count
-            batch["cpu_seconds"] = cpu
-            batch["cpu_seconds_per_1000"] = common.per_1000(cpu, batch["created"])
         else:
             print(f"batch: {why}", file=sys.stderr)
 

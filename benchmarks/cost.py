@@ -15,7 +15,6 @@ shared with anything else on the machine and are shown as such.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -33,24 +32,15 @@ def create_through_api(run: common.Run, *, seconds: float, connections: int) -> 
     """POST /tasks for `seconds` against one `taskscheduler api`: CPU of the api and its backends."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/tasks"
+    client = "wrk" if shutil.which("wrk") else "httpx"
     with run.processes() as procs:
         api = procs.api(port)
-        asyncio.run(api_bench._httpx_load(url, connections=4, duration=None, requests=50, body=api_bench.BODY))
-        before = api_bench.count_tasks(run.pdb)
-        tracker = common.CpuTracker({"api": api.tree, "postgres": common.postgres_backends(run.pdb.name)})
-        tracker.start()
-        load = (api_bench.run_wrk if shutil.which("wrk") else api_bench.run_httpx)(
-            url, connections=connections, duration=seconds, body=api_bench.BODY
+        api_bench.warm_up(url, 50)
+        load = api_bench.measured_load(
+            run.pdb, api, url, client=client, connections=connections, body=api_bench.BODY, duration=seconds
         )
-        cpu = tracker.stop()
-        created = api_bench.count_tasks(run.pdb) - before
-    return {
-        "client": load["client"],
-        "created": created,
-        "requests_per_sec": load["requests_per_sec"],
-        "cpu_seconds": cpu,
-        "cpu_seconds_per_1000": common.per_1000(cpu, created),
-    }
+    keys = ("client", "created", "requests_per_sec", "cpu_seconds", "cpu_seconds_per_1000")
+    return {k: load[k] for k in keys}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
