@@ -374,15 +374,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             SMOKE["runs"],
             SMOKE["backlog"],
         )
-    if args.wait_quiet:
-        common.wait_quiet(args.wait_quiet)
-    warning = common.busy_warning()
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
     stmts = statements()
     results: dict[str, Any] = {}
-    with common.private_database(args.admin_database_url, "scale", setup_sql=args.setup_sql) as pdb:
-        versions = common.server_versions(pdb, args.redis_url)
+    with common.run("scale", args) as run:
+        pdb = run.pdb
         print(f"building {args.pending:,} future PENDING + {args.finished:,} finished tasks ...", flush=True)
         build_seconds = build(pdb, pending=args.pending, finished=args.finished)
         size = sizes(pdb)
@@ -463,26 +458,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if dispatch_idle and dispatch_batch:
         targets["dispatch poll <= 5 ms (nothing due)"] = dispatch_idle["custom"]["execution_ms"] <= 5
         targets[f"dispatch poll <= 5 ms ({batch} due)"] = dispatch_batch["custom"]["execution_ms"] <= 5
-    common.print_table("Targets (issue 6)", ["target", "met"], list(targets.items()))
-    result = {
-        "smoke": args.smoke,
-        "warning": warning,
-        "params": {
-            "pending": args.pending,
-            "finished": args.finished,
-            "backlog": args.backlog,
-            "runs": args.runs,
-            "query_params": {k: v for k, v in PARAMS.items()},
-            "setup_sql": args.setup_sql,
-        },
-        "servers": versions,
-        "build_seconds": build_seconds,
-        "size": size,
-        "queries": results,
-        "targets": targets,
-    }
-    common.write_result(args.results_dir, "scale", result)
-    return result
+    common.print_table("Targets", ["target", "met"], list(targets.items()))
+    params = {"pending": args.pending, "finished": args.finished, "backlog": args.backlog, "runs": args.runs,
+              "query_params": dict(PARAMS)}  # fmt: skip
+    return run.write(params, build_seconds=build_seconds, size=size, queries=results, targets=targets)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,9 @@
-"""Small helpers for tests: create tasks and walk them through the real transitions."""
+"""Small helpers for tests: create tasks and walk them through the real transitions, read the
+broker's queues, run the CLI in process. Servers, processes and waiting are in tests/harness.py."""
 
 from __future__ import annotations
 
-import socket
-import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,6 +13,8 @@ from typer.testing import CliRunner, Result
 from taskscheduler.lifecycle import DlqReason, queue_for_priority
 from taskscheduler.store import db
 from taskscheduler.store import tasks as task_store
+from tests.harness import free_port as free_port  # the tests import these two from here too
+from tests.harness import wait_until as wait_until
 
 
 def new_task(
@@ -81,25 +81,6 @@ def backdate(task_id: uuid.UUID, **columns: timedelta) -> None:
     sets = ", ".join(f"{col} = {col} - :{col}" for col in columns)
     with db.transaction() as conn:
         conn.execute(text(f"UPDATE tasks SET {sets} WHERE id = :id"), {"id": task_id, **columns})
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(condition: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
-    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def queued(redis_client: Any, prefix: str, queue: str) -> list[tuple[str, ...]]:

@@ -22,7 +22,7 @@ from taskscheduler.store import tasks as task_store
 from taskscheduler.worker import heartbeats
 from tests.chaos.conftest import assert_invariants, settle
 from tests.chaos.servers import PrivatePostgres, PrivateRedis
-from tests.conftest import Services
+from tests.harness import Services
 from tests.helpers import dispatch_all, events, new_task, task_row, wait_until
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import Services
+from tests.harness import Services
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -117,18 +117,8 @@ def test_cost_smoke(services: Services, tmp_path: Path) -> None:
     assert positive(data["ours_total_per_1000"]) and positive(data["raw_total_per_1000"])
 
 
-@pytest.mark.timeout(300)
-def test_transitions_smoke(services: Services, tmp_path: Path) -> None:
-    data = run_benchmark("transitions", services, tmp_path)
-    variants = data["variants"]
-    assert len(variants) >= 3
-    for v in variants:
-        assert v["tasks"] > 0
-        assert positive(v["wall_ms_per_task"]) and positive(v["client_cpu_ms_per_task"])
-
-
 def test_profile_report_reads_collapsed_stacks(tmp_path: Path) -> None:
-    from benchmarks.profile_report import report
+    from tools.profile_report import report
 
     main = 'process 10:"taskscheduler worker"'
     child = f'{main};process 11:"taskscheduler worker"'

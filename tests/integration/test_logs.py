@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import logging
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -33,15 +32,6 @@ class Recorder:
 
     def publish_dead(self, items: Sequence[Any]) -> int:
         return len(items)
-
-
-@pytest.fixture
-def restore_root_logger() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def _lifecycle(settings: Settings, redis_client: Any, prefix: str) -> None:
@@ -86,7 +76,7 @@ def task_store_dispatch(settings: Settings) -> list[task_store.Dispatched]:
 
 
 def test_json_logs_are_one_object_per_line_with_task_fields_and_no_secrets(
-    settings: Settings, redis_client: Any, services: Any, capsys: pytest.CaptureFixture[str], restore_root_logger: None
+    settings: Settings, redis_client: Any, services: Any, capsys: pytest.CaptureFixture[str], restore_logging: None
 ) -> None:
     broker.configure_celery(settings)
     configure_logging("json", "INFO")
@@ -114,7 +104,7 @@ def test_json_logs_are_one_object_per_line_with_task_fields_and_no_secrets(
 
 
 def test_text_logs_have_no_secrets_either(
-    settings: Settings, redis_client: Any, services: Any, capsys: pytest.CaptureFixture[str], restore_root_logger: None
+    settings: Settings, redis_client: Any, services: Any, capsys: pytest.CaptureFixture[str], restore_logging: None
 ) -> None:
     broker.configure_celery(settings)
     configure_logging("text", "DEBUG")

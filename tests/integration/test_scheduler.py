@@ -226,9 +226,10 @@ def test_seconds_until_next_due(settings):
 
 def test_creating_a_task_due_now_notifies_the_scheduler(settings, services):
     import psycopg
-    from tests.conftest import _libpq
 
-    with psycopg.connect(_libpq(services.database_url), autocommit=True) as listener:
+    from taskscheduler.store.db import libpq_url
+
+    with psycopg.connect(libpq_url(services.database_url), autocommit=True) as listener:
         listener.execute(f"LISTEN {task_store.DUE_CHANNEL}")
         new_task(run_at=datetime.now(UTC) + timedelta(hours=1))  # not due: no notification
         assert list(listener.notifies(timeout=0.5)) == []

@@ -99,10 +99,10 @@ def api(
 def scheduler() -> None:
     """Dispatch due tasks to the queues and rescue stuck and lost ones, every POLL_INTERVAL_SEC."""
     from taskscheduler import metrics
+    from taskscheduler.broker import configure_celery
     from taskscheduler.liveness import ProcessHeartbeat
     from taskscheduler.scheduler.publisher import CeleryPublisher
     from taskscheduler.scheduler.service import SchedulerService
-    from taskscheduler.worker import configure_celery
 
     settings = _settings()
     _wait_for_database(settings)
@@ -134,7 +134,8 @@ def worker(
         # Before prometheus_client is imported: the pool processes write their samples to files.
         _enable_multiprocess_metrics()
 
-    from taskscheduler.worker import configure_celery
+    import taskscheduler.worker  # noqa: F401  (registers the worker's Celery tasks and boot step)
+    from taskscheduler.broker import configure_celery
 
     _load_task_modules(settings)
     _wait_for_database(settings)
