@@ -18,8 +18,7 @@ from taskscheduler.api import create_app
 from taskscheduler.config import Settings
 from taskscheduler.logs import configure_logging
 from taskscheduler.scheduler import dispatch, rescue, retention
-from taskscheduler.store import db
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import db, sweeps, transitions
 
 SECRET_PAYLOAD = "hunter2-payload-secret"
 SECRET_RESULT = "result-secret-value"
@@ -28,7 +27,7 @@ WRONG_KEY = "wrong-api-key-456"
 
 
 class Recorder:
-    def publish_attempts(self, items: Sequence[task_store.Dispatched]) -> int:
+    def publish_attempts(self, items: Sequence[sweeps.Dispatched]) -> int:
         return len(items)
 
     def publish_dead(self, items: Sequence[Any]) -> int:
@@ -60,7 +59,7 @@ def _lifecycle(settings: Settings, redis_client: Any, prefix: str) -> None:
         for item in task_store_dispatch(settings):
             if item.id == stuck:
                 with db.transaction() as conn:  # claimed by a worker that then dies
-                    task_store.claim(conn, task_id=stuck, attempt=item.attempt)
+                    transitions.claim(conn, task_id=stuck, attempt=item.attempt)
             else:
                 worker.run_attempt(item.id, item.attempt, worker="test-worker")
     for args in queued(redis_client, prefix, "dlq"):
@@ -70,12 +69,12 @@ def _lifecycle(settings: Settings, redis_client: Any, prefix: str) -> None:
     retention.run_once(settings=settings)
 
 
-def task_store_dispatch(settings: Settings) -> list[task_store.Dispatched]:
+def task_store_dispatch(settings: Settings) -> list[sweeps.Dispatched]:
     """The scheduler's dispatch (it logs each task it enqueues), returning what it enqueued."""
-    recorded: list[task_store.Dispatched] = []
+    recorded: list[sweeps.Dispatched] = []
 
     class Keep(Recorder):
-        def publish_attempts(self, items: Sequence[task_store.Dispatched]) -> int:
+        def publish_attempts(self, items: Sequence[sweeps.Dispatched]) -> int:
             recorded.extend(items)
             return len(items)
 

@@ -16,9 +16,8 @@ from taskscheduler.liveness import ProcessHeartbeat
 from taskscheduler.scheduler import retention
 from taskscheduler.scheduler.publisher import DeadMessage
 from taskscheduler.scheduler.service import SchedulerService
-from taskscheduler.store import db
+from taskscheduler.store import creation, db, operations, sweeps, transitions
 from taskscheduler.store import dlq as dlq_store
-from taskscheduler.store import tasks as task_store
 
 DAY = timedelta(days=1)
 
@@ -27,7 +26,7 @@ def _succeeded() -> uuid.UUID:
     task_id = new_task()
     attempt = to_started(task_id)
     with db.transaction() as conn:
-        assert task_store.succeed(conn, task_id=task_id, attempt=attempt, result={"ok": True})
+        assert transitions.succeed(conn, task_id=task_id, attempt=attempt, result={"ok": True})
     return task_id
 
 
@@ -40,13 +39,13 @@ def _dead() -> uuid.UUID:
 def _cancelled() -> uuid.UUID:
     task_id = new_task()
     with db.transaction() as conn:
-        assert task_store.cancel(conn, task_id).row is not None
+        assert operations.cancel(conn, task_id).row is not None
     return task_id
 
 
 def _exists(task_id: uuid.UUID) -> bool:
     with db.transaction() as conn:
-        return task_store.get_task(conn, task_id) is not None
+        return operations.get_task(conn, task_id) is not None
 
 
 def _dlq_row(task_id: uuid.UUID, attempt: int, age: timedelta) -> None:
@@ -133,18 +132,18 @@ def test_a_retention_of_hours(settings: Settings) -> None:
 
 
 def test_an_idempotency_key_is_free_again_once_its_task_is_deleted(settings: Settings) -> None:
-    spec = task_store.NewTask(
+    spec = creation.NewTask(
         name="demo_ok", payload={}, priority=5, queue="default", run_at=None, max_retries=0, timeout_sec=None,
         idempotency_key="monthly-report", request_hash="h",
     )  # fmt: skip
     with db.transaction() as conn:
-        (first,) = task_store.create_tasks(conn, [spec])
+        (first,) = creation.create_tasks(conn, [spec])
     with db.transaction() as conn:
-        assert task_store.cancel(conn, first.row["id"]).row is not None
+        assert operations.cancel(conn, first.row["id"]).row is not None
     backdate(first.row["id"], finished_at=31 * DAY)
     retention.run_once(settings=settings)
     with db.transaction() as conn:
-        (second,) = task_store.create_tasks(conn, [spec])
+        (second,) = creation.create_tasks(conn, [spec])
     assert second.created and second.row["id"] != first.row["id"]
 
 
@@ -166,7 +165,7 @@ class RecordingPublisher:
     def __init__(self) -> None:
         self.attempts: list[Any] = []
 
-    def publish_attempts(self, items: Sequence[task_store.Dispatched]) -> int:
+    def publish_attempts(self, items: Sequence[sweeps.Dispatched]) -> int:
         self.attempts += items
         return len(items)
 

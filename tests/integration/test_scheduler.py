@@ -26,8 +26,7 @@ from taskscheduler.config import get_settings
 from taskscheduler.scheduler import dispatch, rescue
 from taskscheduler.scheduler.publisher import CeleryPublisher
 from taskscheduler.scheduler.service import SchedulerService
-from taskscheduler.store import db
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import creation, db, sweeps, transitions
 
 NOW = datetime.now(UTC)
 
@@ -156,11 +155,11 @@ def test_two_dispatchers_racing_claim_each_task_exactly_once(settings, publisher
                 " FROM generate_series(1, 1000)"
             )
         )
-    claimed: list[list[task_store.Dispatched]] = [[], []]
+    claimed: list[list[sweeps.Dispatched]] = [[], []]
     barrier = threading.Barrier(2)
 
     class Recording(CeleryPublisher):
-        def __init__(self, slot: list[task_store.Dispatched]) -> None:
+        def __init__(self, slot: list[sweeps.Dispatched]) -> None:
             super().__init__(settings)
             self.slot = slot
 
@@ -209,19 +208,19 @@ def test_back_pressure_holds_tasks_of_a_full_queue_in_pending(settings, publishe
     # A worker claims one: room for one more.
     claimed = next(t for t in defaults if task_row(t)["status"] == "ENQUEUED")
     with db.transaction() as conn:
-        assert task_store.claim(conn, task_id=claimed, attempt=1) is not None
+        assert transitions.claim(conn, task_id=claimed, attempt=1) is not None
     assert dispatch.run_once(settings=settings, publisher=publisher) == 1
 
 
 def test_seconds_until_next_due(settings):
     with db.transaction() as conn:
-        assert task_store.seconds_until_next_due(conn) is None
+        assert sweeps.seconds_until_next_due(conn) is None
     new_task(run_at=datetime.now(UTC) + timedelta(seconds=30))
     with db.transaction() as conn:
-        assert 28 < task_store.seconds_until_next_due(conn) <= 30
+        assert 28 < sweeps.seconds_until_next_due(conn) <= 30
     new_task()
     with db.transaction() as conn:
-        assert task_store.seconds_until_next_due(conn) <= 0
+        assert sweeps.seconds_until_next_due(conn) <= 0
 
 
 def test_creating_a_task_due_now_notifies_the_scheduler(settings, services):
@@ -229,12 +228,12 @@ def test_creating_a_task_due_now_notifies_the_scheduler(settings, services):
     from tests.conftest import _libpq
 
     with psycopg.connect(_libpq(services.database_url), autocommit=True) as listener:
-        listener.execute(f"LISTEN {task_store.DUE_CHANNEL}")
+        listener.execute(f"LISTEN {creation.DUE_CHANNEL}")
         new_task(run_at=datetime.now(UTC) + timedelta(hours=1))  # not due: no notification
         assert list(listener.notifies(timeout=0.5)) == []
         new_task()
         (note,) = list(listener.notifies(timeout=5, stop_after=1))
-        assert note.channel == task_store.DUE_CHANNEL
+        assert note.channel == creation.DUE_CHANNEL
 
 
 def test_the_scheduler_wakes_for_a_task_due_now_instead_of_sleeping_its_poll_interval(settings, monkeypatch):
@@ -280,10 +279,10 @@ def test_a_full_queue_is_topped_up_once_a_quarter_of_it_has_drained(settings, pu
     assert dispatch.run_once(settings=settings, publisher=publisher) == 8
     enqueued = [t for t in tasks if task_row(t)["status"] == "ENQUEUED"]
     with db.transaction() as conn:
-        assert task_store.claim(conn, task_id=enqueued[0], attempt=1) is not None
+        assert transitions.claim(conn, task_id=enqueued[0], attempt=1) is not None
     assert dispatch.run_once(settings=settings, publisher=publisher) == 0  # 1 of 8 drained: wait
     with db.transaction() as conn:
-        assert task_store.claim(conn, task_id=enqueued[1], attempt=1) is not None
+        assert transitions.claim(conn, task_id=enqueued[1], attempt=1) is not None
     assert dispatch.run_once(settings=settings, publisher=publisher) == 2  # 2 of 8: top up
 
 
@@ -292,7 +291,7 @@ def test_a_full_queue_is_topped_up_once_a_quarter_of_it_has_drained(settings, pu
 
 class _Recorder:
     def __init__(self) -> None:
-        self.attempts: list[task_store.Dispatched] = []
+        self.attempts: list[sweeps.Dispatched] = []
 
     def publish_attempts(self, items):
         self.attempts += items

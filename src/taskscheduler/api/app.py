@@ -24,7 +24,7 @@ from taskscheduler.api.routes import health_router, router
 from taskscheduler.config import Settings, get_settings
 from taskscheduler.liveness import ProcessHeartbeat
 from taskscheduler.store import db
-from taskscheduler.store.tasks import IdempotencyKeyInFlux
+from taskscheduler.store.creation import IdempotencyKeyInFlux
 
 log = logging.getLogger(__name__)
 

@@ -50,9 +50,8 @@ from taskscheduler.lifecycle import (
     nested_deeper_than,
     queue_for_priority,
 )
-from taskscheduler.store import db
+from taskscheduler.store import creation, db, operations
 from taskscheduler.store import dlq as dlq_store
-from taskscheduler.store import tasks as task_store
 
 # Declares the scheme in the OpenAPI document, so Swagger shows "Authorize"; ApiKeyAuth enforces it.
 bearer = HTTPBearer(
@@ -109,8 +108,8 @@ def check_new_task(body: TaskCreate, settings: Settings, loc: list[str | int]) -
 _QUEUE_OF_PRIORITY = {p: queue_for_priority(p).value for p in range(MIN_PRIORITY, MAX_PRIORITY + 1)}
 
 
-def new_task_spec(body: TaskCreate, idempotency_key: str | None) -> task_store.NewTask:
-    return task_store.NewTask(
+def new_task_spec(body: TaskCreate, idempotency_key: str | None) -> creation.NewTask:
+    return creation.NewTask(
         name=body.name,
         payload=body.payload,
         priority=body.priority,
@@ -123,7 +122,7 @@ def new_task_spec(body: TaskCreate, idempotency_key: str | None) -> task_store.N
     )
 
 
-def _conflict(exc: task_store.IdempotencyConflict) -> HTTPException:
+def _conflict(exc: creation.IdempotencyConflict) -> HTTPException:
     return HTTPException(status.HTTP_409_CONFLICT, detail=str(exc))
 
 
@@ -190,22 +189,22 @@ async def create_task(
         if errors:
             raise _validation_error(errors)
         # One statement with nothing to be atomic with: autocommit, one round trip.
-        row = await task_store.create_task_async(_statement_pool(request), new_task_spec(body, None), url)
+        row = await creation.create_task_async(_statement_pool(request), new_task_spec(body, None), url)
         return _task_response(row, status.HTTP_201_CREATED)
 
     async def create_keyed(conn: db.AsyncConn) -> tuple[Mapping[Any, Any], bool]:
         # A replay returns the first task even if its run_at has passed since.
-        existing = await task_store.get_by_idempotency_key_async(conn, key)
+        existing = await creation.get_by_idempotency_key_async(conn, key)
         if existing is not None:
             if existing["request_hash"] != body.request_hash():
-                raise _conflict(task_store.IdempotencyConflict(key, existing["id"]))
+                raise _conflict(creation.IdempotencyConflict(key, existing["id"]))
             return existing, False
         errors = check_new_task(body, settings, ["body"])
         if errors:
             raise _validation_error(errors)
         try:
-            (result,) = await task_store.create_tasks_async(conn, [new_task_spec(body, key)])
-        except task_store.IdempotencyConflict as exc:
+            (result,) = await creation.create_tasks_async(conn, [new_task_spec(body, key)])
+        except creation.IdempotencyConflict as exc:
             raise _conflict(exc) from None
         return result.row, result.created
 
@@ -250,26 +249,26 @@ async def create_tasks(
         raise _validation_error([e for i in sorted(errors) for e in errors[i]])
     specs = [new_task_spec(t, t.idempotency_key) for t in body.tasks]
 
-    async def create(conn: db.AsyncConn) -> list[task_store.CreateResult]:
+    async def create(conn: db.AsyncConn) -> list[creation.CreateResult]:
         if keyed:
-            existing = await task_store.get_by_idempotency_keys_async(conn, sorted(set(keyed.values())))
+            existing = await creation.get_by_idempotency_keys_async(conn, sorted(set(keyed.values())))
             for i, key in keyed.items():
                 found = existing.get(key)
                 if found is not None and found["request_hash"] != specs[i].request_hash:
-                    raise task_store.IdempotencyConflict(key, found["id"])
+                    raise creation.IdempotencyConflict(key, found["id"])
             still_bad = [e for i in sorted(errors) if keyed.get(i) not in existing for e in errors[i]]
             if still_bad:
                 raise _validation_error(still_bad)
-        results = await task_store.create_tasks_async(conn, specs)
+        results = await creation.create_tasks_async(conn, specs)
         if any(results[i].created for i in keyed):
             # The task holding a replayed key was deleted (retention) between the lookup and the
             # insert: the unchecked task would have been created anew.
-            raise task_store.IdempotencyKeyInFlux(next(keyed[i] for i in keyed if results[i].created))
+            raise creation.IdempotencyKeyInFlux(next(keyed[i] for i in keyed if results[i].created))
         return results
 
     try:
         results = await db.run_transaction_async(_statement_pool(request), create, settings.database_url or None)
-    except task_store.IdempotencyConflict as exc:
+    except creation.IdempotencyConflict as exc:
         raise _conflict(exc) from None
     created = sum(r.created for r in results)
     # One validation of all the rows at once, and the JSON written by pydantic: per task, this is
@@ -334,14 +333,14 @@ def list_tasks(
     appear). Filters combine with AND; the cursor must be used with the same filters.
     """
     after = decode_cursor(cursor) if cursor is not None else None
-    where = task_store.TaskFilter(
+    where = operations.TaskFilter(
         statuses=status_ or (),
         name=name,
         queue=queue,
         created_after=created_after,
         created_before=created_before,
     )
-    rows = task_store.list_tasks(conn, where, limit=limit + 1, after=after)
+    rows = operations.list_tasks(conn, where, limit=limit + 1, after=after)
     page = rows[:limit]
     next_cursor = encode_cursor(page[-1]["created_at"], page[-1]["id"]) if len(rows) > limit else None
     return TaskPage(tasks=[TaskSummary.model_validate(dict(r)) for r in page], next_cursor=next_cursor)
@@ -350,7 +349,7 @@ def list_tasks(
 @router.get("/tasks/{task_id}", summary="Get a task", response_model=TaskOut, responses=TASK_NOT_FOUND, tags=["tasks"])
 def get_task(task_id: TaskId, conn: ConnDep) -> TaskOut:
     """The task, with its payload, result, status, attempt, last error and timestamps."""
-    row = task_store.get_task(conn, task_id)
+    row = operations.get_task(conn, task_id)
     if row is None:
         raise _not_found(task_id)
     task = dict(row)
@@ -370,8 +369,8 @@ def get_task(task_id: TaskId, conn: ConnDep) -> TaskOut:
 )
 def get_task_events(task_id: TaskId, conn: ConnDep) -> list[TaskEventOut]:
     """Every transition of the task, oldest first."""
-    events = task_store.list_events(conn, task_id)
-    if not events and task_store.get_task(conn, task_id) is None:
+    events = operations.list_events(conn, task_id)
+    if not events and operations.get_task(conn, task_id) is None:
         raise _not_found(task_id)
     return [TaskEventOut.model_validate(dict(e)) for e in events]
 
@@ -411,7 +410,7 @@ def cancel_task(task_id: TaskId, conn: LockingConnDep) -> TaskOut:
     A message already on its way to a worker is dropped when it arrives. A STARTED task cannot be
     cancelled (409), nor a finished one. A cancelled task can be brought back with `retry`.
     """
-    moved = task_store.cancel(conn, task_id, detail="cancelled via the API")
+    moved = operations.cancel(conn, task_id, detail="cancelled via the API")
     if moved.row is None:
         raise _refusal(task_id, moved.status, "cancel", "cancelled", CANCELLABLE)
     return TaskOut.model_validate(dict(moved.row))
@@ -427,7 +426,7 @@ def cancel_task(task_id: TaskId, conn: LockingConnDep) -> TaskOut:
 def retry_task(task_id: TaskId, conn: LockingConnDep) -> TaskOut:
     """Run a DEAD or CANCELLED task again: PENDING now, with a fresh retry budget (`max_retries` more
     retries), the same id, and its events so far kept. Other statuses are a 409."""
-    moved = task_store.retry(conn, task_id, detail="retried via the API")
+    moved = operations.retry(conn, task_id, detail="retried via the API")
     if moved.row is None:
         raise _refusal(task_id, moved.status, "retry", "retried", RETRYABLE)
     return TaskOut.model_validate(dict(moved.row))
@@ -455,7 +454,7 @@ def retry_dlq(settings: SettingsDep, body: Annotated[DlqRetryFilter | None, Body
         until = conn.execute(text("SELECT now()")).scalar_one()
     while True:
         with db.transaction(settings.database_url or None) as conn:
-            n = task_store.retry_dead(
+            n = operations.retry_dead(
                 conn,
                 name=where.name,
                 reason=where.reason,
@@ -485,7 +484,7 @@ def get_metrics(settings: SettingsDep) -> Response:
 
     def count() -> list[tuple[str, str, int]]:
         with db.transaction(settings.database_url or None) as conn:
-            return task_store.task_counts(conn)
+            return operations.task_counts(conn)
 
     body = metrics.render(metrics.TaskCountCollector(count))
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -17,10 +17,9 @@ from datetime import datetime
 from sqlalchemy import Connection
 
 from taskscheduler.config import Settings
-from taskscheduler.store import db
+from taskscheduler.store import db, sweeps
 from taskscheduler.store import dlq as dlq_store
 from taskscheduler.store import processes as process_store
-from taskscheduler.store import tasks as task_store
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,7 @@ def run_once(
     if settings.retention_days > 0:
         older = settings.retention_days * DAY_SEC
         tasks = _batches(
-            lambda conn: task_store.delete_finished(conn, older_than_sec=older, limit=batch_size, now=now),
+            lambda conn: sweeps.delete_finished(conn, older_than_sec=older, limit=batch_size, now=now),
             batch_size,
             max_batches,
         )

@@ -24,8 +24,7 @@ from taskscheduler.liveness import ProcessHeartbeat
 from taskscheduler.scheduler import dispatch, rescue, retention
 from taskscheduler.scheduler.publisher import BrokerHealth, BrokerQueues, BrokerUnavailable, CeleryPublisher, Publisher
 from taskscheduler.scheduler.wakeup import Wakeup
-from taskscheduler.store import db
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import db, sweeps
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +71,7 @@ class SchedulerService:
         if not self._database_lost:
             return
         with db.transaction() as conn:
-            self.reconnected_at = task_store.database_now(conn)
+            self.reconnected_at = sweeps.database_now(conn)
         self._database_lost = False
         log.info(
             "database reachable: the stuck check counts heartbeat silence from %s",

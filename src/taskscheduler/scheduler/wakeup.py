@@ -13,8 +13,7 @@ import time
 import psycopg
 
 from taskscheduler.config import Settings
-from taskscheduler.store import db
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import creation, db, sweeps
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ class Wakeup:
         poll = self.settings.poll_interval_sec
         try:
             with db.transaction() as conn:
-                due_in = task_store.seconds_until_next_due(conn)
+                due_in = sweeps.seconds_until_next_due(conn)
         except Exception:  # the tick that follows reports database trouble
             return poll
         if due_in is None:
@@ -72,7 +71,7 @@ class Wakeup:
         if self._conn is None or self._conn.closed:
             try:
                 self._conn = psycopg.connect(_libpq_url(self.settings.database_url), autocommit=True, connect_timeout=5)
-                self._conn.execute(f"LISTEN {task_store.DUE_CHANNEL}")
+                self._conn.execute(f"LISTEN {creation.DUE_CHANNEL}")
             except psycopg.Error as exc:
                 log.warning("cannot listen for due tasks, polling: %s", exc)
                 self._conn = None
