@@ -66,7 +66,7 @@ def _lifecycle(settings: Settings, redis_client: Any, prefix: str) -> None:
         worker.record_dead(*args)
     backdate(stuck, heartbeat_at=timedelta(hours=1), started_at=timedelta(hours=1))
     assert rescue.run_once(settings=settings, publisher=Recorder()).dead == 1
-    retention.run_once(settings=settings)
+    retention.run_once(database=db.database_for(), settings=settings)
 
 
 def task_store_dispatch(settings: Settings) -> list[sweeps.Dispatched]:

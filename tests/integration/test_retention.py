@@ -83,7 +83,7 @@ def test_deletes_old_finished_tasks_with_their_events_and_nothing_else(settings:
     _dlq_row(young[1], 1, 181 * DAY)
     _dlq_row(uuid.uuid4(), 3, 179 * DAY)
 
-    counts = retention.run_once(settings=settings)
+    counts = retention.run_once(database=db.database_for(), settings=settings)
 
     assert (counts.tasks, counts.dlq_events) == (3, 1)
     assert [_exists(t) for t in old] == [False] * 3
@@ -92,17 +92,17 @@ def test_deletes_old_finished_tasks_with_their_events_and_nothing_else(settings:
     assert all(events(t) for t in young)
     assert {attempt for _, attempt in _dlq_attempts()} == {1, 3}
     assert (old[1], 1) in _dlq_attempts(), "a DLQ row outlives its task"
-    assert retention.run_once(settings=settings) == retention.RetentionCounts()
+    assert retention.run_once(database=db.database_for(), settings=settings) == retention.RetentionCounts()
 
 
 def test_keeps_a_dead_task_whose_dlq_row_is_not_written_yet(settings: Settings) -> None:
     unrecorded = new_task()
     attempt = to_dead(unrecorded)  # its DLQ message is still owed (the DLQ worker is down)
     backdate(unrecorded, finished_at=31 * DAY)
-    assert retention.run_once(settings=settings).tasks == 0
+    assert retention.run_once(database=db.database_for(), settings=settings).tasks == 0
     assert _exists(unrecorded)
     _dlq_row(unrecorded, attempt, age=timedelta(0))  # recorded at last: the task may go now
-    assert retention.run_once(settings=settings).tasks == 1
+    assert retention.run_once(database=db.database_for(), settings=settings).tasks == 1
     assert not _exists(unrecorded)
 
 
@@ -110,9 +110,9 @@ def test_deletes_in_bounded_batches(settings: Settings) -> None:
     old = [_succeeded() for _ in range(5)]
     for task_id in old:
         backdate(task_id, finished_at=31 * DAY)
-    assert retention.run_once(settings=settings, batch_size=2, max_batches=2).tasks == 4
+    assert retention.run_once(database=db.database_for(), settings=settings, batch_size=2, max_batches=2).tasks == 4
     assert sum(_exists(t) for t in old) == 1
-    assert retention.run_once(settings=settings, batch_size=2, max_batches=2).tasks == 1
+    assert retention.run_once(database=db.database_for(), settings=settings, batch_size=2, max_batches=2).tasks == 1
 
 
 def test_zero_days_keeps_everything(settings: Settings) -> None:
@@ -120,7 +120,7 @@ def test_zero_days_keeps_everything(settings: Settings) -> None:
     backdate(task_id, finished_at=3650 * DAY)
     _dlq_row(task_id, 1, 3650 * DAY)
     keep = settings.model_copy(update={"retention_days": 0, "dlq_retention_days": 0})
-    assert retention.run_once(settings=keep) == retention.RetentionCounts()
+    assert retention.run_once(database=db.database_for(), settings=keep) == retention.RetentionCounts()
     assert _exists(task_id) and _dlq_attempts() == {(task_id, 1)}
 
 
@@ -128,7 +128,12 @@ def test_a_retention_of_hours(settings: Settings) -> None:
     # 0.05 days: 72 minutes.
     task_id = _succeeded()
     backdate(task_id, finished_at=timedelta(hours=2))
-    assert retention.run_once(settings=settings.model_copy(update={"retention_days": 0.05})).tasks == 1
+    assert (
+        retention.run_once(
+            database=db.database_for(), settings=settings.model_copy(update={"retention_days": 0.05})
+        ).tasks
+        == 1
+    )
 
 
 def test_an_idempotency_key_is_free_again_once_its_task_is_deleted(settings: Settings) -> None:
@@ -141,7 +146,7 @@ def test_an_idempotency_key_is_free_again_once_its_task_is_deleted(settings: Set
     with db.transaction() as conn:
         assert operations.cancel(conn, first.row["id"]).row is not None
     backdate(first.row["id"], finished_at=31 * DAY)
-    retention.run_once(settings=settings)
+    retention.run_once(database=db.database_for(), settings=settings)
     with db.transaction() as conn:
         (second,) = creation.create_tasks(conn, [spec])
     assert second.created and second.row["id"] != first.row["id"]
@@ -156,7 +161,7 @@ def test_forgets_processes_silent_for_a_day(settings: Settings) -> None:
             text("UPDATE process_heartbeats SET seen_at = now() - interval '25 hours' WHERE id = :id"),
             {"id": gone.process_id},
         )
-    assert retention.run_once(settings=settings).processes == 1
+    assert retention.run_once(database=db.database_for(), settings=settings).processes == 1
     with db.transaction() as conn:
         assert [r.id for r in conn.execute(text("SELECT id FROM process_heartbeats"))] == [alive.process_id]
 

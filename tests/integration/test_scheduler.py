@@ -240,7 +240,7 @@ def test_the_scheduler_wakes_for_a_task_due_now_instead_of_sleeping_its_poll_int
     from taskscheduler.scheduler.wakeup import Wakeup
 
     monkeypatch.setattr(settings, "poll_interval_sec", 60.0)
-    wakeup = Wakeup(settings)
+    wakeup = Wakeup(settings, db.database_for())
     listening = threading.Event()
     original = wakeup._listening
 
@@ -268,7 +268,7 @@ def test_a_task_already_due_after_a_dispatching_tick_is_taken_at_once_unless_hel
     from taskscheduler.scheduler.wakeup import HELD_BACK_SEC, MIN_GAP_SEC, Wakeup
 
     new_task(run_at=datetime.now(UTC) - timedelta(seconds=1))
-    wakeup = Wakeup(settings)
+    wakeup = Wakeup(settings, db.database_for())
     assert wakeup._timeout(dispatched=True) == MIN_GAP_SEC
     assert wakeup._timeout(dispatched=False) == HELD_BACK_SEC
 

@@ -14,8 +14,9 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import Connection, RowMapping
 
 from taskscheduler import metrics
-from taskscheduler.store import db
+from taskscheduler.store.db import Database
 from taskscheduler.store.operations import GET_TASK
+from taskscheduler.store.statement_pool import AsyncConn
 
 
 # Not frozen: a frozen dataclass's __init__ costs several times more, a cost paid per task of a batch.
@@ -196,9 +197,9 @@ def create_tasks(conn: Connection, specs: Sequence[NewTask]) -> list[CreateResul
     return _results(specs, ids, first_with_key, inserted, existing)
 
 
-async def create_tasks_async(conn: db.AsyncConn, specs: Sequence[NewTask]) -> list[CreateResult]:
+async def create_tasks_async(conn: AsyncConn, specs: Sequence[NewTask]) -> list[CreateResult]:
     """`create_tasks` on a psycopg connection of the event loop (in a transaction, see
-    `db.run_transaction_async`); the rows are plain dicts."""
+    `Database.run_transaction_async`); the rows are plain dicts."""
     rows, ids, first_with_key = _plan(specs)
     inserted: dict[str, dict[str, Any]] = {}
     if rows:
@@ -211,21 +212,28 @@ async def create_tasks_async(conn: db.AsyncConn, specs: Sequence[NewTask]) -> li
     return _results(specs, ids, first_with_key, inserted, existing)
 
 
-async def get_by_idempotency_keys_async(conn: db.AsyncConn, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+async def get_by_idempotency_keys_async(conn: AsyncConn, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The tasks holding these keys, by key (keys no task holds are left out)."""
     rows = await (await conn.execute(TASKS_BY_IDEMPOTENCY_KEYS, {"keys": list(keys)})).fetchall()
     return {row["idempotency_key"]: row for row in rows}
 
 
-async def get_by_idempotency_key_async(conn: db.AsyncConn, key: str) -> dict[str, Any] | None:
-    return (await get_by_idempotency_keys_async(conn, [key])).get(key)
+async def find_replays_async(conn: AsyncConn, requests: Iterable[tuple[str, str | None]]) -> dict[str, dict[str, Any]]:
+    """The tasks that earlier requests created with these idempotency keys, by key, for requests
+    given as (key, request_hash): a request sent again gets the task it created; a key that an
+    earlier request with another hash used is an IdempotencyConflict."""
+    requests = list(requests)
+    existing = await get_by_idempotency_keys_async(conn, sorted({key for key, _ in requests}))
+    for key, request_hash in requests:
+        found = existing.get(key)
+        if found is not None and found["request_hash"] != request_hash:
+            raise IdempotencyConflict(key, found["id"])
+    return existing
 
 
-async def create_task_async(
-    pool: db.AsyncStatementPool | None, spec: NewTask, url: str | None = None
-) -> dict[str, Any]:
+async def create_task_async(database: Database, spec: NewTask) -> dict[str, Any]:
     """Create one task without an idempotency key, from the event loop: one autocommit statement,
-    one round trip, on a connection of `pool` (see `db.run_statement_async`).
+    one round trip (see `Database.run_statement_async`).
 
     Nothing else has to be atomic with it, so BEGIN/COMMIT and a ping per checkout would only add
     round trips. After a dead connection the statement is sent once more with the same id: if the
@@ -237,7 +245,7 @@ async def create_task_async(
     task_id = str(uuid.uuid4())
     params = {"rows": Jsonb([_insert_row(task_id, spec, 0)])}
 
-    async def insert(conn: db.AsyncConn) -> dict[str, Any] | None:
+    async def insert(conn: AsyncConn) -> dict[str, Any] | None:
         try:
             return await (await conn.execute(CREATE_TASKS, params)).fetchone()
         except psycopg.errors.UniqueViolation as exc:
@@ -245,7 +253,7 @@ async def create_task_async(
                 raise
             return await (await conn.execute(GET_TASK, {"id": task_id})).fetchone()
 
-    created = await db.run_statement_async(pool, insert, url)
+    created = await database.run_statement_async(insert)
     assert created is not None
     _count_created([created])
     return created

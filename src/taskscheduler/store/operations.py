@@ -90,6 +90,15 @@ def task_counts(conn: Connection) -> list[tuple[str, str, int]]:
     return [(r[0], r[1], int(r[2])) for r in conn.exec_driver_sql(TASK_COUNTS)]
 
 
+LIMIT_LOCK_WAIT = "SELECT set_config('lock_timeout', %(ms)s, true)"
+
+
+def limit_lock_wait(conn: Connection, seconds: float) -> None:
+    """For the rest of this transaction, a statement that waits longer than `seconds` for a row lock
+    fails (LockNotAvailable) instead of waiting."""
+    conn.exec_driver_sql(LIMIT_LOCK_WAIT, {"ms": str(max(1, round(seconds * 1000)))})
+
+
 @dataclass(frozen=True)
 class Moved:
     """The outcome of an operator's transition: `row` when it happened, else the status that prevented it."""

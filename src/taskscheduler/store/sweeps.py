@@ -173,15 +173,6 @@ def lock_stuck(
     ]
 
 
-DATABASE_NOW = f"SELECT {NOW}"
-
-
-def database_now(conn: Connection, *, now: datetime | None = None) -> datetime:
-    """The database's clock (or `now`, in tests): the scheduler notes on it when the database came back."""
-    value: datetime = conn.exec_driver_sql(DATABASE_NOW, {"now": now}).scalar_one()
-    return value
-
-
 # A lost message is published again only while the broker holds fewer messages for the queue than
 # the queue has unclaimed tasks (`waiting`, read from the broker just before): with the queue's
 # workers away the messages wait there, and publishing them again every ENQUEUE_TIMEOUT_SEC would
