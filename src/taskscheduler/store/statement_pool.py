@@ -23,9 +23,9 @@ T = TypeVar("T")
 AsyncConn = psycopg.AsyncConnection[DictRow]
 AsyncStatementPool = AsyncConnectionPool[AsyncConn]
 
-# How long a request waits for a pooled connection before its 503. The pool is busy for well under
-# this (a statement takes under a millisecond, a batch of 1,000 tasks ~50 ms); a wait this long
-# means the database is down (no connection comes back) and the client is better told so soon.
+# How long a request waits for a pooled connection before its 503. The pool is busy for far less
+# than this (even a batch of 1,000 tasks is a fraction of it); a wait this long means the database
+# is down (no connection comes back) and the client is better told so soon.
 CONNECTION_WAIT_SEC = 2.0
 # How long the pool retries to reopen a connection with its doubling backoff before it gives that
 # slot up; a request then reopens one on demand. Short, so that after a long outage the API is back
@@ -66,7 +66,7 @@ def statement_pool(libpq_url: str, *, size: int) -> AsyncStatementPool:
     """Autocommit connections for the statements run on the event loop, created closed.
 
     A fixed `size`: closing the connections above a smaller idle size and reopening them under load
-    cost a tenth of the API's time (BENCHMARKS.md); requests beyond `size` wait for a connection
+    cost a large part of the API's time (benchmarks/api.py); requests beyond `size` wait for a connection
     instead, which one event loop with statements of well under a millisecond hardly notices. No
     check per checkout (a round trip each): `run_statement_async` and `run_transaction_async` retry
     on a dead one.
