@@ -18,6 +18,7 @@ import pytest
 from taskscheduler import handlers, worker
 from taskscheduler.config import get_settings
 from taskscheduler.store import db, sweeps
+from taskscheduler.worker import heartbeats
 from tests.chaos.conftest import assert_invariants, settle
 from tests.chaos.servers import PrivatePostgres, PrivateRedis
 from tests.conftest import Services
@@ -131,7 +132,7 @@ def test_a_handler_that_kills_its_worker_gets_max_retries_plus_one_attempts(clea
 
 
 def test_the_same_message_delivered_twice_runs_once(clean_db, make_cluster, tmp_path: Path):
-    from taskscheduler.worker import configure_celery, publish_attempts
+    from taskscheduler.broker import configure_celery, publish_attempts
 
     cluster = make_cluster(clean_db)
     cluster.start_api()
@@ -206,7 +207,7 @@ def private_worker(
     for name, value in {**services.env(), "HEARTBEAT_SEC": "0.3"}.items():
         monkeypatch.setenv(name, value)
     get_settings.cache_clear()
-    monkeypatch.setattr(worker, "_heartbeats", None)  # a fresh one, with this interval
+    monkeypatch.setattr(heartbeats, "_heartbeats", None)  # a fresh one, with this interval
     gate = threading.Event()
     monkeypatch.setitem(handlers._registry, "gated", lambda payload: {"ok": gate.wait(60)})
     try:

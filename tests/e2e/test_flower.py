@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
+from taskscheduler.broker import configure_celery
 from taskscheduler.config import Settings
-from taskscheduler.worker import configure_celery
 from tests.e2e.conftest import Proc
 from tests.helpers import free_port, new_task, task_row, wait_until
 

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from tests.helpers import backdate, dispatch_all, free_port, new_task, to_dead, to_started
 
-from taskscheduler import metrics, worker
+from taskscheduler import broker, metrics, worker
 from taskscheduler.api import create_app
 from taskscheduler.config import Settings
 from taskscheduler.lifecycle import DlqReason
@@ -210,7 +210,7 @@ def test_counters_and_histograms_follow_what_happens(client: TestClient, setting
 def test_rescue_and_dlq_counters(client: TestClient, settings: Settings) -> None:
     from taskscheduler.scheduler.publisher import CeleryPublisher
 
-    worker.configure_celery(settings)
+    broker.configure_celery(settings)
     before = _scrape(client)
     task_id = new_task(max_retries=0)
     attempt = to_started(task_id)

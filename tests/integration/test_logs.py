@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from tests.helpers import backdate, queued
 
-from taskscheduler import worker
+from taskscheduler import broker, worker
 from taskscheduler.api import create_app
 from taskscheduler.config import Settings
 from taskscheduler.logs import configure_logging
@@ -87,7 +87,7 @@ def task_store_dispatch(settings: Settings) -> list[sweeps.Dispatched]:
 def test_json_logs_are_one_object_per_line_with_task_fields_and_no_secrets(
     settings: Settings, redis_client: Any, services: Any, capsys: pytest.CaptureFixture[str], restore_root_logger: None
 ) -> None:
-    worker.configure_celery(settings)
+    broker.configure_celery(settings)
     configure_logging("json", "INFO")
     _lifecycle(settings, redis_client, services.redis_key_prefix)
     err = capsys.readouterr().err
@@ -115,7 +115,7 @@ def test_json_logs_are_one_object_per_line_with_task_fields_and_no_secrets(
 def test_text_logs_have_no_secrets_either(
     settings: Settings, redis_client: Any, services: Any, capsys: pytest.CaptureFixture[str], restore_root_logger: None
 ) -> None:
-    worker.configure_celery(settings)
+    broker.configure_celery(settings)
     configure_logging("text", "DEBUG")
     _lifecycle(settings, redis_client, services.redis_key_prefix)
     err = capsys.readouterr().err

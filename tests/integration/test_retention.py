@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy import text
 from tests.helpers import backdate, events, new_task, to_dead, to_started
 
+from taskscheduler.broker import DeadMessage
 from taskscheduler.config import Settings
 from taskscheduler.liveness import ProcessHeartbeat
 from taskscheduler.scheduler import retention
-from taskscheduler.scheduler.publisher import DeadMessage
 from taskscheduler.scheduler.service import SchedulerService
 from taskscheduler.store import creation, db, operations, sweeps, transitions
 from taskscheduler.store import dlq as dlq_store

@@ -33,7 +33,7 @@ NOW = datetime.now(UTC)
 
 @pytest.fixture
 def publisher(settings):
-    from taskscheduler.worker import configure_celery
+    from taskscheduler.broker import configure_celery
 
     configure_celery(settings)
     return CeleryPublisher(settings)
@@ -386,7 +386,7 @@ def test_a_publish_pass_against_an_unreachable_broker_fails_fast_is_counted_and_
     settings, caplog
 ):
     from taskscheduler import metrics
-    from taskscheduler.worker import configure_celery
+    from taskscheduler.broker import configure_celery
 
     down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
     service = SchedulerService(down, CeleryPublisher(down))

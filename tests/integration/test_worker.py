@@ -14,12 +14,13 @@ from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 from tests.helpers import dispatch_all, events, far_future, new_task, queued, task_row, to_started
 
-from taskscheduler import handlers, worker
+from taskscheduler import broker, handlers, worker
 from taskscheduler.config import get_settings
 from taskscheduler.store import db
 from taskscheduler.store import dlq as dlq_store
 from taskscheduler.store import tasks as task_store
 from taskscheduler.store.tasks import MAX_ERROR_CHARS
+from taskscheduler.worker import execute, outcomes
 
 pytestmark = pytest.mark.usefixtures("settings")
 
@@ -38,7 +39,7 @@ def test_a_message_runs_each_of_its_attempts() -> None:
 def test_attempts_not_started_when_the_slice_ends_go_back_to_the_queue_unclaimed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(worker, "MESSAGE_SLICE_SEC", 0.0)
+    monkeypatch.setattr(broker, "MESSAGE_SLICE_SEC", 0.0)
     items = _dispatched(3)
     sent_back: list[Sequence[tuple[uuid.UUID, int]]] = []
     assert worker.run_attempts(items, send_back=sent_back.append) == ["succeeded"]
@@ -51,7 +52,7 @@ def test_attempts_not_started_when_the_slice_ends_go_back_to_the_queue_unclaimed
 
 
 def test_when_the_rest_cannot_be_sent_back_it_stays_enqueued_for_the_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worker, "MESSAGE_SLICE_SEC", 0.0)
+    monkeypatch.setattr(broker, "MESSAGE_SLICE_SEC", 0.0)
     items = _dispatched(2)
 
     def broker_down(rest: Sequence[tuple[uuid.UUID, int]]) -> None:
@@ -62,7 +63,7 @@ def test_when_the_rest_cannot_be_sent_back_it_stays_enqueued_for_the_sweep(monke
 
 
 def test_the_rest_is_sent_back_once_while_a_slow_first_attempt_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worker, "MESSAGE_SLICE_SEC", 0.2)
+    monkeypatch.setattr(broker, "MESSAGE_SLICE_SEC", 0.2)
     slow = new_task(name="demo_hang", payload={"sleep_sec": 2})
     ids = [slow, *(new_task() for _ in range(3))]
     attempts = {item.id: item.attempt for item in dispatch_all()}
@@ -184,7 +185,7 @@ def test_a_refused_result_that_slips_past_the_checks_is_a_failed_attempt_and_nev
 ) -> None:
     # As if the worker's checks missed a value PostgreSQL refuses: the write itself must not raise
     # (which left the task STARTED), and neither the value nor the statement's parameters reach a log.
-    monkeypatch.setattr(worker, "storable_result", lambda value, max_bytes: value, raising=False)
+    monkeypatch.setattr(execute, "storable_result", lambda value, max_bytes: value, raising=False)
     secret = "SECRET-MARKER caf\udce9 SECRET-MARKER"
     caplog.set_level(logging.DEBUG)
     try:
@@ -273,7 +274,7 @@ def test_a_dead_attempt_whose_dlq_message_cannot_be_published_is_left_to_the_dlq
     def broker_down(items: Any) -> int:
         raise ConnectionError("broker down")
 
-    monkeypatch.setattr(worker, "publish_dead", broker_down)
+    monkeypatch.setattr(outcomes, "publish_dead", broker_down)
 
     def handler(payload: dict[str, Any]) -> None:
         raise RuntimeError("boom")
@@ -296,7 +297,7 @@ def test_the_hard_limit_leaves_room_to_write_the_outcome_while_the_database_is_a
     monkeypatch.setenv("WORKER_DB_RETRY_SEC", "77")
     get_settings.cache_clear()
     new_task(timeout_sec=20)
-    worker.publish_attempts(dispatch_all(), default_timeout_sec=180)
+    broker.publish_attempts(dispatch_all(), default_timeout_sec=180)
     (raw,) = redis_client.lrange(f"{clean_db.redis_key_prefix}default", 0, -1)
     hard, _soft = json.loads(raw)["headers"]["timelimit"]
     assert hard >= 20 + 77

@@ -1,4 +1,4 @@
-"""Due PENDING/FAILED tasks -> ENQUEUED, then one message per task on its priority's queue."""
+"""Due PENDING/FAILED tasks -> ENQUEUED, then published to their priority's queue (see `broker.messages_for`)."""
 
 from __future__ import annotations
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from taskscheduler import metrics
+from taskscheduler.broker import DeadMessage
 from taskscheduler.config import Settings
-from taskscheduler.lifecycle import TASK_QUEUES, DlqReason, Queue, backoff_sec, has_retries_left
-from taskscheduler.scheduler.publisher import BrokerHealth, BrokerQueues, BrokerUnavailable, DeadMessage, Publisher
+from taskscheduler.lifecycle import TASK_QUEUES, DeadWith, Queue, failure_outcome
+from taskscheduler.scheduler.publisher import BrokerHealth, BrokerQueues, BrokerUnavailable, Publisher
 from taskscheduler.store import db
 from taskscheduler.store import tasks as task_store
 
@@ -59,21 +60,29 @@ def rescue_stuck(
             metrics.RESCUES.labels(reason="no_heartbeat" if task.by_heartbeat else "timeout").inc()
             error = f"stuck: {why} (worker crashed or hung)"
             fields = {"task_id": str(task.id), "attempt": task.attempt, "event": "rescued"}
-            if has_retries_left(task.attempt, task.max_retries, task.retry_base_attempt):
-                delay = backoff_sec(
-                    task.attempt - task.retry_base_attempt,
-                    base=settings.retry_backoff_base_sec,
-                    cap=settings.retry_backoff_max_sec,
-                )
-                if task_store.fail(conn, task_id=task.id, attempt=task.attempt, error=error, retry_in_sec=delay):
-                    retried += 1
-                    log.info("STARTED -> FAILED (%s), retry in %.2fs", why, delay, extra=fields)
-            else:
-                reason = DlqReason.STUCK_TASK_TIMEOUT
-                name = task_store.kill(conn, task_id=task.id, attempt=task.attempt, error=error, reason=reason)
+            # Stuck counts as timed out: DEAD for its timeout once out of retries.
+            outcome = failure_outcome(
+                attempt=task.attempt,
+                max_retries=task.max_retries,
+                retry_base_attempt=task.retry_base_attempt,
+                timed_out=True,
+                backoff_base_sec=settings.retry_backoff_base_sec,
+                backoff_max_sec=settings.retry_backoff_max_sec,
+            )
+            if isinstance(outcome, DeadWith):
+                name = task_store.kill(conn, task_id=task.id, attempt=task.attempt, error=error, reason=outcome.reason)
                 if name is not None:
-                    dead.append((task.id, task.attempt, name, reason.value, error))
-                    log.info("STARTED -> DEAD (%s)", reason, extra=fields)
+                    dead.append(
+                        DeadMessage(
+                            task_id=task.id, attempt=task.attempt, name=name, reason=outcome.reason, error=error
+                        )
+                    )
+                    log.info("STARTED -> DEAD (%s)", outcome.reason, extra=fields)
+            elif task_store.fail(
+                conn, task_id=task.id, attempt=task.attempt, error=error, retry_in_sec=outcome.delay_sec
+            ):
+                retried += 1
+                log.info("STARTED -> FAILED (%s), retry in %.2fs", why, outcome.delay_sec, extra=fields)
     # If the broker is away, they are DEAD without a DLQ row: the DLQ sweep publishes them later.
     _unless_broker_down(lambda: publisher.publish_dead(dead))
     return retried, len(dead)
@@ -121,7 +130,9 @@ def republish_dead(
             "DLQ message re-published",
             extra={"task_id": str(item.id), "attempt": item.attempt, "event": "dlq_republished"},
         )
-    return publisher.publish_dead([(d.id, d.attempt, d.name, d.reason, d.error) for d in dead])
+    return publisher.publish_dead(
+        [DeadMessage(task_id=d.id, attempt=d.attempt, name=d.name, reason=d.reason, error=d.error) for d in dead]
+    )
 
 
 def _unless_broker_down(step: Callable[[], int]) -> int:
