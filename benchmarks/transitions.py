@@ -54,7 +54,7 @@ def _enqueue_all(pdb: common.PrivateDatabase, n: int) -> list[tuple[uuid.UUID, i
 
 
 def variant_product(pdb: common.PrivateDatabase, *, pre_ping: bool) -> Callable[..., Any]:
-    from taskscheduler.store import tasks as store
+    from taskscheduler.store import transitions as store
 
     def run(items: list[tuple[uuid.UUID, int]]) -> None:
         engine = create_engine(pdb.url, pool_pre_ping=pre_ping, pool_size=10, max_overflow=20)
@@ -69,7 +69,7 @@ def variant_product(pdb: common.PrivateDatabase, *, pre_ping: bool) -> Callable[
 
 
 def variant_autocommit(pdb: common.PrivateDatabase) -> Callable[..., Any]:
-    from taskscheduler.store import tasks as store
+    from taskscheduler.store import transitions as store
 
     def run(items: list[tuple[uuid.UUID, int]]) -> None:
         engine = create_engine(pdb.url, isolation_level="AUTOCOMMIT")
@@ -84,7 +84,7 @@ def variant_autocommit(pdb: common.PrivateDatabase) -> Callable[..., Any]:
 
 def variant_two_connections(pdb: common.PrivateDatabase) -> Callable[..., Any]:
     """Autocommit; the claim on a connection with synchronous_commit off, the outcome on another."""
-    from taskscheduler.store import tasks as store
+    from taskscheduler.store import transitions as store
 
     def run(items: list[tuple[uuid.UUID, int]]) -> None:
         off = {"options": "-c synchronous_commit=off"}

@@ -13,7 +13,6 @@ import threading
 import time
 import uuid
 
-from taskscheduler.store import db
 from taskscheduler.store import processes as process_store
 from taskscheduler.store.db import Database
 
@@ -23,9 +22,7 @@ ROLES = ("api", "scheduler", "worker")
 
 
 class ProcessHeartbeat:
-    """Beats on `database` (default: the process's shared one of DATABASE_URL, as tests use)."""
-
-    def __init__(self, role: str, *, interval_sec: float, detail: str = "", database: Database | None = None) -> None:
+    def __init__(self, role: str, *, interval_sec: float, database: Database, detail: str = "") -> None:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}")
         self.role = role
@@ -33,7 +30,7 @@ class ProcessHeartbeat:
         self.interval_sec = interval_sec
         self.hostname = socket.gethostname()
         self.process_id = f"{role}:{self.hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.database = database if database is not None else db.database_for()
+        self.database = database
         self._last = float("-inf")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -216,7 +216,7 @@ def test_rescue_and_dlq_counters(client: TestClient, settings: Settings) -> None
     attempt = to_started(task_id)
     backdate(task_id, heartbeat_at=timedelta(seconds=settings.heartbeat_timeout_sec + 1))
     backdate(task_id, started_at=timedelta(seconds=settings.stuck_after_sec + 1))
-    assert rescue.run_once(settings=settings, publisher=CeleryPublisher(settings)).dead == 1
+    assert rescue.run_once(database=db.database_for(), settings=settings, publisher=CeleryPublisher(settings)).dead == 1
     with db.transaction() as conn:
         assert dlq_store.record_dlq_event(
             conn, task_id=task_id, attempt=attempt, task_name="demo_ok", reason="stuck_task_timeout", error="stuck"

@@ -65,7 +65,7 @@ def _lifecycle(settings: Settings, redis_client: Any, prefix: str) -> None:
     for args in queued(redis_client, prefix, "dlq"):
         worker.record_dead(*args)
     backdate(stuck, heartbeat_at=timedelta(hours=1), started_at=timedelta(hours=1))
-    assert rescue.run_once(settings=settings, publisher=Recorder()).dead == 1
+    assert rescue.run_once(database=db.database_for(), settings=settings, publisher=Recorder()).dead == 1
     retention.run_once(database=db.database_for(), settings=settings)
 
 
@@ -80,7 +80,7 @@ def task_store_dispatch(settings: Settings) -> list[sweeps.Dispatched]:
 
     with db.transaction() as conn:  # everything is due now: make sure, whatever the backoff drew
         conn.exec_driver_sql("UPDATE tasks SET run_at = now() WHERE status IN ('PENDING', 'FAILED')")
-    dispatch.run_once(settings=settings, publisher=Keep())
+    dispatch.run_once(database=db.database_for(), settings=settings, publisher=Keep())
     return recorded
 
 

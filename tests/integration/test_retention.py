@@ -153,8 +153,8 @@ def test_an_idempotency_key_is_free_again_once_its_task_is_deleted(settings: Set
 
 
 def test_forgets_processes_silent_for_a_day(settings: Settings) -> None:
-    gone = ProcessHeartbeat("worker", interval_sec=10)
-    alive = ProcessHeartbeat("worker", interval_sec=10)
+    gone = ProcessHeartbeat("worker", interval_sec=10, database=db.database_for())
+    alive = ProcessHeartbeat("worker", interval_sec=10, database=db.database_for())
     assert gone.beat() and alive.beat()
     with db.transaction() as conn:
         conn.execute(
@@ -179,7 +179,7 @@ class RecordingPublisher:
 
 
 def test_the_scheduler_runs_retention_every_interval_and_beats(settings: Settings) -> None:
-    heartbeat = ProcessHeartbeat("scheduler", interval_sec=settings.process_heartbeat_sec)
+    heartbeat = ProcessHeartbeat("scheduler", interval_sec=settings.process_heartbeat_sec, database=db.database_for())
     service = SchedulerService(settings, RecordingPublisher(), heartbeat=heartbeat)
     first = _succeeded()
     backdate(first, finished_at=31 * DAY)

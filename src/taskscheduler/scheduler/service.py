@@ -92,7 +92,7 @@ class SchedulerService:
         dispatched = 0
         try:
             for _ in range(MAX_BATCHES_PER_TICK):
-                n = dispatch.run_once(settings=self.settings, publisher=self.publisher)
+                n = dispatch.run_once(database=self.database, settings=self.settings, publisher=self.publisher)
                 dispatched += n
                 if n < self.settings.dispatch_batch_size or self.stopping.is_set():
                     break
@@ -106,7 +106,11 @@ class SchedulerService:
         if time.monotonic() >= self._rescue_due:
             self._rescue_due = time.monotonic() + self.settings.poll_interval_sec
             counts = rescue.run_once(
-                settings=self.settings, publisher=self.publisher, reconnected_at=self.reconnected_at, broker=self.broker
+                database=self.database,
+                settings=self.settings,
+                publisher=self.publisher,
+                reconnected_at=self.reconnected_at,
+                broker=self.broker,
             )
             if counts:
                 log.info("rescue: %s", counts, extra={"event": "rescue"})

@@ -281,23 +281,3 @@ def dispose_engines() -> None:
     """Close the connections of the shared Databases."""
     while _shared:
         _shared.popitem()[1].dispose()
-
-
-# Until the worker and the CLI build their Database (they are being moved on other branches).
-
-
-def run_statement(statement: Callable[[Connection], T], url: str | None = None) -> T:
-    return database_for(url).run_statement(statement)
-
-
-def get_engine(url: str | None = None, *, autocommit: bool = False) -> Engine:
-    database = database_for(url)
-    return database.autocommit_engine if autocommit else database.engine
-
-
-def describe_server(url: str) -> str:
-    return Database(url).describe_server()
-
-
-def wait_for_database(url: str, *, timeout_sec: float = 60.0) -> None:
-    database_for(url).wait_until_up(timeout_sec=timeout_sec)
