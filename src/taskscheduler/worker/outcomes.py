@@ -93,9 +93,10 @@ def record_failure(
     """
     fields: dict[str, Any] = {"task_id": str(task_id), "attempt": attempt}
     error = transitions.storable_error(error) or ""
+    within_sec = settings.worker_db_retry_sec
     try:
         try:
-            return _write_failure(database, task_id, attempt, error, outcome, settings=settings, fields=fields)
+            return _write_failure(database, task_id, attempt, outcome, error, within_sec=within_sec, fields=fields)
         except SQLAlchemyError as exc:  # the error text refused despite storable_error: keep the failure
             refused = describe(exc)
         log.warning(
@@ -104,7 +105,7 @@ def record_failure(
             extra={**fields, "event": "error_refused"},
         )
         error = f"the attempt failed, but its error text could not be stored ({refused})"
-        return _write_failure(database, task_id, attempt, error, outcome, settings=settings, fields=fields)
+        return _write_failure(database, task_id, attempt, outcome, error, within_sec=within_sec, fields=fields)
     except GaveUp as exc:
         return _gave_up(exc, "failure", fields)
 
@@ -113,10 +114,10 @@ def _write_failure(
     database: Database,
     task_id: uuid.UUID,
     attempt: int,
-    error: str,
     outcome: RetryAfter | DeadWith,
+    error: str,
     *,
-    settings: Settings,
+    within_sec: float,
     fields: dict[str, Any],
 ) -> str:
     if isinstance(outcome, RetryAfter):
@@ -125,7 +126,7 @@ def _write_failure(
             lambda conn: transitions.fail(
                 conn, task_id=task_id, attempt=attempt, error=error, retry_in_sec=outcome.delay_sec
             ),
-            within_sec=settings.worker_db_retry_sec,
+            within_sec=within_sec,
             what="record the failure",
             fields=fields,
         )
@@ -133,7 +134,7 @@ def _write_failure(
     name = persistently(
         database,
         lambda conn: transitions.kill(conn, task_id=task_id, attempt=attempt, error=error, reason=outcome.reason),
-        within_sec=settings.worker_db_retry_sec,
+        within_sec=within_sec,
         what="record the failure",
         fields=fields,
     )
