@@ -1,7 +1,8 @@
 """The database of one process: `Database`, built from a URL or the settings and handed to what needs it.
 
 The API, the scheduler, each of the worker's pool processes and the process heartbeat get their
-`Database` from whoever starts them; nothing under `store/` reads the settings. Its connections
+`Database` from whoever starts them (only `database_for`, for tests and one-off commands, reads
+DATABASE_URL from the settings itself). Its connections
 (SQLAlchemy engines for the sync paths, psycopg's async pool for the API's event loop) are made on
 first use, in the process that uses them: a Celery pool process builds its own after the fork, since
 a pooled connection must never be shared across one.
@@ -19,7 +20,6 @@ from datetime import datetime
 from typing import TypeVar
 
 import psycopg
-import psycopg_pool
 from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -214,10 +214,6 @@ class Database:
         """`work(conn)` in a transaction on the event loop (see `statement_pool.run_transaction_async`)."""
         return await statement_pool.run_transaction_async(self.statement_pool, self.libpq_url, work)
 
-    async def connect_async(self) -> AsyncConn:
-        """An autocommit connection for the event loop, of its own (no pool)."""
-        return await statement_pool.connect_async(self.libpq_url)
-
 
 def _dispose(engine: Engine, pid: int) -> None:
     engine.dispose(close=os.getpid() == pid)
@@ -232,13 +228,9 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError | InterfaceError | PoolTimeout)
 
 
-# The errors `unavailable` speaks of, from both paths (SQLAlchemy's and psycopg's own).
-UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
-    DBAPIError,
-    PoolTimeout,
-    psycopg.OperationalError,
-    psycopg_pool.PoolTimeout,
-)
+# The errors `unavailable` speaks of, from both paths: SQLAlchemy's, and psycopg's own (its pool's
+# PoolTimeout, no connection back in time, is an OperationalError too).
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (DBAPIError, PoolTimeout, psycopg.OperationalError)
 
 
 def unavailable(exc: BaseException) -> str | None:
@@ -249,9 +241,8 @@ def unavailable(exc: BaseException) -> str | None:
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
     if isinstance(orig, psycopg.errors.LockNotAvailable):  # lock_timeout: another transaction holds the row
         return "the task is being changed by another transaction, try again"
-    if isinstance(exc, DBAPIError) and not (isinstance(exc, OperationalError) or exc.connection_invalidated):
-        return None
-    if isinstance(exc, DBAPIError | psycopg.OperationalError | psycopg_pool.PoolTimeout):
+    invalidated = isinstance(exc, DBAPIError) and exc.connection_invalidated
+    if invalidated or isinstance(exc, OperationalError | psycopg.OperationalError):
         return "database unavailable, try again"
     return None
 
