@@ -11,8 +11,7 @@ from sqlalchemy import text
 from typer.testing import CliRunner, Result
 
 from taskscheduler.lifecycle import DlqReason, queue_for_priority
-from taskscheduler.store import db
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import creation, db, operations, sweeps, transitions
 from tests.harness import free_port as free_port  # the tests import these two from here too
 from tests.harness import wait_until as wait_until
 
@@ -27,7 +26,7 @@ def new_task(
     timeout_sec: float | None = None,
 ) -> uuid.UUID:
     with db.transaction() as conn:
-        row = task_store.create_task(
+        row = creation.create_task(
             conn,
             name=name,
             payload=payload or {},
@@ -44,36 +43,36 @@ def far_future() -> datetime:
     return datetime.now(UTC) + timedelta(days=1)
 
 
-def dispatch_all(now: datetime | None = None) -> list[task_store.Dispatched]:
+def dispatch_all(now: datetime | None = None) -> list[sweeps.Dispatched]:
     with db.transaction() as conn:
-        return task_store.dispatch_due(conn, limit=10_000, now=now or far_future())
+        return sweeps.dispatch_due(conn, limit=10_000, now=now or far_future())
 
 
 def to_started(task_id: uuid.UUID) -> int:
     """PENDING -> ENQUEUED -> STARTED through the store; returns the attempt."""
     (item,) = [d for d in dispatch_all() if d.id == task_id]
     with db.transaction() as conn:
-        assert task_store.claim(conn, task_id=task_id, attempt=item.attempt) is not None
+        assert transitions.claim(conn, task_id=task_id, attempt=item.attempt) is not None
     return item.attempt
 
 
 def to_dead(task_id: uuid.UUID, reason: DlqReason = DlqReason.MAX_RETRIES_EXCEEDED) -> int:
     attempt = to_started(task_id)
     with db.transaction() as conn:
-        assert task_store.kill(conn, task_id=task_id, attempt=attempt, error="boom", reason=reason)
+        assert transitions.kill(conn, task_id=task_id, attempt=attempt, error="boom", reason=reason)
     return attempt
 
 
 def task_row(task_id: uuid.UUID) -> dict[str, Any]:
     with db.transaction() as conn:
-        row = task_store.get_task(conn, task_id)
+        row = operations.get_task(conn, task_id)
     assert row is not None
     return dict(row)
 
 
 def events(task_id: uuid.UUID) -> list[tuple[str | None, str, int]]:
     with db.transaction() as conn:
-        return [(e["from_status"], e["to_status"], e["attempt"]) for e in task_store.list_events(conn, task_id)]
+        return [(e["from_status"], e["to_status"], e["attempt"]) for e in operations.list_events(conn, task_id)]
 
 
 def backdate(task_id: uuid.UUID, **columns: timedelta) -> None:

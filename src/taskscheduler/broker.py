@@ -21,7 +21,7 @@ from kombu.entity import Queue as KombuQueue
 
 from taskscheduler.config import Settings, get_settings
 from taskscheduler.lifecycle import Queue
-from taskscheduler.store.tasks import Dispatched
+from taskscheduler.store.sweeps import Dispatched
 
 # Celery task names: messages in flight carry them, so they never change.
 EXECUTE = "taskscheduler.execute_many"

@@ -17,8 +17,7 @@ import pytest
 
 from taskscheduler import handlers, worker
 from taskscheduler.config import get_settings
-from taskscheduler.store import db
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import db, sweeps
 from taskscheduler.worker import heartbeats
 from tests.chaos.conftest import assert_invariants, settle
 from tests.chaos.servers import PrivatePostgres, PrivateRedis
@@ -127,7 +126,7 @@ def test_a_handler_that_kills_its_worker_gets_max_retries_plus_one_attempts(clea
     assert [(e["reason"], e["attempt"]) for e in dlq_rows(cluster, task_id)] == [("stuck_task_timeout", 3)]
     # It does not loop: a later sweep leaves it alone.
     with db.transaction(clean_db.database_url) as conn:
-        assert task_store.dispatch_due(conn, limit=10) == []
+        assert sweeps.dispatch_due(conn, limit=10) == []
     assert get(cluster, task_id)["attempt"] == 3
     assert_invariants(clean_db.database_url)
 
@@ -143,7 +142,7 @@ def test_the_same_message_delivered_twice_runs_once(clean_db, make_cluster, tmp_
     runs = tmp_path / "runs"
     task_id = new_task(name="chaos_record", payload={"path": str(runs), "sleep_sec": 0.5})
     with db.transaction(clean_db.database_url) as conn:
-        (item,) = task_store.dispatch_due(conn, limit=10)
+        (item,) = sweeps.dispatch_due(conn, limit=10)
     configure_celery()
     publish_attempts([item, item], default_timeout_sec=30)
 

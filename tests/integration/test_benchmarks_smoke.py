@@ -97,7 +97,7 @@ def test_scale_smoke(services: Services, tmp_path: Path) -> None:
     assert positive(size["database_bytes_per_million_tasks"])
     queries = data["queries"]
     names = " ".join(queries)
-    for name in ("_DISPATCH", "_LOCK_STUCK", "_REPUBLISH_ENQUEUED", "_REPUBLISH_DEAD"):
+    for name in ("DISPATCH_DUE", "LOCK_STUCK", "REPUBLISH_LOST_ENQUEUED", "REPUBLISH_UNRECORDED_DEAD"):
         assert name in names
     for result in queries.values():
         assert result["custom"]["execution_ms"] >= 0 and result["generic"]["execution_ms"] >= 0

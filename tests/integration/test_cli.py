@@ -164,7 +164,7 @@ def _age(process_id: str, seconds: float) -> None:
 def test_check_follows_the_heartbeat(settings: Settings) -> None:
     result = run("check", "scheduler")
     assert result.exit_code == 1 and "no scheduler" in result.output
-    heartbeat = ProcessHeartbeat("scheduler", interval_sec=settings.process_heartbeat_sec)
+    heartbeat = ProcessHeartbeat("scheduler", interval_sec=settings.process_heartbeat_sec, database=db.database_for())
     assert heartbeat.beat()
     result = run("check", "scheduler")
     assert result.exit_code == 0, result.output
@@ -181,7 +181,7 @@ def test_check_follows_the_heartbeat(settings: Settings) -> None:
 
 
 def test_check_worker_by_queue_and_host(settings: Settings) -> None:
-    ProcessHeartbeat("worker", interval_sec=10, detail="high").beat()
+    ProcessHeartbeat("worker", interval_sec=10, detail="high", database=db.database_for()).beat()
     assert run("check", "worker").exit_code == 0
     assert run("check", "worker", "--queue", "high").exit_code == 0
     assert run("check", "worker", "--queue", "low").exit_code == 1

@@ -17,8 +17,7 @@ from taskscheduler.api import create_app
 from taskscheduler.config import Settings
 from taskscheduler.logs import configure_logging
 from taskscheduler.scheduler import dispatch, rescue, retention
-from taskscheduler.store import db
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import db, sweeps, transitions
 
 SECRET_PAYLOAD = "hunter2-payload-secret"
 SECRET_RESULT = "result-secret-value"
@@ -27,7 +26,7 @@ WRONG_KEY = "wrong-api-key-456"
 
 
 class Recorder:
-    def publish_attempts(self, items: Sequence[task_store.Dispatched]) -> int:
+    def publish_attempts(self, items: Sequence[sweeps.Dispatched]) -> int:
         return len(items)
 
     def publish_dead(self, items: Sequence[Any]) -> int:
@@ -50,28 +49,28 @@ def _lifecycle(settings: Settings, redis_client: Any, prefix: str) -> None:
         for item in task_store_dispatch(settings):
             if item.id == stuck:
                 with db.transaction() as conn:  # claimed by a worker that then dies
-                    task_store.claim(conn, task_id=stuck, attempt=item.attempt)
+                    transitions.claim(conn, task_id=stuck, attempt=item.attempt)
             else:
                 worker.run_attempt(item.id, item.attempt, worker="test-worker")
     for args in queued(redis_client, prefix, "dlq"):
         worker.record_dead(*args)
     backdate(stuck, heartbeat_at=timedelta(hours=1), started_at=timedelta(hours=1))
-    assert rescue.run_once(settings=settings, publisher=Recorder()).dead == 1
-    retention.run_once(settings=settings)
+    assert rescue.run_once(database=db.database_for(), settings=settings, publisher=Recorder()).dead == 1
+    retention.run_once(database=db.database_for(), settings=settings)
 
 
-def task_store_dispatch(settings: Settings) -> list[task_store.Dispatched]:
+def task_store_dispatch(settings: Settings) -> list[sweeps.Dispatched]:
     """The scheduler's dispatch (it logs each task it enqueues), returning what it enqueued."""
-    recorded: list[task_store.Dispatched] = []
+    recorded: list[sweeps.Dispatched] = []
 
     class Keep(Recorder):
-        def publish_attempts(self, items: Sequence[task_store.Dispatched]) -> int:
+        def publish_attempts(self, items: Sequence[sweeps.Dispatched]) -> int:
             recorded.extend(items)
             return len(items)
 
     with db.transaction() as conn:  # everything is due now: make sure, whatever the backoff drew
         conn.exec_driver_sql("UPDATE tasks SET run_at = now() WHERE status IN ('PENDING', 'FAILED')")
-    dispatch.run_once(settings=settings, publisher=Keep())
+    dispatch.run_once(database=db.database_for(), settings=settings, publisher=Keep())
     return recorded
 
 

@@ -13,7 +13,7 @@ from taskscheduler.broker import (
     rest_name,
 )
 from taskscheduler.lifecycle import DlqReason
-from taskscheduler.store.tasks import Dispatched
+from taskscheduler.store.sweeps import Dispatched
 
 
 def test_an_execute_message_carries_task_ids_and_attempts_as_json_and_reads_back_the_same():

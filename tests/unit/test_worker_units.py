@@ -11,7 +11,7 @@ import pytest
 
 from taskscheduler.config import MAX_JSON_DEPTH
 from taskscheduler.lifecycle import nested_deeper_than
-from taskscheduler.store.tasks import MAX_ERROR_CHARS, storable_error
+from taskscheduler.store.transitions import MAX_ERROR_CHARS, storable_error
 from taskscheduler.worker.results import ResultNotStorable, error_text, storable_result
 
 MiB = 1024 * 1024

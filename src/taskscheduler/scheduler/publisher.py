@@ -20,7 +20,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from taskscheduler import broker, metrics
 from taskscheduler.broker import DeadMessage
 from taskscheduler.config import Settings, redis_client_url
-from taskscheduler.store.tasks import Dispatched
+from taskscheduler.store.sweeps import Dispatched
 
 log = logging.getLogger(__name__)
 

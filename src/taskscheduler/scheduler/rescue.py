@@ -19,8 +19,8 @@ from taskscheduler.broker import DeadMessage
 from taskscheduler.config import Settings
 from taskscheduler.lifecycle import TASK_QUEUES, DeadWith, Queue, failure_outcome
 from taskscheduler.scheduler.publisher import BrokerHealth, BrokerQueues, BrokerUnavailable, Publisher
-from taskscheduler.store import db
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import sweeps, transitions
+from taskscheduler.store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +37,22 @@ class RescueCounts:
 
 
 def rescue_stuck(
-    *, settings: Settings, publisher: Publisher, now: datetime | None = None, reconnected_at: datetime | None = None
+    *,
+    database: Database,
+    settings: Settings,
+    publisher: Publisher,
+    now: datetime | None = None,
+    reconnected_at: datetime | None = None,
 ) -> tuple[int, int]:
     """STARTED past its heartbeat timeout or its run-time limit -> FAILED (retry) or DEAD. Returns (retried, dead).
 
     `reconnected_at` (database clock): when this scheduler last regained the database; heartbeat
-    silence is counted from no earlier than that (see `task_store.lock_stuck`).
+    silence is counted from no earlier than that (see `sweeps.lock_stuck`).
     """
     retried = 0
     dead: list[DeadMessage] = []
-    with db.transaction() as conn:
-        stuck = task_store.lock_stuck(
+    with database.transaction() as conn:
+        stuck = sweeps.lock_stuck(
             conn,
             heartbeat_timeout_sec=settings.heartbeat_timeout_sec,
             default_timeout_sec=settings.stuck_after_sec,
@@ -70,7 +75,7 @@ def rescue_stuck(
                 backoff_max_sec=settings.retry_backoff_max_sec,
             )
             if isinstance(outcome, DeadWith):
-                name = task_store.kill(conn, task_id=task.id, attempt=task.attempt, error=error, reason=outcome.reason)
+                name = transitions.kill(conn, task_id=task.id, attempt=task.attempt, error=error, reason=outcome.reason)
                 if name is not None:
                     dead.append(
                         DeadMessage(
@@ -78,7 +83,7 @@ def rescue_stuck(
                         )
                     )
                     log.info("STARTED -> DEAD (%s)", outcome.reason, extra=fields)
-            elif task_store.fail(
+            elif transitions.fail(
                 conn, task_id=task.id, attempt=task.attempt, error=error, retry_in_sec=outcome.delay_sec
             ):
                 retried += 1
@@ -89,15 +94,15 @@ def rescue_stuck(
 
 
 def republish_lost(
-    *, settings: Settings, publisher: Publisher, broker: BrokerQueues, now: datetime | None = None
+    *, database: Database, settings: Settings, publisher: Publisher, broker: BrokerQueues, now: datetime | None = None
 ) -> int:
     """ENQUEUED but unclaimed for ENQUEUE_TIMEOUT_SEC: publish the same attempt again, while the
     broker holds fewer messages for the queue than it has unclaimed tasks."""
     waiting = broker.waiting([q.value for q in TASK_QUEUES], kind="republish")
-    lost: list[task_store.Dispatched] = []
-    with db.transaction() as conn:
+    lost: list[sweeps.Dispatched] = []
+    with database.transaction() as conn:
         for queue in TASK_QUEUES:
-            lost += task_store.take_lost_enqueued(
+            lost += sweeps.take_lost_enqueued(
                 conn,
                 queue=queue.value,
                 timeout_sec=settings.enqueue_timeout_sec,
@@ -115,13 +120,13 @@ def republish_lost(
 
 
 def republish_dead(
-    *, settings: Settings, publisher: Publisher, broker: BrokerQueues, now: datetime | None = None
+    *, database: Database, settings: Settings, publisher: Publisher, broker: BrokerQueues, now: datetime | None = None
 ) -> int:
     """DEAD without its dlq_events row after ENQUEUE_TIMEOUT_SEC: publish the DLQ message again, unless
     the DLQ queue already holds a message for each such task (its worker is away)."""
     waiting = broker.waiting([Queue.DLQ.value], kind="dlq_republish")[Queue.DLQ.value]
-    with db.transaction() as conn:
-        dead = task_store.take_unrecorded_dead(
+    with database.transaction() as conn:
+        dead = sweeps.take_unrecorded_dead(
             conn, timeout_sec=settings.enqueue_timeout_sec, limit=settings.dispatch_batch_size, waiting=waiting, now=now
         )
     for item in dead:
@@ -144,6 +149,7 @@ def _unless_broker_down(step: Callable[[], int]) -> int:
 
 def run_once(
     *,
+    database: Database,
     settings: Settings,
     publisher: Publisher,
     now: datetime | None = None,
@@ -153,14 +159,15 @@ def run_once(
     """One sweep. `reconnected_at`: see `rescue_stuck`. `broker`: where queue lengths are read (default:
     REDIS_URL, with failures counted apart from the service's)."""
     broker = broker or BrokerQueues(settings, BrokerHealth())
-    retried, dead = rescue_stuck(settings=settings, publisher=publisher, now=now, reconnected_at=reconnected_at)
+    retried, dead = rescue_stuck(
+        database=database, settings=settings, publisher=publisher, now=now, reconnected_at=reconnected_at
+    )
+
+    def republish(sweep: Callable[..., int]) -> int:
+        return _unless_broker_down(
+            lambda: sweep(database=database, settings=settings, publisher=publisher, broker=broker, now=now)
+        )
+
     return RescueCounts(
-        retried=retried,
-        dead=dead,
-        republished=_unless_broker_down(
-            lambda: republish_lost(settings=settings, publisher=publisher, broker=broker, now=now)
-        ),
-        dlq_republished=_unless_broker_down(
-            lambda: republish_dead(settings=settings, publisher=publisher, broker=broker, now=now)
-        ),
+        retried=retried, dead=dead, republished=republish(republish_lost), dlq_republished=republish(republish_dead)
     )

@@ -8,6 +8,7 @@ from celery import bootsteps
 
 from taskscheduler.broker import celery_app
 from taskscheduler.config import get_settings
+from taskscheduler.worker import process
 
 
 class LivenessStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -28,7 +29,9 @@ class LivenessStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
         settings = get_settings()
         queues = ",".join(sorted(parent.app.amqp.queues.consume_from or {}))
-        self.heartbeat = ProcessHeartbeat("worker", interval_sec=settings.process_heartbeat_sec, detail=queues).start()
+        self.heartbeat = ProcessHeartbeat(
+            "worker", interval_sec=settings.process_heartbeat_sec, detail=queues, database=process.database()
+        ).start()
         if settings.metrics_port:
             self.metrics_server = metrics.serve(settings.metrics_host, settings.metrics_port, settings.api_key_list)
 

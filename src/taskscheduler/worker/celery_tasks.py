@@ -18,8 +18,8 @@ from taskscheduler.broker import (
     publish_message,
     rest_name,
 )
-from taskscheduler.store import db
 from taskscheduler.store import dlq as dlq_store
+from taskscheduler.worker import process
 from taskscheduler.worker.execute import run_attempts
 
 log = logging.getLogger(__name__)
@@ -40,13 +40,14 @@ def execute_many(self: Any, items: list[list[Any]]) -> list[str]:
         # The pool process's pid: the one to kill to stop this attempt (README, walkthrough B).
         worker=f"{self.request.hostname} pid {os.getpid()}",
         send_back=send_back if queue else None,
+        database=process.database(),
     )
 
 
 @celery_app.task(name=RECORD_DEAD, ignore_result=True)
 def record_dead(task_id: str, attempt: int, task_name: str, reason: str, error: str | None) -> bool:
     dead = DeadMessage.decode(task_id, attempt, task_name, reason, error)
-    inserted = db.run_statement(
+    inserted = process.database().run_statement(
         lambda conn: dlq_store.record_dlq_event(
             conn, task_id=dead.task_id, attempt=dead.attempt, task_name=dead.name, reason=dead.reason, error=dead.error
         )

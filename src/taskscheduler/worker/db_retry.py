@@ -12,6 +12,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from taskscheduler.store import db
+from taskscheduler.store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,10 @@ class GaveUp(Exception):
     reply never came back)."""
 
 
-def persistently(statement: Callable[[Connection], T], *, within_sec: float, what: str, fields: dict[str, Any]) -> T:
-    """`db.run_statement(statement)`, tried again after a transient failure (the database
+def persistently(
+    database: Database, statement: Callable[[Connection], T], *, within_sec: float, what: str, fields: dict[str, Any]
+) -> T:
+    """`database.run_statement(statement)`, tried again after a transient failure (the database
     unreachable, restarting or failing over) with a capped, jittered doubling pause, for up to
     `within_sec`; then GaveUp. Safe because every statement here is a compare-and-set: a try whose
     reply was lost after it committed makes the next try match no row (or, for a claim, find its own).
@@ -40,7 +43,7 @@ def persistently(statement: Callable[[Connection], T], *, within_sec: float, wha
     while True:
         tries += 1
         try:
-            return db.run_statement(statement)
+            return database.run_statement(statement)
         except SQLAlchemyError as exc:
             if not db.is_transient(exc):
                 raise

@@ -16,7 +16,9 @@ from typing import Any
 from taskscheduler import broker, handlers
 from taskscheduler.broker import Attempt
 from taskscheduler.config import get_settings
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import transitions
+from taskscheduler.store.db import Database
+from taskscheduler.worker import process
 from taskscheduler.worker.db_retry import persistently
 from taskscheduler.worker.heartbeats import process_heartbeats
 from taskscheduler.worker.limits import AttemptTimedOut, time_limit
@@ -27,20 +29,25 @@ from taskscheduler.worker.slicing import MessageSlice, process_slicer
 log = logging.getLogger(__name__)
 
 
-def run_attempt(task_id: uuid.UUID, attempt: int, *, worker: str | None = None) -> str:
+def run_attempt(
+    task_id: uuid.UUID, attempt: int, *, worker: str | None = None, database: Database | None = None
+) -> str:
     """Claim, run and record one attempt. Returns what happened, for logs and tests: "dropped",
     "succeeded", "failed", "dead", "fenced" or "unrecorded" (the outcome could not be written).
 
     `worker` (the Celery node name) is recorded on the STARTED event, to show who ran it. Only a
     claim that cannot be made for WORKER_DB_RETRY_SEC raises (GaveUp): the task is still ENQUEUED
-    (or STARTED without a heartbeat), and the sweeps take it from there.
+    (or STARTED without a heartbeat), and the sweeps take it from there. `database`: default, this
+    worker process's (`process.database()`).
     """
     settings = get_settings()
+    database = database or process.database()
     fields: dict[str, Any] = {"task_id": str(task_id), "attempt": attempt}
     # Names this claim, so that sending it again after a lost reply finds the claim it made.
     claim_token = uuid.uuid4()
     claimed = persistently(
-        lambda conn: task_store.claim(conn, task_id=task_id, attempt=attempt, worker=worker, token=claim_token),
+        database,
+        lambda conn: transitions.claim(conn, task_id=task_id, attempt=attempt, worker=worker, token=claim_token),
         within_sec=settings.worker_db_retry_sec,
         what="claim the attempt",
         fields=fields,
@@ -55,7 +62,7 @@ def run_attempt(task_id: uuid.UUID, attempt: int, *, worker: str | None = None) 
     error: str | None = None
     timed_out = False
     result: Any = None
-    heartbeats = process_heartbeats(settings.heartbeat_sec)
+    heartbeats = process_heartbeats(database, settings.heartbeat_sec)
     # The outcome is written inside the block too: while a write waits for the database to come
     # back, the attempt keeps heartbeating, so it is not declared stuck meanwhile.
     with heartbeats.beating(task_id, attempt):
@@ -73,7 +80,7 @@ def run_attempt(task_id: uuid.UUID, attempt: int, *, worker: str | None = None) 
         finally:
             handlers.current_attempt.reset(token)
         return record_outcome(
-            task_id, attempt, claimed,
+            database, task_id, attempt, claimed,
             result=result, error=error, timed_out=timed_out, heartbeats=heartbeats, settings=settings,
         )  # fmt: skip
 
@@ -83,6 +90,7 @@ def run_attempts(
     *,
     worker: str | None = None,
     send_back: Callable[[Sequence[Attempt]], None] | None = None,
+    database: Database | None = None,
 ) -> list[str]:
     """Run the attempts of one message in turn, each claimed only as it starts.
 
@@ -91,11 +99,12 @@ def run_attempts(
     does not hold up the others while other pool processes are idle. They are still ENQUEUED, so this
     is safe, and if that publish fails the lost-message sweep sends them.
     """
+    database = database or process.database()
     if send_back is None or len(items) < 2:
-        return [run_attempt(task_id, attempt, worker=worker) for task_id, attempt in items]
+        return [run_attempt(task_id, attempt, worker=worker, database=database) for task_id, attempt in items]
     message = MessageSlice(items, deadline=time.monotonic() + broker.MESSAGE_SLICE_SEC, send_back=send_back)
     outcomes: list[str] = []
     with process_slicer().watching(message):
         while (item := message.take()) is not None:
-            outcomes.append(run_attempt(*item, worker=worker))
+            outcomes.append(run_attempt(*item, worker=worker, database=database))
     return outcomes

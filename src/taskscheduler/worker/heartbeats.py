@@ -9,8 +9,8 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from taskscheduler.store import db
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import transitions
+from taskscheduler.store.db import Database
 from taskscheduler.worker.threads import ProcessThread
 
 log = logging.getLogger(__name__)
@@ -26,8 +26,9 @@ class Heartbeats(ProcessThread):
 
     thread_name = "heartbeats"
 
-    def __init__(self, interval_sec: float) -> None:
+    def __init__(self, database: Database, interval_sec: float) -> None:
         super().__init__()
+        self._database = database
         self._interval = interval_sec
         self._running: dict[tuple[uuid.UUID, int], float] = {}
         # Attempts whose outcome is being written: their write reports what happened to them.
@@ -71,7 +72,9 @@ class Heartbeats(ProcessThread):
     def _beat(self, task_id: uuid.UUID, attempt: int, now: float) -> None:
         fields = {"task_id": str(task_id), "attempt": attempt}
         try:
-            alive = db.run_statement(lambda conn: task_store.heartbeat(conn, task_id=task_id, attempt=attempt))
+            alive = self._database.run_statement(
+                lambda conn: transitions.heartbeat(conn, task_id=task_id, attempt=attempt)
+            )
         except Exception as exc:  # the database may be briefly away; the sweep decides, not us
             log.warning("heartbeat failed: %s", exc, extra={**fields, "event": "heartbeat_failed"})
             return
@@ -91,9 +94,9 @@ class Heartbeats(ProcessThread):
 _heartbeats: Heartbeats | None = None
 
 
-def process_heartbeats(interval_sec: float) -> Heartbeats:
-    """This process's Heartbeats (the interval of its first call holds)."""
+def process_heartbeats(database: Database, interval_sec: float) -> Heartbeats:
+    """This process's Heartbeats (the database and interval of its first call hold)."""
     global _heartbeats
     if _heartbeats is None:
-        _heartbeats = Heartbeats(interval_sec)
+        _heartbeats = Heartbeats(database, interval_sec)
     return _heartbeats

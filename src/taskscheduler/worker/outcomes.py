@@ -15,7 +15,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from taskscheduler.broker import DeadMessage, publish_dead
 from taskscheduler.config import Settings
 from taskscheduler.lifecycle import DeadWith, RetryAfter, failure_outcome
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import transitions
+from taskscheduler.store.db import Database
 from taskscheduler.worker.db_retry import GaveUp, describe, persistently
 from taskscheduler.worker.heartbeats import Heartbeats
 
@@ -23,9 +24,10 @@ log = logging.getLogger(__name__)
 
 
 def record_outcome(
+    database: Database,
     task_id: uuid.UUID,
     attempt: int,
-    claimed: task_store.Claimed,
+    claimed: transitions.Claimed,
     *,
     result: Any,
     error: str | None,
@@ -38,7 +40,7 @@ def record_outcome(
     with heartbeats.recording(task_id, attempt):
         if error is None:
             try:
-                return _record_success(task_id, attempt, result, fields=fields, settings=settings)
+                return _record_success(database, task_id, attempt, result, fields=fields, settings=settings)
             except SQLAlchemyError as exc:  # refused by the database all the same: a failed attempt
                 error = f"the handler's result could not be stored: {describe(exc)}"
                 log.warning(
@@ -54,16 +56,17 @@ def record_outcome(
             backoff_base_sec=settings.retry_backoff_base_sec,
             backoff_max_sec=settings.retry_backoff_max_sec,
         )
-        return record_failure(task_id, attempt, error=error, outcome=outcome, settings=settings)
+        return record_failure(database, task_id, attempt, error=error, outcome=outcome, settings=settings)
 
 
 def _record_success(
-    task_id: uuid.UUID, attempt: int, result: Any, *, fields: dict[str, Any], settings: Settings
+    database: Database, task_id: uuid.UUID, attempt: int, result: Any, *, fields: dict[str, Any], settings: Settings
 ) -> str:
     """STARTED -> SUCCEEDED with `result`. Raises the database's error when it refuses the result."""
     try:
         done = persistently(
-            lambda conn: task_store.succeed(conn, task_id=task_id, attempt=attempt, result=result),
+            database,
+            lambda conn: transitions.succeed(conn, task_id=task_id, attempt=attempt, result=result),
             within_sec=settings.worker_db_retry_sec,
             what="record the success",
             fields=fields,
@@ -74,7 +77,13 @@ def _record_success(
 
 
 def record_failure(
-    task_id: uuid.UUID, attempt: int, *, error: str, outcome: RetryAfter | DeadWith, settings: Settings
+    database: Database,
+    task_id: uuid.UUID,
+    attempt: int,
+    *,
+    error: str,
+    outcome: RetryAfter | DeadWith,
+    settings: Settings,
 ) -> str:
     """A failed attempt: FAILED with a backoff or DEAD with a DLQ message, as `outcome` says.
 
@@ -83,10 +92,11 @@ def record_failure(
     unreachable, it is logged and left to the stuck sweep ("unrecorded").
     """
     fields: dict[str, Any] = {"task_id": str(task_id), "attempt": attempt}
-    error = task_store.storable_error(error) or ""
+    error = transitions.storable_error(error) or ""
+    within_sec = settings.worker_db_retry_sec
     try:
         try:
-            return _write_failure(task_id, attempt, error, outcome, settings=settings, fields=fields)
+            return _write_failure(database, task_id, attempt, outcome, error, within_sec=within_sec, fields=fields)
         except SQLAlchemyError as exc:  # the error text refused despite storable_error: keep the failure
             refused = describe(exc)
         log.warning(
@@ -95,33 +105,36 @@ def record_failure(
             extra={**fields, "event": "error_refused"},
         )
         error = f"the attempt failed, but its error text could not be stored ({refused})"
-        return _write_failure(task_id, attempt, error, outcome, settings=settings, fields=fields)
+        return _write_failure(database, task_id, attempt, outcome, error, within_sec=within_sec, fields=fields)
     except GaveUp as exc:
         return _gave_up(exc, "failure", fields)
 
 
 def _write_failure(
+    database: Database,
     task_id: uuid.UUID,
     attempt: int,
-    error: str,
     outcome: RetryAfter | DeadWith,
+    error: str,
     *,
-    settings: Settings,
+    within_sec: float,
     fields: dict[str, Any],
 ) -> str:
     if isinstance(outcome, RetryAfter):
         done = persistently(
-            lambda conn: task_store.fail(
+            database,
+            lambda conn: transitions.fail(
                 conn, task_id=task_id, attempt=attempt, error=error, retry_in_sec=outcome.delay_sec
             ),
-            within_sec=settings.worker_db_retry_sec,
+            within_sec=within_sec,
             what="record the failure",
             fields=fields,
         )
         return _logged(done, f"STARTED -> FAILED, retry in {outcome.delay_sec:.2f}s", "failed", fields)
     name = persistently(
-        lambda conn: task_store.kill(conn, task_id=task_id, attempt=attempt, error=error, reason=outcome.reason),
-        within_sec=settings.worker_db_retry_sec,
+        database,
+        lambda conn: transitions.kill(conn, task_id=task_id, attempt=attempt, error=error, reason=outcome.reason),
+        within_sec=within_sec,
         what="record the failure",
         fields=fields,
     )
