@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import re
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -45,7 +44,7 @@ def add_recent_and_due(pdb: common.PrivateDatabase, *, recent: int, due: int) ->
         )
         timings["recent"] = time.perf_counter() - t
         t = time.perf_counter()
-        conn.execute(scale._due_rows(due))  # type: ignore[arg-type]
+        conn.execute(scale.due_rows(due))  # type: ignore[arg-type]
         conn.execute(
             """
             INSERT INTO process_heartbeats (id, role, hostname, pid, detail)
@@ -118,19 +117,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             SMOKE["due"],
             SMOKE["runs"],
         )
-    if args.wait_quiet:
-        common.wait_quiet(args.wait_quiet)
-    warning = common.busy_warning()
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-
     from fastapi.testclient import TestClient
 
     from taskscheduler.api import create_app
     from taskscheduler.config import Settings
 
-    with common.private_database(args.admin_database_url, "dashboard", setup_sql=args.setup_sql) as pdb:
-        versions = common.server_versions(pdb, args.redis_url)
+    with common.run("dashboard", args) as run:
+        pdb = run.pdb
         print(f"building {args.pending:,} future PENDING + {args.finished:,} finished tasks ...", flush=True)
         build_seconds = scale.build(pdb, pending=args.pending, finished=args.finished)
         build_seconds |= add_recent_and_due(pdb, recent=args.recent, due=args.due)
@@ -173,25 +166,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     targets = {f"{label} < {TARGET_MS:g} ms (median)": r["median_ms"] < TARGET_MS for label, r in results.items()}
     common.print_table("Targets (issue 13)", ["target", "met"], list(targets.items()))
-    result = {
-        "smoke": args.smoke,
-        "warning": warning,
-        "params": {
-            "pending": args.pending,
-            "finished": args.finished,
-            "recent": args.recent,
-            "due": args.due,
-            "runs": args.runs,
-            "setup_sql": args.setup_sql,
-        },
-        "servers": versions,
-        "build_seconds": build_seconds,
-        "size": {k: size[k] for k in ("tasks", "by_status", "task_events", "database_bytes")},
-        "pages": results,
-        "targets": targets,
-    }
-    common.write_result(args.results_dir, "dashboard", result)
-    return result
+    params = {"pending": args.pending, "finished": args.finished, "recent": args.recent, "due": args.due,
+              "runs": args.runs}  # fmt: skip
+    size_shown = {k: size[k] for k in ("tasks", "by_status", "task_events", "database_bytes")}
+    return run.write(params, build_seconds=build_seconds, size=size_shown, pages=results, targets=targets)
 
 
 if __name__ == "__main__":

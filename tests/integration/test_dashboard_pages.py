@@ -19,8 +19,7 @@ from taskscheduler.api import create_app
 from taskscheduler.api.ui.session import COOKIE_NAME, NONCE_COOKIE_NAME
 from taskscheduler.config import Settings
 from taskscheduler.lifecycle import DlqReason
-from taskscheduler.store import db, views
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import db, transitions, views
 
 KEY = "dashboard-test-key-0123456789"
 PAGES = ["/ui/", "/ui/tasks", "/ui/dlq", "/ui/processes", "/ui/overview/live"]
@@ -102,7 +101,7 @@ def test_html_in_a_payload_or_an_error_is_escaped_and_a_long_error_is_shown_whol
     error = "<img src=x onerror=alert(1)> " + "x" * 3900 + " END"
     attempt = to_started(task_id)
     with db.transaction() as conn:
-        task_store.fail(conn, task_id=task_id, attempt=attempt, error=error, retry_in_sec=600)
+        transitions.fail(conn, task_id=task_id, attempt=attempt, error=error, retry_in_sec=600)
     html = client.get(f"/ui/tasks/{task_id}").text
     assert "<script>alert" not in html and "<img src=x" not in html and "<b>key" not in html
     assert "&lt;script&gt;alert(&#39;payload&#39;)&lt;/script&gt;" in html
@@ -354,7 +353,7 @@ def test_the_charts_read_no_more_than_their_cap_and_say_where_they_start(client:
         task_id = new_task()
         attempt = to_started(task_id)
         with db.transaction() as conn:
-            task_store.succeed(conn, task_id=task_id, attempt=attempt, result=None)
+            transitions.succeed(conn, task_id=task_id, attempt=attempt, result=None)
     with db.transaction() as conn:
         now = views.database_now(conn)
         since = now - timedelta(hours=1)

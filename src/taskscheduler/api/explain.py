@@ -7,19 +7,17 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Security, status
 from pydantic import BaseModel, Field
 from sqlalchemy import Connection
 
 from taskscheduler import explain
-from taskscheduler.api.deps import ConnDep, SettingsDep
-from taskscheduler.api.routes import TASK_NOT_FOUND, UNAUTHORIZED, TaskId, bearer
+from taskscheduler.api.deps import ConnDep, SettingsDep, protected_router
+from taskscheduler.api.tasks import TASK_NOT_FOUND, TaskId, not_found
 from taskscheduler.config import Settings
 from taskscheduler.lifecycle import TaskStatus
-from taskscheduler.store import tasks as task_store
-from taskscheduler.store import views
+from taskscheduler.store import operations, views
 
-router = APIRouter(dependencies=[Security(bearer)], responses=UNAUTHORIZED)
+router = protected_router("tasks")
 
 
 class ReasonOut(BaseModel):
@@ -56,15 +54,14 @@ def reasons_for(conn: Connection, task: Mapping[Any, Any], settings: Settings) -
     summary="Why a task is not running yet",
     response_model=ExplainOut,
     responses=TASK_NOT_FOUND,
-    tags=["tasks"],
 )
 def explain_task(task_id: TaskId, conn: ConnDep, settings: SettingsDep) -> ExplainOut:
     """Why a PENDING, FAILED or ENQUEUED task is not running yet, from the data now: waiting for its
     `run_at` or a retry's backoff, its queue held back by back-pressure, no live worker for its queue
     or no live scheduler, due tasks ahead of it, a message that may have been lost. A STARTED or
     finished task gets one reason that says so."""
-    row = task_store.get_task(conn, task_id)
+    row = operations.get_task(conn, task_id)
     if row is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"task {task_id} not found")
+        raise not_found(task_id)
     reasons = [ReasonOut(code=r.code, message=r.message, until=r.until) for r in reasons_for(conn, row, settings)]
     return ExplainOut(task_id=row["id"], status=row["status"], reasons=reasons)

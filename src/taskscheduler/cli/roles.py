@@ -23,6 +23,7 @@ from taskscheduler.logs import configure_logging
 
 if TYPE_CHECKING:
     from taskscheduler.embedded import RunningServers
+    from taskscheduler.store.db import Database
 
 log = logging.getLogger("taskscheduler")
 
@@ -53,17 +54,20 @@ def _load_task_modules(settings: Settings) -> None:
         fail(str(exc), EXIT_USAGE)
 
 
-def _wait_for_database(settings: Settings) -> None:
-    """Wait up to DB_WAIT_SEC for the database (it may start after us, as under compose); then one
-    line and exit 1. Nothing listens meanwhile: the API binds its port only once this returns."""
-    from taskscheduler.store import db
+def _wait_for_database(settings: Settings) -> Database:
+    """This process's Database, once it answers: wait up to DB_WAIT_SEC for the database (it may
+    start after us, as under compose); then one line and exit 1. Nothing listens meanwhile: the API
+    binds its port only once this returns."""
+    from taskscheduler.store.db import Database
 
-    where = db.describe_server(settings.database_url)
+    database = Database.from_settings(settings)
+    where = database.describe_server()
     log.info("waiting up to %g s for the database at %s (DB_WAIT_SEC)", settings.db_wait_sec, where)
     try:
-        db.wait_for_database(settings.database_url, timeout_sec=settings.db_wait_sec)
+        database.wait_until_up(timeout_sec=settings.db_wait_sec)
     except RuntimeError as exc:
         fail(f"the database at {where} did not answer within {settings.db_wait_sec:g} s (DB_WAIT_SEC): {exc}")
+    return database
 
 
 @app.command()
@@ -72,7 +76,7 @@ def migrate() -> None:
     from taskscheduler.migrations import run_migrations
 
     settings = _settings()
-    _wait_for_database(settings)
+    _wait_for_database(settings).dispose()
     run_migrations(settings.database_url)
     log.info("database schema is up to date")
 
@@ -91,24 +95,24 @@ def api(
     _load_task_modules(settings)
     host, port = host or settings.api_host, port or settings.api_port
     warn_if_open("the API", host, port, settings.api_key_list)
-    _wait_for_database(settings)
-    serve(create_app(settings), settings, host=host, port=port)
+    database = _wait_for_database(settings)
+    serve(create_app(settings, database=database), settings, host=host, port=port)
 
 
 @app.command()
 def scheduler() -> None:
     """Dispatch due tasks to the queues and rescue stuck and lost ones, every POLL_INTERVAL_SEC."""
     from taskscheduler import metrics
+    from taskscheduler.broker import configure_celery
     from taskscheduler.liveness import ProcessHeartbeat
     from taskscheduler.scheduler.publisher import CeleryPublisher
     from taskscheduler.scheduler.service import SchedulerService
-    from taskscheduler.worker import configure_celery
 
     settings = _settings()
-    _wait_for_database(settings)
+    database = _wait_for_database(settings)
     configure_celery(settings)
-    heartbeat = ProcessHeartbeat("scheduler", interval_sec=settings.process_heartbeat_sec)
-    service = SchedulerService(settings, CeleryPublisher(settings), heartbeat=heartbeat)
+    heartbeat = ProcessHeartbeat("scheduler", interval_sec=settings.process_heartbeat_sec, database=database)
+    service = SchedulerService(settings, CeleryPublisher(settings), database=database, heartbeat=heartbeat)
     if settings.metrics_port:
         metrics.serve(settings.metrics_host, settings.metrics_port, settings.api_key_list)
 
@@ -134,10 +138,12 @@ def worker(
         # Before prometheus_client is imported: the pool processes write their samples to files.
         _enable_multiprocess_metrics()
 
-    from taskscheduler.worker import configure_celery
+    import taskscheduler.worker  # noqa: F401  (registers the worker's Celery tasks and boot step)
+    from taskscheduler.broker import configure_celery
 
     _load_task_modules(settings)
-    _wait_for_database(settings)
+    # The worker's processes build their own as they start (worker.process).
+    _wait_for_database(settings).dispose()
     app_ = configure_celery(settings)
     argv = [
         "worker",

@@ -13,8 +13,8 @@ import time
 import psycopg
 
 from taskscheduler.config import Settings
-from taskscheduler.store import db
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import creation, sweeps
+from taskscheduler.store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +24,10 @@ MIN_GAP_SEC = 0.005
 HELD_BACK_SEC = 0.05
 
 
-def _libpq_url(sqlalchemy_url: str) -> str:
-    return sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
 class Wakeup:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, database: Database) -> None:
         self.settings = settings
+        self.database = database
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
 
     def wait(self, *, dispatched: bool = False) -> None:
@@ -58,8 +55,8 @@ class Wakeup:
     def _timeout(self, *, dispatched: bool) -> float:
         poll = self.settings.poll_interval_sec
         try:
-            with db.transaction() as conn:
-                due_in = task_store.seconds_until_next_due(conn)
+            with self.database.transaction() as conn:
+                due_in = sweeps.seconds_until_next_due(conn)
         except Exception:  # the tick that follows reports database trouble
             return poll
         if due_in is None:
@@ -71,8 +68,8 @@ class Wakeup:
     def _listening(self) -> psycopg.Connection[tuple[object, ...]] | None:
         if self._conn is None or self._conn.closed:
             try:
-                self._conn = psycopg.connect(_libpq_url(self.settings.database_url), autocommit=True, connect_timeout=5)
-                self._conn.execute(f"LISTEN {task_store.DUE_CHANNEL}")
+                self._conn = psycopg.connect(self.database.libpq_url, autocommit=True, connect_timeout=5)
+                self._conn.execute(f"LISTEN {creation.DUE_CHANNEL}")
             except psycopg.Error as exc:
                 log.warning("cannot listen for due tasks, polling: %s", exc)
                 self._conn = None

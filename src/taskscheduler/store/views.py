@@ -229,7 +229,7 @@ def dlq_page(
 
 
 # The DEAD tasks a bulk retry with this filter would move now (the same conditions as
-# store.tasks._RETRY_DEAD); `until` is the database's time when the count was taken.
+# operations.RETRY_DEAD); `until` is the database's time when the count was taken.
 COUNT_DEAD_MATCHING = """
     SELECT count(*) FROM tasks
     WHERE status = 'DEAD'

@@ -1,14 +1,17 @@
 """The dashboard, served by the API process at /ui: server-rendered pages from the package's templates,
 our own small script and stylesheet, nothing from another host.
 
-`install` adds it to an app. The API-key middleware lets /ui through: the dashboard asks for its own
-login (a session cookie, see `session`) when API_KEYS is set, on every route but the login page and
-the static files.
+`router` holds its routes (included with the API's); `install` adds what an app needs beside them:
+the sessions, the static files, the error pages. The API-key middleware lets /ui through: the
+dashboard asks for its own login (a session cookie, see `session`) when API_KEYS is set, on every
+route but the login page and the static files.
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+from urllib.parse import quote
+
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 
@@ -18,27 +21,29 @@ from taskscheduler.api.ui.render import STATIC_DIR
 from taskscheduler.api.ui.session import Sessions
 from taskscheduler.config import Settings
 
-__all__ = ["PREFIX", "install"]
+__all__ = ["PREFIX", "install", "router"]
+
+router = APIRouter(prefix=PREFIX, include_in_schema=False)
+for routes in (actions.public_router, pages.router, actions.router):
+    router.include_router(routes)
+
+
+@router.get("")
+async def to_dashboard(request: Request) -> Response:
+    return see_other(request, base_url(request) + "/")
 
 
 def install(app: FastAPI, settings: Settings) -> None:
+    """What the dashboard needs of `app` beside its routes (`router`)."""
     app.state.ui_sessions = Sessions(settings.api_key_list)
     app.mount(PREFIX + "/static", StaticFiles(directory=STATIC_DIR), name="ui-static")
-    app.include_router(actions.public_router, prefix=PREFIX)
-    app.include_router(pages.router, prefix=PREFIX)
-    app.include_router(actions.router, prefix=PREFIX)
-
-    async def to_dashboard(request: Request) -> Response:
-        return see_other(request, base_url(request) + "/")
-
-    app.add_route(PREFIX, to_dashboard, include_in_schema=False)
 
     @app.exception_handler(LoginRequired)
     async def login_required(request: Request, exc: LoginRequired) -> Response:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         if request.method != "GET":
             target = base_url(request) + "/"
-        return see_other(request, f"{base_url(request)}/login?next={_quote(target)}")
+        return see_other(request, f"{base_url(request)}/login?next={quote(target, safe='/')}")
 
     @app.exception_handler(CsrfRefused)
     async def csrf_refused(request: Request, exc: CsrfRefused) -> Response:
@@ -51,9 +56,3 @@ def install(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(pages.BadInput)
     async def bad_input(request: Request, exc: pages.BadInput) -> Response:
         return page(request, "error.html", status_code=400, title="Cannot show this", message=str(exc))
-
-
-def _quote(value: str) -> str:
-    from urllib.parse import quote
-
-    return quote(value, safe="/")

@@ -13,8 +13,9 @@ from datetime import datetime
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from taskscheduler.api.deps import ConnDep, LockingConnDep, SettingsDep
-from taskscheduler.api.routes import DLQ_RETRY_BATCH, _refusal
+from taskscheduler.api.deps import ConnDep, DatabaseDep, LockingConnDep
+from taskscheduler.api.dlq import retry_dead_in_batches
+from taskscheduler.api.tasks import refusal
 from taskscheduler.api.ui.access import (
     CheckedFormDep,
     FormDep,
@@ -32,8 +33,7 @@ from taskscheduler.api.ui.access import (
 from taskscheduler.api.ui.pages import BadInput, dead_filter
 from taskscheduler.api.ui.session import COOKIE_NAME
 from taskscheduler.lifecycle import CANCELLABLE, RETRYABLE
-from taskscheduler.store import db, views
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import operations, views
 
 router = APIRouter(dependencies=[Depends(require_login)], include_in_schema=False)
 public_router = APIRouter(include_in_schema=False)
@@ -50,8 +50,8 @@ def _task_id(value: str) -> uuid.UUID:
 
 _ACTIONS = {
     # action: (verb, past participle, statuses it applies to, the store function, the event's detail)
-    "cancel": ("cancel", "cancelled", CANCELLABLE, task_store.cancel, "cancelled from the dashboard"),
-    "retry": ("retry", "retried", RETRYABLE, task_store.retry, "retried from the dashboard"),
+    "cancel": ("cancel", "cancelled", CANCELLABLE, operations.cancel, "cancelled from the dashboard"),
+    "retry": ("retry", "retried", RETRYABLE, operations.retry, "retried from the dashboard"),
 }
 
 
@@ -60,7 +60,7 @@ def confirm_task_action(request: Request, task_id: str, action: str, conn: ConnD
     if action not in _ACTIONS:
         return page(request, "error.html", status_code=404, title="Not found", message="No such page.")
     parsed = _task_id(task_id)
-    row = task_store.get_task(conn, parsed)
+    row = operations.get_task(conn, parsed)
     if row is None:
         return page(request, "error.html", status_code=404, title="No such task",
                     message=f"There is no task with id {parsed}.")  # fmt: skip
@@ -93,9 +93,9 @@ def task_action(request: Request, task_id: str, action: str, form: CheckedFormDe
     verb, past, allowed, move, detail = _ACTIONS[action]
     moved = move(conn, parsed, detail=detail)
     if moved.row is None:
-        refusal = _refusal(parsed, moved.status, verb, past, allowed)
-        return page(request, "error.html", status_code=refusal.status_code, title=f"Could not {verb} the task",
-                    message=str(refusal.detail), task_id=parsed if moved.status else None)  # fmt: skip
+        refused = refusal(parsed, moved.status, verb, past, allowed)
+        return page(request, "error.html", status_code=refused.status_code, title=f"Could not {verb} the task",
+                    message=str(refused.detail), task_id=parsed if moved.status else None)  # fmt: skip
     return redirect(request, f"/tasks/{parsed}", done=past)
 
 
@@ -140,7 +140,7 @@ def confirm_dlq_retry(request: Request, conn: ConnDep) -> Response:
 
 
 @router.post("/dlq/retry")
-def dlq_retry(request: Request, form: CheckedFormDep, settings: SettingsDep) -> Response:
+def dlq_retry(request: Request, form: CheckedFormDep, database: DatabaseDep) -> Response:
     """Retry the DEAD tasks the confirmation counted: those matching that died up to `until` (a task
     that died after the count is left for the next look), in batches as `POST /dlq/retry` does."""
     where = dead_filter({k: field(form, k) for k in ("name", "reason", "since")})
@@ -148,21 +148,15 @@ def dlq_retry(request: Request, form: CheckedFormDep, settings: SettingsDep) -> 
         until = datetime.fromisoformat(field(form, "until") or "")
     except ValueError:
         raise BadInput("the confirmation form lost its time: open it again") from None
-    total = 0
-    while True:
-        with db.transaction(settings.database_url or None) as conn:
-            n = task_store.retry_dead(
-                conn,
-                name=where.name,
-                reason=where.reason,
-                since=where.since,
-                until=until,
-                limit=DLQ_RETRY_BATCH,
-                detail="retried from the dashboard",
-            )
-        total += n
-        if n < DLQ_RETRY_BATCH:
-            return redirect(request, "/dlq", retried=total)
+    retried = retry_dead_in_batches(
+        database,
+        name=where.name,
+        reason=where.reason,
+        since=where.since,
+        until=until,
+        detail="retried from the dashboard",
+    )
+    return redirect(request, "/dlq", retried=retried)
 
 
 # --- login and logout ---------------------------------------------------------------------------------------------

@@ -14,13 +14,12 @@ from sqlalchemy import Connection
 from taskscheduler import explain
 from taskscheduler.api.deps import ConnDep, SettingsDep
 from taskscheduler.api.explain import reasons_for
-from taskscheduler.api.routes import decode_cursor, encode_cursor
+from taskscheduler.api.tasks import decode_cursor, encode_cursor
 from taskscheduler.api.ui.access import page, redirect, require_login
 from taskscheduler.api.ui.render import Series, line_chart
 from taskscheduler.config import Settings
 from taskscheduler.lifecycle import CANCELLABLE, RETRYABLE, TASK_QUEUES, TERMINAL, DlqReason, TaskStatus
-from taskscheduler.store import tasks as task_store
-from taskscheduler.store import views
+from taskscheduler.store import operations, views
 
 router = APIRouter(dependencies=[Depends(require_login)], include_in_schema=False)
 
@@ -142,7 +141,7 @@ def tasks(request: Request, conn: ConnDep) -> Response:
     queue = query.get("queue") or None
     if queue is not None and queue not in QUEUES:
         raise BadInput(f"unknown queue {queue[:40]!r}")
-    where = task_store.TaskFilter(
+    where = operations.TaskFilter(
         statuses=[TaskStatus(s) for s in statuses],
         name=(query.get("name") or "").strip() or None,
         queue=queue,
@@ -155,7 +154,7 @@ def tasks(request: Request, conn: ConnDep) -> Response:
     except HTTPException:
         raise BadInput("this page's cursor is not valid: go back to the first page") from None
     _limit_time(conn)
-    rows = task_store.list_tasks(conn, where, limit=PAGE_SIZE + 1, after=after)
+    rows = operations.list_tasks(conn, where, limit=PAGE_SIZE + 1, after=after)
     shown = rows[:PAGE_SIZE]
     next_cursor = encode_cursor(shown[-1]["created_at"], shown[-1]["id"]) if len(rows) > PAGE_SIZE else None
     filters = {
@@ -181,12 +180,12 @@ def tasks(request: Request, conn: ConnDep) -> Response:
 @router.get("/tasks/{task_id}")
 def task(request: Request, task_id: str, conn: ConnDep, settings: SettingsDep) -> Response:
     parsed = _task_id(task_id)
-    row = task_store.get_task(conn, parsed) if parsed is not None else None
+    row = operations.get_task(conn, parsed) if parsed is not None else None
     if row is None:
         return page(request, "error.html", status_code=404, title="No such task",
                     message=f"There is no task with id {task_id[:80]!r}.")  # fmt: skip
     assert parsed is not None
-    events = task_store.list_events(conn, parsed)
+    events = operations.list_events(conn, parsed)
     now = views.database_now(conn)
     return page(
         request,
