@@ -132,7 +132,7 @@ def clean_db(services: Services) -> Iterator[Services]:
     from taskscheduler.store import db
 
     with db.transaction(services.database_url) as conn:
-        conn.exec_driver_sql("TRUNCATE tasks, task_events, dlq_events, process_heartbeats RESTART IDENTITY")
+        conn.exec_driver_sql("TRUNCATE tasks, task_events, dlq_events, process_heartbeats, schedules RESTART IDENTITY")
     client = redis.Redis.from_url(redis_client_url(services.redis_url))
     for key in client.scan_iter(match=f"{services.redis_key_prefix}*", count=1000):
         client.delete(key)

@@ -66,6 +66,7 @@ class DevError(RuntimeError):
         super().__init__(message)
         self.exit_code = exit_code
 
+
 # In the data dir, while dev runs on embedded servers: the API's base URL, for `taskscheduler env`.
 API_URL_FILE = "api_url"
 

@@ -25,7 +25,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
 
 from taskscheduler.auth import RefusalLog, bearer_ok, warn_if_open
@@ -61,6 +61,12 @@ RESCUES = Counter(
     "Rescues by the scheduler: no_heartbeat, timeout (stuck STARTED tasks), lost_message (ENQUEUED"
     " re-published), dlq_republished (DEAD without its dlq_events row, re-published).",
     ["reason"],
+)
+SCHEDULE_FIRES = Counter(
+    "taskscheduler_schedule_fires",
+    "Fire times of recurring schedules handled by this scheduler: fired (a task created), skipped (overlap),"
+    " missed (older than the catch-up window). Per schedule: taskscheduler_schedule_*_total on the API.",
+    ["outcome"],
 )
 DLQ_EVENTS = Counter("taskscheduler_dlq_events", "dlq_events rows recorded.", ["reason"])
 BROKER_FAILURES = Counter(
@@ -114,6 +120,33 @@ class TaskCountCollector(Collector):
         for (status, queue), n in sorted(counts.items()):
             family.add_metric([str(status), str(queue)], n)
         yield family
+
+
+class ScheduleCountCollector(Collector):
+    """`taskscheduler_schedule_{fires,skips,misses}_total{schedule}`: each schedule's counters, from the
+    database (all schedulers together). Left out of the scrape when the database does not answer."""
+
+    def __init__(self, count: Callable[[], Iterable[tuple[str, int, int, int]]]) -> None:
+        self._count = count
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            rows = list(self._count())
+        except Exception as exc:
+            log.warning("schedule counts for /metrics failed: %s", exc, extra={"event": "metrics_failed"})
+            return
+        families = [
+            CounterMetricFamily(f"taskscheduler_schedule_{kind}", help_text, labels=["schedule"])
+            for kind, help_text in (
+                ("fires", "Tasks created by the schedule."),
+                ("skips", "Fire times skipped because the schedule's previous task had not finished."),
+                ("misses", "Fire times older than the catch-up window when the scheduler got to them."),
+            )
+        ]
+        for name, *values in rows:
+            for family, value in zip(families, values, strict=True):
+                family.add_metric([name], value)
+        yield from families
 
 
 def render(*extra: Collector) -> bytes:

@@ -1,6 +1,7 @@
 """How long the scheduler sleeps between ticks, and what wakes it early.
 
-It sleeps until the earliest PENDING/FAILED task is due (never longer than POLL_INTERVAL_SEC), and
+It sleeps until the earliest PENDING/FAILED task is due or the earliest schedule fires (never longer
+than POLL_INTERVAL_SEC), and
 a NOTIFY on the due channel (sent when a task due now is created) wakes it at once. Polling stays
 the fallback: if the listening connection breaks, the scheduler just sleeps and listens again later.
 """
@@ -14,6 +15,7 @@ import psycopg
 
 from taskscheduler.config import Settings
 from taskscheduler.store import db
+from taskscheduler.store import schedules as schedule_store
 from taskscheduler.store import tasks as task_store
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,11 @@ HELD_BACK_SEC = 0.05
 
 def _libpq_url(sqlalchemy_url: str) -> str:
     return sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def _earliest(*seconds: float | None) -> float | None:
+    known = [s for s in seconds if s is not None]
+    return min(known) if known else None
 
 
 class Wakeup:
@@ -59,7 +66,8 @@ class Wakeup:
         poll = self.settings.poll_interval_sec
         try:
             with db.transaction() as conn:
-                due_in = task_store.seconds_until_next_due(conn)
+                task_due_in = task_store.seconds_until_next_due(conn)
+                due_in = _earliest(task_due_in, schedule_store.seconds_until_next_fire(conn))
         except Exception:  # the tick that follows reports database trouble
             return poll
         if due_in is None:
