@@ -208,11 +208,24 @@ def spec_of(row: Mapping[Any, Any]) -> Spec:
     )
 
 
+# What a schedule created without these fields gets (as the API documents them).
+DEFAULTS: dict[str, Any] = {
+    "payload": {},
+    "priority": 5,
+    "max_retries": 3,
+    "timezone": "UTC",
+    "jitter_sec": 0.0,
+    "overlap": Overlap.SKIP.value,
+    "catchup_window_sec": 300.0,
+    "paused": False,
+}
+
+
 def _params(fields: Mapping[Any, Any]) -> dict[str, Any]:
     params = {name: fields.get(name) for name in SETTABLE}
-    params["payload"] = Jsonb(params["payload"] or {})
-    params["overlap"] = str(params["overlap"] or Overlap.SKIP)
-    params["paused"] = bool(params["paused"])
+    params |= {name: value for name, value in DEFAULTS.items() if params[name] is None}
+    params["payload"] = Jsonb(params["payload"])
+    params["overlap"] = str(params["overlap"])
     return params
 
 
