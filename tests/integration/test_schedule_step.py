@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from tests.helpers import dispatch_all
 
 from taskscheduler import handlers
 from taskscheduler.config import Settings
@@ -17,7 +18,6 @@ from taskscheduler.scheduler import schedules as step
 from taskscheduler.store import db
 from taskscheduler.store import schedules as schedule_store
 from taskscheduler.store import tasks as task_store
-from tests.helpers import dispatch_all
 
 T0 = datetime(2025, 1, 6, 12, 0, tzinfo=UTC)  # a Monday, on the minute; in the past, so its tasks are due
 
@@ -156,7 +156,8 @@ def test_pause_and_resume(settings):
     assert tick(settings, T0 + timedelta(minutes=5)).schedules == 0
     assert schedule_row()["note"] == "maintenance"
     with db.transaction() as conn:
-        resumed = schedule_store.resume(conn, schedule_store.get_schedule(conn, "s1"), now=T0 + timedelta(minutes=5, seconds=1))
+        current = schedule_store.get_schedule(conn, "s1")
+        resumed = schedule_store.resume(conn, current, now=T0 + timedelta(minutes=5, seconds=1))
     # What fell due while paused is neither run nor counted missed.
     assert resumed["next_fire_at"] == T0 + timedelta(minutes=6)
     counts = tick(settings, T0 + timedelta(minutes=6))

@@ -3,6 +3,7 @@ catch-up window and the overlap policies."""
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -49,7 +50,7 @@ def test_hourly_across_fall_back_fires_25_times_and_23_at_spring_forward():
     fall = fires_on(spec, FALL)
     assert len(fall) == 25
     utc = [t.astimezone(UTC) for t in fall]
-    assert all(b - a == timedelta(hours=1) for a, b in zip(utc, utc[1:], strict=False))
+    assert all(b - a == timedelta(hours=1) for a, b in itertools.pairwise(utc))
     assert len(fires_on(spec, SPRING)) == 23
 
 
@@ -58,7 +59,7 @@ def test_every_sec_is_exact_in_utc_whatever_the_zone():
     spec = Spec(cron=None, every_sec=3600, timezone="Europe/Berlin", anchor=anchor)
     times = spec.next_fire_times(spec.next_fire_time(anchor), 30)
     assert times[0] == anchor + timedelta(hours=1)
-    assert all(b - a == timedelta(hours=1) for a, b in zip(times, times[1:], strict=False))
+    assert all(b - a == timedelta(hours=1) for a, b in itertools.pairwise(times))
 
 
 def test_every_sec_counts_from_start_at():
