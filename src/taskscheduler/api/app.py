@@ -21,6 +21,7 @@ from taskscheduler import __version__, handlers
 from taskscheduler.api.auth import ApiKeyAuth
 from taskscheduler.api.body_guard import BodyGuard
 from taskscheduler.api.routes import health_router, router
+from taskscheduler.api.schedules import router as schedules_router
 from taskscheduler.config import Settings, get_settings
 from taskscheduler.liveness import ProcessHeartbeat
 from taskscheduler.store import db
@@ -44,6 +45,7 @@ docs needs `Authorization: Bearer <key>`: press **Authorize** and enter a key.
 TAGS = [
     {"name": "tasks", "description": "Create, find, cancel and retry tasks."},
     {"name": "dlq", "description": "The dead-letter queue: tasks that ran out of retries or got stuck."},
+    {"name": "schedules", "description": "Recurring schedules: tasks created at cron or interval fire times."},
     {"name": "operations", "description": "Metrics for Prometheus."},
     {"name": "health", "description": "Probes for orchestrators; no API key needed."},
 ]
@@ -112,6 +114,7 @@ def create_app(settings: Settings | None = None, *, process_heartbeat: bool = Tr
     # every request.
     app.state.settings = settings
     app.include_router(router)
+    app.include_router(schedules_router)
     app.include_router(health_router)
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
     # Outermost: a request without a valid key is refused before its body is read.

@@ -52,6 +52,7 @@ from taskscheduler.lifecycle import (
 )
 from taskscheduler.store import db
 from taskscheduler.store import dlq as dlq_store
+from taskscheduler.store import schedules as schedule_store
 from taskscheduler.store import tasks as task_store
 
 # Declares the scheme in the OpenAPI document, so Swagger shows "Authorize"; ApiKeyAuth enforces it.
@@ -322,6 +323,7 @@ def list_tasks(
     created_before: Annotated[
         IsoDatetime | None, Query(description="Only tasks created before this time (ISO 8601 with offset).")
     ] = None,
+    schedule_id: Annotated[uuid.UUID | None, Query(description="Only tasks created by this schedule.")] = None,
     limit: Annotated[int, Query(ge=1, le=500, description="Tasks per page.")] = 100,
     cursor: Annotated[
         str | None, Query(max_length=200, description="The `next_cursor` of the previous page; omit for the first.")
@@ -340,6 +342,7 @@ def list_tasks(
         queue=queue,
         created_after=created_after,
         created_before=created_before,
+        schedule_id=schedule_id,
     )
     rows = task_store.list_tasks(conn, where, limit=limit + 1, after=after)
     page = rows[:limit]
@@ -487,7 +490,11 @@ def get_metrics(settings: SettingsDep) -> Response:
         with db.transaction(settings.database_url or None) as conn:
             return task_store.task_counts(conn)
 
-    body = metrics.render(metrics.TaskCountCollector(count))
+    def schedule_counts() -> list[tuple[str, int, int, int]]:
+        with db.transaction(settings.database_url or None) as conn:
+            return schedule_store.schedule_counters(conn)
+
+    body = metrics.render(metrics.TaskCountCollector(count), metrics.ScheduleCountCollector(schedule_counts))
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

@@ -15,12 +15,12 @@ import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from taskscheduler import handlers, metrics
 from taskscheduler.config import Settings
-from taskscheduler.schedule_spec import Overlap, Plan, State, jitter_sec, plan
+from taskscheduler.schedule_spec import Overlap, Plan, State, plan
 from taskscheduler.store import db
 from taskscheduler.store import schedules as schedule_store
 
@@ -64,18 +64,6 @@ def _state(row: Any) -> State:
     )
 
 
-def _fires(row: Any, fire_plan: Plan) -> list[schedule_store.Fire]:
-    return [
-        schedule_store.Fire(
-            schedule_id=row["id"],
-            scheduled_for=t,
-            run_at=t + timedelta(seconds=jitter_sec(row["id"], t, row["jitter_sec"])),
-            priority=row["priority"],
-        )
-        for t in fire_plan.fires
-    ]
-
-
 def run_once(*, settings: Settings, now: datetime | None = None, batch_size: int = BATCH_SIZE) -> ScheduleCounts:
     """Fire one batch of due schedules (at most `batch_size`). `now` (tests): the database clock otherwise."""
     with db.transaction() as conn:
@@ -87,13 +75,13 @@ def run_once(*, settings: Settings, now: datetime | None = None, batch_size: int
         for row in rows:
             fire_plan = plan(schedule_store.spec_of(row), _state(row), row["db_now"])
             plans.append((row, fire_plan))
-            fires += _fires(row, fire_plan)
+            fires += [schedule_store.fire_of(row, t) for t in fire_plan.fires]
         created = schedule_store.create_fired_tasks(conn, fires)
         if settings.fault_point == FAULT_AFTER_INSERT and created:
             os.kill(os.getpid(), signal.SIGKILL)
         fired_per_schedule: dict[Any, list[datetime]] = {}
-        for schedule_id, fire_time in created:
-            fired_per_schedule.setdefault(schedule_id, []).append(fire_time)
+        for task in created:
+            fired_per_schedule.setdefault(task.schedule_id, []).append(task.scheduled_for)
         advances = [_advance(row, fire_plan, fired_per_schedule.get(row["id"], [])) for row, fire_plan in plans]
         schedule_store.advance(conn, advances)
     counts = ScheduleCounts(

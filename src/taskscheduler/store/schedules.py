@@ -14,7 +14,7 @@ import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -22,7 +22,7 @@ from sqlalchemy import Connection, RowMapping
 
 from taskscheduler import metrics
 from taskscheduler.lifecycle import queue_for_priority
-from taskscheduler.schedule_spec import Overlap, Spec, interval_anchor
+from taskscheduler.schedule_spec import Overlap, Spec, interval_anchor, jitter_sec
 from taskscheduler.store.tasks import DUE_CHANNEL
 
 NOW = "COALESCE(CAST(%(now)s AS timestamptz), now())"
@@ -329,6 +329,21 @@ class Fire:
     priority: int
 
 
+def fire_of(row: Mapping[Any, Any], fire_time: datetime) -> Fire:
+    """The task of the schedule `row` for `fire_time`: due at the fire time plus its jitter."""
+    delay = timedelta(seconds=jitter_sec(row["id"], fire_time, row["jitter_sec"]))
+    return Fire(schedule_id=row["id"], scheduled_for=fire_time, run_at=fire_time + delay, priority=row["priority"])
+
+
+@dataclass(frozen=True)
+class Created:
+    """A task created for a fire."""
+
+    id: uuid.UUID
+    schedule_id: uuid.UUID
+    scheduled_for: datetime
+
+
 @dataclass(frozen=True)
 class Advance:
     """What a tick did to one schedule, written back by `advance`."""
@@ -359,9 +374,9 @@ def _iso(t: datetime | None) -> str | None:
     return None if t is None else t.isoformat()
 
 
-def create_fired_tasks(conn: Connection, fires: Sequence[Fire]) -> list[tuple[uuid.UUID, datetime]]:
+def create_fired_tasks(conn: Connection, fires: Sequence[Fire]) -> list[Created]:
     """Create a PENDING task per fire, from its schedule's row; a fire that has its task already is
-    skipped. Returns the (schedule_id, scheduled_for) of the tasks created."""
+    skipped. Returns the tasks created."""
     if not fires:
         return []
     rows = [
@@ -378,7 +393,7 @@ def create_fired_tasks(conn: Connection, fires: Sequence[Fire]) -> list[tuple[uu
     created = list(_run(conn, CREATE_FIRED_TASKS, {"rows": Jsonb(rows)}))
     for queue, n in Counter(r.queue for r in created).items():
         metrics.TASKS_CREATED.labels(queue=queue).inc(n)
-    return [(r.schedule_id, r.scheduled_for) for r in created]
+    return [Created(id=r.id, schedule_id=r.schedule_id, scheduled_for=r.scheduled_for) for r in created]
 
 
 def advance(conn: Connection, advances: Sequence[Advance]) -> None:

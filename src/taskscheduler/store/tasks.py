@@ -752,11 +752,12 @@ class TaskFilter:
     queue: str | None = None
     created_after: datetime | None = None  # inclusive
     created_before: datetime | None = None  # exclusive
+    schedule_id: uuid.UUID | None = None
 
 
 _LIST_COLUMNS = (
     "id, name, priority, queue, status, run_at, attempt, max_retries, timeout_sec, last_error, dead_reason,"
-    " idempotency_key, created_at, updated_at, started_at, finished_at"
+    " idempotency_key, created_at, updated_at, started_at, finished_at, schedule_id, scheduled_for"
 )
 
 
@@ -779,6 +780,9 @@ def list_tasks(
     if where.queue is not None:
         clauses.append("queue = :queue")
         params["queue"] = where.queue
+    if where.schedule_id is not None:
+        clauses.append("schedule_id = :schedule_id")
+        params["schedule_id"] = where.schedule_id
     if where.created_after is not None:
         clauses.append("created_at >= :created_after")
         params["created_after"] = where.created_after
