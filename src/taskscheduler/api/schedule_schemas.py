@@ -84,6 +84,51 @@ TimeoutSec = Annotated[
 Note = Annotated[str, Field(max_length=1000, description="Why it is paused, or anything else.")]
 
 
+# Every property's description, shared by the request and response bodies.
+DESCRIPTIONS = {
+    "id": "The schedule's id.",
+    "name": "Unique; usable in place of the id in every /schedules/{schedule} path.",
+    "task": "The handler each task runs (a registered name).",
+    "payload": "The JSON object each task gets.",
+    "priority": "Of each task: 8-10 high, 4-7 default, 1-3 low.",
+    "max_retries": "Of each task: retries after the first attempt.",
+    "timeout_sec": "Of each task: its run-time limit in seconds; null means STUCK_AFTER_SEC.",
+    "cron": "5-field cron in `timezone`, or an alias (@hourly, @daily, @weekly, @monthly, @yearly); or null"
+    " with `every_sec`.",
+    "every_sec": "Fire every this many seconds, exact in UTC; or null with `cron`.",
+    "timezone": "IANA time zone in which `cron` is read, e.g. Europe/Berlin.",
+    "start_at": "No fire before this time (ISO 8601 with offset); `every_sec` counts from it.",
+    "end_at": "No fire after this time (ISO 8601 with offset).",
+    "jitter_sec": "Each task runs at its fire time plus a delay in [0, jitter_sec], the same for a fire each time.",
+    "overlap": "While its previous task has not finished: `skip` the fire, `allow` it, or `buffer_one` (one fire"
+    " waits and is created when the previous task finishes).",
+    "catchup_window_sec": "After downtime, fire times at most this old are still fired, oldest first; older ones"
+    " are counted as missed.",
+    "paused": "No fire while true.",
+    "note": "Why it is paused, or anything else.",
+    "created_at": "When it was created.",
+    "updated_at": "When it was last changed (not when it last fired).",
+    "schedules": "This page's schedules, by name.",
+}
+
+
+def _describe(schema: dict[str, Any]) -> None:
+    for name, prop in schema.get("properties", {}).items():
+        if name in DESCRIPTIONS:
+            prop.setdefault("description", DESCRIPTIONS[name])
+
+
+def _documented(*examples: dict[str, Any]) -> Any:
+    """`json_schema_extra`: every property described, and these examples."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        _describe(schema)
+        if examples:
+            schema["examples"] = list(examples)
+
+    return extra
+
+
 class _Seconds(BaseModel):
     @field_validator("timeout_sec", "jitter_sec", "catchup_window_sec", mode="before", check_fields=False)
     @classmethod
@@ -97,12 +142,10 @@ class _Seconds(BaseModel):
 class ScheduleCreate(_Seconds):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"name": "nightly-report", "task": "demo_ok", "cron": "0 3 * * *", "timezone": "Europe/Berlin"},
-                {"name": "heartbeat", "task": "demo_ok", "every_sec": 60, "overlap": "allow"},
-            ]
-        },
+        json_schema_extra=_documented(
+            {"name": "nightly-report", "task": "demo_ok", "cron": "0 3 * * *", "timezone": "Europe/Berlin"},
+            {"name": "heartbeat", "task": "demo_ok", "every_sec": 60, "overlap": "allow"},
+        ),
     )
 
     name: ScheduleName
@@ -134,7 +177,7 @@ class ScheduleCreate(_Seconds):
 class SchedulePatch(_Seconds):
     """Only the fields given change. Giving `cron` drops `every_sec` and the other way round."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"cron": "0 4 * * *"}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_documented({"cron": "0 4 * * *"}))
 
     name: ScheduleName | None = None
     task: TaskName | None = None
@@ -159,7 +202,7 @@ NOT_NULL = ("name", "task", "payload", "priority", "max_retries", "timezone", "j
 
 
 class PauseBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_documented({"note": "until the migration is done"}))
 
     note: Note | None = None
 
@@ -180,6 +223,8 @@ class BackfillOut(BaseModel):
 
 
 class ScheduleOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra=_documented())
+
     id: uuid.UUID
     name: str
     task: str
@@ -212,5 +257,7 @@ class ScheduleOut(BaseModel):
 
 
 class SchedulePage(BaseModel):
+    model_config = ConfigDict(json_schema_extra=_documented())
+
     schedules: list[ScheduleOut]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
