@@ -52,6 +52,7 @@ class SkipReason(StrEnum):
     MISSED = "missed"
 
 
+@lru_cache(maxsize=4096)
 def cron_fields(expression: str) -> str:
     """The 5-field form of `expression` (aliases expanded); ValueError naming what is wrong."""
     text = " ".join(expression.split())
