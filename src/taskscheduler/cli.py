@@ -705,5 +705,11 @@ def cancel(
     typer.echo(f"{task['id']} {task['status']}")
 
 
+# Last: that module builds on the helpers above.
+from taskscheduler.schedules_cli import app as schedules_app  # noqa: E402
+
+app.add_typer(schedules_app, name="schedules", rich_help_panel="Using the API")
+
+
 def main() -> None:
     app()

@@ -140,9 +140,11 @@ class Spec:
 
     def _interval_times(self, after: datetime) -> Iterator[datetime]:
         assert self.every_sec is not None
+        # The times anchor + k * step, before the anchor too (a backfill may ask for them); start_at,
+        # when set, is the anchor and the first of them.
         anchor = self.start_at or self.anchor or after
         step = timedelta(seconds=self.every_sec)
-        k = 0 if after < anchor else (after - anchor) // step + 1
+        k = (after - anchor) // step + 1
         while True:
             yield anchor + k * step
             k += 1
