@@ -63,7 +63,7 @@ RESCUES = Counter(
     ["reason"],
 )
 SCHEDULE_FIRES = Counter(
-    "taskscheduler_schedule_fires",
+    "taskscheduler_schedule_outcomes",
     "Fire times of recurring schedules handled by this scheduler: fired (a task created), skipped (overlap),"
     " missed (older than the catch-up window). Per schedule: taskscheduler_schedule_*_total on the API.",
     ["outcome"],

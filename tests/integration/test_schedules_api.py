@@ -162,4 +162,7 @@ def test_metrics_show_each_schedules_counters(client, settings):
     assert 'taskscheduler_schedule_fires_total{schedule="often"} 1.0' in text
     assert 'taskscheduler_schedule_skips_total{schedule="often"} 9.0' in text
     assert 'taskscheduler_schedule_misses_total{schedule="often"} 0.0' in text
-    assert 'taskscheduler_schedule_fires_total{outcome="fired"}' in text
+    assert 'taskscheduler_schedule_outcomes_total{outcome="fired"}' in text
+    # One family per name: Prometheus refuses a metric described twice.
+    types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types))
