@@ -4,6 +4,7 @@ policies, end_at, pause/resume, backfill meeting live fires, code schedules upse
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -60,6 +61,26 @@ def finish_all() -> None:
 
 def tick(settings: Settings, now: datetime) -> step.ScheduleCounts:
     return step.run_once(settings=settings, now=now)
+
+
+def at_once(action: Callable[[], object], n: int) -> None:
+    """`action` in `n` threads released together (real connections, real races); none may raise."""
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(n)
+
+    def run() -> None:
+        try:
+            barrier.wait()
+            action()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
 
 
 def test_a_new_schedule_fires_at_its_first_fire_time_after_creation(settings):
@@ -167,22 +188,7 @@ def test_pause_and_resume(settings):
 
 def test_two_ticks_at_once_fire_each_time_once(settings):
     make_schedule(every_sec=1, cron=None, start_at=T0)
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(4)
-
-    def run() -> None:
-        try:
-            barrier.wait()
-            tick(settings, T0 + timedelta(seconds=60))
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    at_once(lambda: tick(settings, T0 + timedelta(seconds=60)), 4)
     assert fire_times() == [T0 + timedelta(seconds=s) for s in range(61)]
 
 
@@ -203,22 +209,7 @@ def test_code_schedules_are_upserted_by_racing_schedulers_and_paused_when_remove
         handlers.ScheduleDeclaration(name="nightly", task="demo_ok", cron="0 3 * * *", timezone="Europe/Berlin"),
         handlers.ScheduleDeclaration(name="often", task="demo_ok", every_sec=30),
     ]
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(3)
-
-    def sync() -> None:
-        try:
-            barrier.wait()
-            step.sync_code_schedules(declared, now=T0)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=sync) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    at_once(lambda: step.sync_code_schedules(declared, now=T0), 3)
     with db.transaction() as conn:
         rows = {r["name"]: r for r in schedule_store.list_schedules(conn, limit=10)}
     assert set(rows) == {"nightly", "often"}

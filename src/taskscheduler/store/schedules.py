@@ -197,13 +197,13 @@ def database_now(conn: Connection, now: datetime | None = None) -> datetime:
 
 
 def spec_of(row: Mapping[Any, Any]) -> Spec:
-    """When the schedule `row` fires."""
+    """When the schedule `row` (or the fields of one to be, with its `created_at`) fires."""
     return Spec(
-        cron=row["cron"],
-        every_sec=row["every_sec"],
-        timezone=row["timezone"],
-        start_at=row["start_at"],
-        end_at=row["end_at"],
+        cron=row.get("cron"),
+        every_sec=row.get("every_sec"),
+        timezone=row.get("timezone") or "UTC",
+        start_at=row.get("start_at"),
+        end_at=row.get("end_at"),
         anchor=interval_anchor(row["created_at"]),
     )
 
@@ -235,14 +235,7 @@ def create_schedule(
     """Insert a schedule (`fields`: the SETTABLE names, validated by the caller); its first fire is
     the first fire time after now. ScheduleNameTaken when the name is in use."""
     now = database_now(conn, now)
-    spec = Spec(
-        cron=fields.get("cron"),
-        every_sec=fields.get("every_sec"),
-        timezone=fields.get("timezone") or "UTC",
-        start_at=fields.get("start_at"),
-        end_at=fields.get("end_at"),
-        anchor=interval_anchor(now),
-    )
+    spec = spec_of({**fields, "created_at": now})
     params = _params(fields)
     params.update(id=uuid.uuid4(), timezone=spec.timezone, cron=spec.cron, source=source, now=now)
     params["next_fire_at"] = spec.next_fire_time(now)
@@ -280,14 +273,7 @@ def update_schedule(
     running task (buffer_one) is dropped then. ScheduleNameTaken, ValueError for a bad spec."""
     merged = {name: current[name] for name in SETTABLE} | dict(changes)
     merged["source"] = changes.get("source", current["source"])
-    spec = Spec(
-        cron=merged["cron"],
-        every_sec=merged["every_sec"],
-        timezone=merged["timezone"],
-        start_at=merged["start_at"],
-        end_at=merged["end_at"],
-        anchor=interval_anchor(current["created_at"]),
-    )
+    spec = spec_of({**merged, "created_at": current["created_at"]})
     params = _params(merged)
     params.update(id=current["id"], cron=spec.cron, source=merged["source"])
     if any(merged[name] != current[name] for name in _TIMING):
