@@ -243,3 +243,14 @@ def test_finished_statuses_count_as_finished_for_overlap(settings):
         task_id = conn.execute(text("SELECT id FROM tasks")).scalar_one()
         assert task_store.cancel(conn, task_id).status == TaskStatus.CANCELLED
     assert tick(settings, T0 + timedelta(seconds=1)).fired == 1
+
+
+def test_a_schedule_whose_fire_times_cannot_be_computed_is_paused_and_the_others_fire(settings):
+    make_schedule(name="broken")
+    make_schedule(name="fine")
+    with db.transaction() as conn:  # as written by hand, past the API's checks
+        conn.execute(text("UPDATE schedules SET timezone = 'Mars/Olympus' WHERE name = 'broken'"))
+    counts = tick(settings, T0)
+    assert counts.fired == 1 and fire_times("fine") == [T0]
+    broken = schedule_row("broken")
+    assert broken["paused"] and "unknown time zone" in broken["note"]

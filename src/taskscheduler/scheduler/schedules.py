@@ -73,7 +73,14 @@ def run_once(*, settings: Settings, now: datetime | None = None, batch_size: int
         plans = []
         fires: list[schedule_store.Fire] = []
         for row in rows:
-            fire_plan = plan(schedule_store.spec_of(row), _state(row), row["db_now"])
+            try:
+                fire_plan = plan(schedule_store.spec_of(row), _state(row), row["db_now"])
+            except ValueError as exc:
+                # A row the API would have refused (written by hand, or by an older version): paused
+                # with the reason, rather than failing every batch it is in, forever.
+                schedule_store.pause(conn, row["id"], f"paused: cannot compute its fire times: {exc}"[:1000])
+                log.error("schedule %r paused: %s", row["name"], exc, extra={"event": "schedule_invalid"})
+                continue
             plans.append((row, fire_plan))
             fires += [schedule_store.fire_of(row, t) for t in fire_plan.fires]
         created = schedule_store.create_fired_tasks(conn, fires)
