@@ -6,7 +6,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import text
@@ -254,3 +256,36 @@ def test_a_schedule_whose_fire_times_cannot_be_computed_is_paused_and_the_others
     assert counts.fired == 1 and fire_times("fine") == [T0]
     broken = schedule_row("broken")
     assert broken["paused"] and "unknown time zone" in broken["note"]
+
+
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def run_hourly(settings: Settings, start: datetime, hours: int) -> None:
+    """A scheduler ticking every 10 minutes from `start` for `hours` (time injected)."""
+    for n in range(hours * 6 + 1):
+        tick(settings, start + timedelta(minutes=10 * n))
+
+
+@pytest.mark.parametrize(
+    ("day", "expected"),
+    [
+        # Spring-forward: 02:30 does not exist; it fires once, right after the jump.
+        (datetime(2025, 3, 29, 12, tzinfo=UTC), ["2025-03-30T03:00:00+02:00", "2025-03-31T02:30:00+02:00"]),
+        # Fall-back: 02:30 happens twice; it fires once.
+        (datetime(2025, 10, 25, 12, tzinfo=UTC), ["2025-10-26T02:30:00+02:00", "2025-10-27T02:30:00+01:00"]),
+    ],
+)
+def test_a_berlin_nightly_schedule_across_dst_through_the_scheduler(settings, day, expected):
+    make_schedule(now=day, cron="30 2 * * *", timezone="Europe/Berlin", overlap="allow")
+    run_hourly(settings, day, 48)
+    assert [t.astimezone(BERLIN).isoformat() for t in fire_times()] == expected
+
+
+def test_an_hourly_schedule_fires_25_times_on_the_fall_back_day(settings):
+    midnight = datetime(2025, 10, 26, tzinfo=BERLIN).astimezone(UTC)
+    make_schedule(now=midnight - timedelta(seconds=1), cron="0 * * * *", timezone="Europe/Berlin", overlap="allow")
+    run_hourly(settings, midnight, 25)
+    times = [t for t in fire_times() if t.astimezone(BERLIN).date() == midnight.astimezone(BERLIN).date()]
+    assert len(times) == 25
+    assert all(b - a == timedelta(hours=1) for a, b in pairwise(times))
