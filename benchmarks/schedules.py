@@ -3,8 +3,9 @@
     python -m benchmarks.schedules                      # 10,000 schedules
     python -m benchmarks.schedules --schedules 50000 --repeat 5
 
-The schedule step (`scheduler.schedules.run_once`) runs in this process against a private database,
-with time injected, in three situations:
+The schedule step (`scheduler.schedules.run_once`) runs in this process against a private database
+holding the schedules and 10 finished tasks of each (history, as after a while), with time injected,
+in three situations:
 1. idle: no schedule due (the tick every scheduler runs between fires), plus the wake-up query that
    tells the loop how long to sleep;
 2. steady: minutely schedules spread over the minute, so each second ~1/60 of them fire;
@@ -39,6 +40,19 @@ SEED_SQL = """
     """
 
 
+# History, as a deployment has it after a while: finished tasks of the schedules (their statistics
+# steer the plans: with an empty, analyzed tasks table the planner probes it by scanning it).
+HISTORY_SQL = """
+    INSERT INTO tasks (id, name, payload, priority, queue, status, run_at, max_retries, schedule_id,
+                       scheduled_for, finished_at)
+    SELECT gen_random_uuid(), 'demo_ok', '{}', 5, 'default', 'SUCCEEDED', f, 0, s.id, f, f
+    FROM (SELECT id, row_number() OVER () AS n FROM schedules) s
+    CROSS JOIN LATERAL generate_series(1, %(per_schedule)s) AS h(k)
+    CROSS JOIN LATERAL (SELECT %(base)s - make_interval(mins => h.k) AS f) t
+    """
+HISTORY_PER_SCHEDULE = 10
+
+
 def _timed(pdb: common.PrivateDatabase, work: Any) -> dict[str, float]:
     # The tracker samples from a thread of its own (a scan of the machine's processes): this thread's
     # CPU time is the step's alone, and a sparse interval keeps the sampling out of its way.
@@ -53,12 +67,14 @@ def _timed(pdb: common.PrivateDatabase, work: Any) -> dict[str, float]:
 
 
 def _reset(pdb: common.PrivateDatabase, base: datetime, count: int, *, spread: bool) -> None:
-    """All schedules fresh: no tasks, fires at base + 60 s + (n % 60) s, or all at base + 60 s."""
+    """All schedules fresh, with HISTORY_PER_SCHEDULE finished tasks each; fires at base + 60 s + (n % 60) s,
+    or all at base + 60 s."""
     with pdb.connect(autocommit=True) as conn:
         conn.execute("TRUNCATE tasks, task_events, schedules")
         conn.execute(SEED_SQL, {"base": base, "created": base - timedelta(hours=1), "count": count})  # type: ignore[arg-type]
         if not spread:
             conn.execute("UPDATE schedules SET next_fire_at = %(t)s", {"t": base + timedelta(seconds=60)})  # type: ignore[arg-type]
+        conn.execute(HISTORY_SQL, {"base": base, "per_schedule": HISTORY_PER_SCHEDULE})  # type: ignore[arg-type]
         conn.execute("VACUUM ANALYZE schedules")
         conn.execute("VACUUM ANALYZE tasks")
 

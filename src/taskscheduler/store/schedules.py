@@ -94,7 +94,9 @@ LOCK_BUFFERED_READY = f"""
     SELECT s.*, {NOW} AS db_now, false AS busy
     FROM schedules s
     WHERE NOT s.paused AND s.buffered_for IS NOT NULL AND NOT (s.next_fire_at <= {NOW}) IS TRUE
-      AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.schedule_id = s.id AND t.{UNFINISHED})
+      -- OFFSET 0 keeps this a probe of tasks_schedule_unfinished_idx per schedule: as an anti join
+      -- the planner may scan that index whole for each one.
+      AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.schedule_id = s.id AND t.{UNFINISHED} OFFSET 0)
     ORDER BY s.buffered_for
     LIMIT %(limit)s
     FOR UPDATE OF s SKIP LOCKED
