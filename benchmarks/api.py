@@ -26,8 +26,10 @@ import time
 from typing import Any
 
 import httpx
+from tests.harness import Proc, free_port
+from tools import profile_report
 
-from benchmarks import common, profile_report, throughput
+from benchmarks import common, throughput
 
 BODY = {"name": "demo_ok", "payload": {}, "priority": 5}
 SMOKE = {"duration": 2.0, "connections": 4, "batch_size": 50, "batch_requests": 4}
@@ -111,8 +113,39 @@ async def _httpx_load(
     }
 
 
-def run_httpx(url: str, *, connections: int, duration: float, body: Any) -> dict[str, Any]:
-    return asyncio.run(_httpx_load(url, connections=connections, duration=duration, requests=None, body=body))
+def warm_up(url: str, requests: int) -> None:
+    """Fill the api's connection pool and let psycopg prepare its statements."""
+    asyncio.run(_httpx_load(url, connections=min(8, requests), duration=None, requests=requests, body=BODY))
+
+
+def measured_load(
+    pdb: common.PrivateDatabase,
+    api: Proc,
+    url: str,
+    *,
+    client: str,
+    connections: int,
+    body: Any,
+    duration: float,
+    requests: int | None = None,
+) -> dict[str, Any]:
+    """POSTs of `body` to `url` from wrk for `duration` seconds, or from the httpx client (for
+    `requests` requests when given), with the CPU of the api and its backends per 1,000 tasks created."""
+    before = count_tasks(pdb)
+    tracker = common.CpuTracker({"api": api.tree, "postgres": common.postgres_backends(pdb.name)})
+    tracker.start()
+    if client == "wrk":
+        out = run_wrk(url, connections=connections, duration=duration, body=body)
+    else:
+        load = _httpx_load(
+            url, connections=connections, duration=None if requests else duration, requests=requests, body=body
+        )
+        out = asyncio.run(load)
+    cpu = tracker.stop()
+    out["created"] = count_tasks(pdb) - before
+    out["cpu_seconds"] = cpu
+    out["cpu_seconds_per_1000"] = common.per_1000(cpu, out["created"])
+    return out
 
 
 # ------------------------------------------------------------------------------------------ batch
@@ -129,17 +162,23 @@ def probe_batch(base: str) -> tuple[str, str]:
 
 
 def run_batch(
-    base: str, *, client: str, batch_size: int, requests: int, duration: float, connections: int
+    pdb: common.PrivateDatabase,
+    api: Proc,
+    base: str,
+    *,
+    client: str,
+    batch_size: int,
+    requests: int,
+    duration: float,
+    connections: int,
 ) -> dict[str, Any]:
     """wrk for `duration` seconds, or the httpx client for `requests` requests: a Python client on the
     same machine takes as much CPU as the server's work on a batch, wrk little."""
     body = {"tasks": [BODY] * batch_size}
-    if client == "wrk":
-        out = run_wrk(f"{base}/tasks/batch", connections=connections, duration=duration, body=body)
-    else:
-        out = asyncio.run(
-            _httpx_load(f"{base}/tasks/batch", connections=connections, duration=None, requests=requests, body=body)
-        )
+    out = measured_load(
+        pdb, api, f"{base}/tasks/batch", client=client, connections=connections, body=body, duration=duration,
+        requests=requests,
+    )  # fmt: skip
     out["batch_size"] = batch_size
     out["tasks_per_sec"] = out["requests_per_sec"] * batch_size
     return out
@@ -174,83 +213,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     client = args.client
     if client == "auto":
         client = "wrk" if shutil.which("wrk") else "httpx"
-    if args.wait_quiet:
-        common.wait_quiet(args.wait_quiet)
-    warning = common.busy_warning()
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-    load_before = os.getloadavg()
-    port = common.free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
 
-    with (
-        common.private_database(args.admin_database_url, "api", setup_sql=args.setup_sql) as pdb,
-        common.private_redis_prefix(args.redis_url, args.redis_key_prefix) as prefix,
-    ):
-        versions = common.server_versions(pdb, args.redis_url)
-        procs = common.Processes.for_run(
-            database_url=pdb.url, redis_url=args.redis_url, prefix=prefix, log_level=args.log_level
-        )
-        ok = False
-        try:
-            api = procs.api(port)
-            # Warm-up: fill the connection pool and let psycopg prepare its statements.
-            asyncio.run(_httpx_load(f"{base}/tasks", connections=8, duration=None, requests=200, body=BODY))
-            before_count = count_tasks(pdb)
+    with common.run("api", args) as run, run.processes() as procs:
+        api = procs.api(port)
+        warm_up(f"{base}/tasks", 200)
+        profile_dir = args.results_dir / f"profiles-{common.run_id()}"
+        profiler = throughput.start_profiler("api", api.pid, profile_dir, subprocesses=False) if args.profile else None
+        single = measured_load(
+            run.pdb, api, f"{base}/tasks", client=client, connections=args.connections, body=BODY,
+            duration=args.duration,
+        )  # fmt: skip
+        if profiler is not None and profiler.stop() is not None:
+            single["profile"] = str(profiler.path)
+            single["profile_summary"] = profile_report.report(profiler.path)
 
-            api_procs = lambda: api.tree()  # noqa: E731
-            tracker = common.CpuTracker({"api": api_procs, "postgres": common.postgres_backends(pdb.name)})
-            tracker.start()
-            profiler = (
-                throughput.start_profiler(
-                    "api", api.pid, args.results_dir / f"profiles-{common.run_id()}", subprocesses=False
+        state, why = probe_batch(base)
+        batch: dict[str, Any] = {"status": state, "why": why}
+        if state == "ok":
+            batch.update(
+                run_batch(
+                    run.pdb,
+                    api,
+                    base,
+                    # A smoke run counts its batch requests exactly (the smoke test checks every
+                    # task was created); wrk runs for a time.
+                    client="httpx" if args.smoke else client,
+                    batch_size=args.batch_size,
+                    requests=args.batch_requests,
+                    duration=args.batch_duration,
+                    connections=args.batch_connections,
                 )
-                if args.profile
-                else None
             )
-            single = (
-                run_wrk(f"{base}/tasks", connections=args.connections, duration=args.duration, body=BODY)
-                if client == "wrk"
-                else run_httpx(f"{base}/tasks", connections=args.connections, duration=args.duration, body=BODY)
-            )
-            cpu = tracker.stop()
-            if profiler is not None and profiler.stop() is not None:
-                single["profile"] = str(profiler.path)
-                single["profile_summary"] = profile_report.report(profiler.path)
-            created = count_tasks(pdb) - before_count
-            single["created"] = created
-            single["cpu_seconds"] = cpu
-            single["cpu_seconds_per_1000"] = {k: 1000 * v / max(created, 1) for k, v in cpu.items()}
-
-            state, why = probe_batch(base)
-            batch: dict[str, Any] = {"status": state, "why": why}
-            if state == "ok":
-                before_count = count_tasks(pdb)
-                tracker = common.CpuTracker({"api": api_procs, "postgres": common.postgres_backends(pdb.name)})
-                tracker.start()
-                batch.update(
-                    run_batch(
-                        base,
-                        # A smoke run counts its batch requests exactly (the smoke test checks every
-                        # task was created); wrk runs for a time.
-                        client="httpx" if args.smoke else client,
-                        batch_size=args.batch_size,
-                        requests=args.batch_requests,
-                        duration=args.batch_duration,
-                        connections=args.batch_connections,
-                    )
-                )
-                cpu = tracker.stop()
-                batch["created"] = count_tasks(pdb) - before_count
-                batch["cpu_seconds"] = cpu
-                batch["cpu_seconds_per_1000"] = {k: 1000 * v / max(batch["created"], 1) for k, v in cpu.items()}
-            else:
-                print(f"batch: {why}", file=sys.stderr)
-            ok = True
-        finally:
-            if not ok:
-                print(procs.dump(), file=sys.stderr)
-            procs.cleanup(args.keep_logs)
+        else:
+            print(f"batch: {why}", file=sys.stderr)
 
     rows: list[tuple[Any, ...]] = [
         (
@@ -287,29 +284,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     targets = {"POST /tasks >= 1000 req/s": single["requests_per_sec"] >= 1000}
     if batch["status"] == "ok":
         targets["batch >= 20000 tasks/s"] = batch["tasks_per_sec"] >= 20000
-    common.print_table("Targets (issue 6)", ["target", "met"], list(targets.items()))
-    result = {
-        "smoke": args.smoke,
-        "warning": warning,
-        "load_avg_before": load_before,
-        "params": {
-            "client": client,
-            "connections": args.connections,
-            "duration": args.duration,
-            "batch_size": args.batch_size,
-            "batch_requests": args.batch_requests,
-            "batch_duration": args.batch_duration,
-            "batch_connections": args.batch_connections,
-            "log_level": args.log_level,
-            "setup_sql": args.setup_sql,
-        },
-        "servers": versions,
-        "single": single,
-        "batch": batch,
-        "targets": targets,
-    }
-    common.write_result(args.results_dir, "api", result)
-    return result
+    common.print_table("Targets", ["target", "met"], list(targets.items()))
+    params = {"client": client, "connections": args.connections, "duration": args.duration,
+              "batch_size": args.batch_size, "batch_requests": args.batch_requests,
+              "batch_duration": args.batch_duration, "batch_connections": args.batch_connections}  # fmt: skip
+    return run.write(params, single=single, batch=batch, targets=targets)
 
 
 if __name__ == "__main__":

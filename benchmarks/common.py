@@ -1,5 +1,6 @@
-"""What every benchmark shares: a private database and Redis key space, processes started with the
-`taskscheduler` CLI, CPU accounting, percentiles, the printed table and the JSON result."""
+"""What every benchmark shares, on top of the test harness (tests/harness.py): the command line, a
+run's private database, Redis prefix and processes, CPU accounting, percentiles, the printed table
+and the JSON result."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,18 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import psycopg
 import redis
-from sqlalchemy.engine import make_url
+from tests import harness
+from tests.harness import CLI, Proc, wait_until
 
-from taskscheduler.config import normalize_database_url, redis_client_url
+from taskscheduler.store.db import libpq_url
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
-CLI = shutil.which("taskscheduler", path=str(Path(sys.executable).parent)) or "taskscheduler"
-DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # Environment a benchmark never passes on to the processes it starts (it sets its own).
 _OWN_ENV = ("DATABASE_URL", "REDIS_URL", "REDIS_KEY_PREFIX", "FAULT_POINT", "API_PORT", "API_HOST", "API_KEYS")
 
@@ -47,16 +45,17 @@ def run_id() -> str:
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    database_url, redis_url = harness.given_server_urls()
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--admin-database-url",
-        default=os.environ.get("TEST_DATABASE_URL") or os.environ.get("DATABASE_URL") or DEFAULT_ADMIN_URL,
+        default=database_url or harness.LOCAL_DATABASE_URL,
         help="any database on the server; the benchmark creates and drops its own (default: "
         "TEST_DATABASE_URL, DATABASE_URL, else the local server)",
     )
     parser.add_argument(
         "--redis-url",
-        default=os.environ.get("TEST_REDIS_URL") or os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL,
+        default=redis_url or harness.LOCAL_REDIS_URL,
         help="Redis to use; every key the run makes carries a private prefix and is deleted afterwards",
     )
     parser.add_argument("--redis-key-prefix", default="", help="prefix for this run's Redis keys (default: random)")
@@ -89,20 +88,23 @@ def wait_quiet(max_wait: float, threshold: float = 0.5) -> float:
     return os.getloadavg()[0]
 
 
+def busy_warning() -> str | None:
+    """Other work on the machine skews every figure; say so in the result."""
+    load1 = os.getloadavg()[0]
+    if load1 > 0.5:
+        return f"1-minute load average was {load1:.2f} before the run: other work shares the CPUs"
+    return None
+
+
 # ------------------------------------------------------------------------------------------ servers
-
-
-def libpq_url(url: str) -> str:
-    return normalize_database_url(url).replace("postgresql+psycopg://", "postgresql://", 1)
 
 
 @dataclass
 class PrivateDatabase:
-    """A database created for one run (and dropped afterwards), with the schema migrated."""
+    """A database of one run (`harness.private_database`), with the schema migrated."""
 
-    admin_url: str
     name: str
-    url: str = ""  # SQLAlchemy URL of the private database
+    url: str  # SQLAlchemy URL
 
     @property
     def libpq(self) -> str:
@@ -113,132 +115,125 @@ class PrivateDatabase:
 
 
 @contextlib.contextmanager
-def private_database(
-    admin_url: str, kind: str, *, migrate: bool = True, setup_sql: Sequence[str] = ()
-) -> Iterator[PrivateDatabase]:
-    admin_libpq = libpq_url(admin_url)
+def private_database(admin_url: str, kind: str, *, setup_sql: Sequence[str] = ()) -> Iterator[PrivateDatabase]:
     name = f"tsbench_{kind}_{run_id()}"
-    with psycopg.connect(admin_libpq, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(normalize_database_url(admin_url)).set(database=name).render_as_string(False)
-    pdb = PrivateDatabase(admin_url=admin_url, name=name, url=url)
-    try:
-        if migrate:
-            from taskscheduler.migrations import run_migrations
-
-            run_migrations(url)
+    with harness.private_database(admin_url, name) as url:
+        pdb = PrivateDatabase(name=name, url=url)
         if setup_sql:
             with pdb.connect(autocommit=True) as conn:
                 for statement in setup_sql:
                     conn.execute(statement)  # type: ignore[arg-type]
         yield pdb
-    finally:
-        from taskscheduler.store import db as store_db
-
-        store_db.dispose_engines()
-        with psycopg.connect(admin_libpq, autocommit=True, connect_timeout=5) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def redis_client(redis_url: str) -> redis.Redis:
-    return redis.Redis.from_url(redis_client_url(redis_url), socket_connect_timeout=5)
-
-
-def delete_redis_keys(redis_url: str, prefix: str) -> int:
-    assert prefix, "refusing to delete every key"
-    client = redis_client(redis_url)
-    deleted = 0
-    try:
-        for key in client.scan_iter(match=f"{prefix}*", count=1000):
-            deleted += client.delete(key)
-    finally:
-        client.close()
-    return deleted
-
-
-@contextlib.contextmanager
-def private_redis_prefix(redis_url: str, given: str = "") -> Iterator[str]:
-    prefix = given or f"tsbench-{run_id()}:"
-    try:
-        yield prefix
-    finally:
-        delete_redis_keys(redis_url, prefix)
-
-
-def server_versions(pdb: PrivateDatabase | None, redis_url: str) -> dict[str, str]:
+def server_versions(pdb: PrivateDatabase, redis_url: str) -> dict[str, str]:
     out: dict[str, str] = {}
-    if pdb is not None:
-        with pdb.connect() as conn:
-            row = conn.execute("SHOW server_version").fetchone()
-            out["postgresql"] = str(row[0]) if row else "?"
+    with pdb.connect() as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+        out["postgresql"] = str(row[0]) if row else "?"
     try:
-        client = redis_client(redis_url)
-        info = client.info("server")
+        with harness.redis_client(redis_url) as client:
+            info = client.info("server")
         out["redis"] = str(info.get("redis_version", "?"))
         if "valkey_version" in info:
             out["redis"] += f" (valkey {info['valkey_version']})"
-        client.close()
     except redis.RedisError:
         out["redis"] = "?"
     return out
 
 
-# ---------------------------------------------------------------------------------------- processes
+def insert_due_tasks(pdb: PrivateDatabase, n: int, *, per_second: float | None = None, lead_sec: float = 0.0) -> None:
+    """`n` `demo_ok` tasks with an empty payload (`harness.insert_tasks`: due now, or spread at
+    `per_second` from `lead_sec` on), then ANALYZE, so the plans are those of a table this full."""
+    harness.insert_tasks(pdb.url, n, per_second=per_second, lead_sec=lead_sec)
+    with pdb.connect(autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE tasks, task_events")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# ---------------------------------------------------------------------------------------------- run
 
 
 @dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    started_at: float  # time.time() just before the process was started
-    log_level: str = "INFO"
+class Run:
+    """One benchmark run: its arguments, private database and Redis prefix, and what every result records."""
+
+    kind: str
+    args: argparse.Namespace
+    pdb: PrivateDatabase
+    prefix: str
+    servers: dict[str, str]
+    warning: str | None
+    load_before: tuple[float, float, float]
 
     @property
-    def pid(self) -> int:
-        return self.popen.pid
+    def redis_url(self) -> str:
+        return str(self.args.redis_url)
 
-    def log(self) -> str:
+    @contextlib.contextmanager
+    def processes(self, **extra_env: str) -> Iterator[Processes]:
+        """Processes for this run's servers; their logs are printed if the block fails, and every one
+        is stopped when it ends."""
+        procs = Processes.for_run(
+            database_url=self.pdb.url,
+            redis_url=self.redis_url,
+            prefix=self.prefix,
+            log_level=self.args.log_level,
+            **extra_env,
+        )
         try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+            yield procs
+        except BaseException:
+            print(procs.dump(), file=sys.stderr)
+            raise
+        finally:
+            procs.cleanup(self.args.keep_logs)
 
-    def alive(self) -> bool:
-        return self.popen.poll() is None
+    def write(self, params: dict[str, Any], **data: Any) -> dict[str, Any]:
+        """The JSON result under --results-dir (and `<kind>-latest.json`), with the machine and run."""
+        result = {
+            "benchmark": self.kind,
+            "at": dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ"),
+            "smoke": self.args.smoke,
+            "warning": self.warning,
+            "load_avg_before": self.load_before,
+            "params": {**params, "log_level": self.args.log_level, "setup_sql": self.args.setup_sql},
+            "servers": self.servers,
+            **data,
+            "machine": {**machine(), "load_avg_at_end": os.getloadavg()},
+        }
+        results_dir: Path = self.args.results_dir
+        results_dir.mkdir(parents=True, exist_ok=True)
+        path = results_dir / f"{self.kind}-{result['at']}-{run_id()}.json"
+        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        (results_dir / f"{self.kind}-latest.json").write_text(path.read_text())
+        print(f"result written to {path}", flush=True)
+        return result
 
-    def signal_group(self, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, sig)
 
-    def stop(self, timeout: float = 15) -> None:
-        """SIGTERM to its process group (it was started in its own session), then SIGKILL."""
-        if self.alive():
-            self.signal_group(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.signal_group(signal.SIGKILL)
-                self.popen.wait(5)
-        self.signal_group(signal.SIGKILL)  # pool children left behind, if any
+@contextlib.contextmanager
+def run(kind: str, args: argparse.Namespace) -> Iterator[Run]:
+    """A run's private database (migrated, then --setup-sql) and Redis prefix, after waiting for a
+    quiet machine when --wait-quiet asks; dropped and deleted when the block ends."""
+    if args.wait_quiet:
+        wait_quiet(args.wait_quiet)
+    warning = busy_warning()
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    load_before = os.getloadavg()
+    with (
+        private_database(args.admin_database_url, kind, setup_sql=args.setup_sql) as pdb,
+        harness.private_redis_prefix(args.redis_url, args.redis_key_prefix or f"tsbench-{run_id()}:") as prefix,
+    ):
+        servers = server_versions(pdb, args.redis_url)
+        yield Run(kind, args, pdb, prefix, servers, warning, load_before)
 
-    def tree(self) -> list[psutil.Process]:
-        try:
-            root = psutil.Process(self.popen.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
+
+# ---------------------------------------------------------------------------------------- processes
 
 
 @dataclass
 class Processes:
-    """The processes a benchmark starts; each in its own session so it can be stopped whole."""
+    """The processes a benchmark starts (`harness.start_process`: each in its own process group)."""
 
     env: dict[str, str]
     log_dir: Path
@@ -258,36 +253,33 @@ class Processes:
         env.update(extra)
         return cls(env=env, log_dir=Path(tempfile.mkdtemp(prefix="tsbench-logs-")))
 
-    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Proc:
+    def start(self, name: str, argv: Sequence[str]) -> Proc:
         log_path = self.log_dir / f"{name}-{len(self.procs)}.log"
-        started_at = time.time()
-        with log_path.open("wb") as out:
-            popen = subprocess.Popen(
-                list(argv),
-                env={**self.env, **(env or {})},
-                cwd=REPO,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        level = {**self.env, **(env or {})}.get("LOG_LEVEL", "INFO")
-        proc = Proc(name=name, popen=popen, log_path=log_path, started_at=started_at, log_level=level)
+        proc = harness.start_process(name, argv, log_path=log_path, env=self.env, cwd=REPO)
         self.procs.append(proc)
         return proc
 
-    def cli(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
-        return self.start(name, [CLI, *args], env)
+    def cli(self, name: str, *args: str) -> Proc:
+        return self.start(name, [CLI, *args])
+
+    def wait_ready(self, workers: Iterable[Proc], timeout: float = 60) -> None:
+        for proc in workers:
+            harness.wait_worker_ready(proc, timeout=timeout, log_level=self.env["LOG_LEVEL"])
+
+    def workers(self, count: int, concurrency: int, queue: str = "default") -> list[Proc]:
+        """`count` x `taskscheduler worker --queues QUEUE --concurrency N`, once each consumes."""
+        procs = [
+            self.cli(f"worker{i}", "worker", "--queues", queue, "--concurrency", str(concurrency)) for i in range(count)
+        ]
+        self.wait_ready(procs)
+        return procs
 
     def api(self, port: int) -> Proc:
         """`taskscheduler api` on 127.0.0.1:`port`, once its /healthz answers."""
-        import httpx
-
         api = self.cli("api", "api", "--host", "127.0.0.1", "--port", str(port))
 
         def up() -> bool:
-            if not api.alive():
-                raise RuntimeError(f"api exited:\n{api.log()[-3000:]}")
+            self.check_alive([api])
             try:
                 return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
             except httpx.HTTPError:
@@ -296,12 +288,17 @@ class Processes:
         wait_until(up, timeout=60, interval=0.2, what="the api")
         return api
 
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            proc.stop()
+    def check_alive(self, procs: Iterable[Proc] | None = None) -> None:
+        """Fail at once, with its log, if one of `procs` (default: all) has exited."""
+        for proc in self.procs if procs is None else procs:
+            if not proc.alive():
+                raise RuntimeError(f"{proc.name} exited:\n{proc.log()[-3000:]}")
 
-    def dump(self, tail: int = 3000) -> str:
-        return "\n".join(f"===== {p.name} (pid {p.pid}) =====\n{p.log()[-tail:]}" for p in self.procs)
+    def dump(self) -> str:
+        return harness.dump_logs(self.procs, tail=3000)
+
+    def stop_all(self) -> None:
+        harness.stop_all(self.procs)
 
     def cleanup(self, keep: bool) -> None:
         self.stop_all()
@@ -316,27 +313,23 @@ def _src_dir() -> str:
     return str(src) if (src / "taskscheduler").is_dir() else ""
 
 
-def wait_until(condition: Callable[[], Any], *, timeout: float, interval: float = 0.05, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
+def wait_succeeded(conn: psycopg.Connection[Any], n: int, procs: Processes, *, timeout: float, interval: float) -> int:
+    """Until `n` tasks are SUCCEEDED, failing at once if a process exits; returns the polls it made."""
+    polls = 0
+
+    def done() -> bool:
+        nonlocal polls
+        polls += 1
+        procs.check_alive()
+        row = conn.execute("SELECT count(*) FROM tasks WHERE status = 'SUCCEEDED'").fetchone()
+        return bool(row and row[0] >= n)
+
+    wait_until(done, timeout=timeout, interval=interval, what=f"{n} tasks SUCCEEDED")
+    return polls
 
 
-def wait_worker_ready(proc: Proc, timeout: float = 60) -> None:
-    """Celery logs "ready." at INFO; above INFO, wait for its pool processes and give it a moment."""
-    level = proc.log_level.upper() if proc.log_level else "INFO"
-    if level in ("DEBUG", "INFO"):
-        wait_until(lambda: "ready." in proc.log() or not proc.alive(), timeout=timeout, what=f"{proc.name} ready")
-    else:
-        wait_until(lambda: len(proc.tree()) > 1 or not proc.alive(), timeout=timeout, what=f"{proc.name} pool")
-        time.sleep(3.0)
-    if not proc.alive():
-        raise RuntimeError(f"{proc.name} exited:\n{proc.log()[-3000:]}")
+def per_1000(cpu_seconds: dict[str, float], tasks: int) -> dict[str, float]:
+    return {k: 1000 * v / max(tasks, 1) for k, v in cpu_seconds.items()}
 
 
 # --------------------------------------------------------------------------------------------- CPU
@@ -529,24 +522,3 @@ def _cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor()
-
-
-def write_result(results_dir: Path, kind: str, data: dict[str, Any]) -> Path:
-    results_dir.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    data = {"benchmark": kind, "at": stamp, **data}
-    data.setdefault("machine", machine())
-    data["machine"]["load_avg_at_end"] = os.getloadavg()
-    path = results_dir / f"{kind}-{stamp}-{run_id()}.json"
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    (results_dir / f"{kind}-latest.json").write_text(path.read_text())
-    print(f"result written to {path}", flush=True)
-    return path
-
-
-def busy_warning() -> str | None:
-    """Other work on the machine skews every figure; say so in the result."""
-    load1 = os.getloadavg()[0]
-    if load1 > 0.5:
-        return f"1-minute load average was {load1:.2f} before the run: other work shares the CPUs"
-    return None

@@ -15,12 +15,12 @@ shared with anything else on the machine and are shown as such.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
-import sys
 from typing import Any
+
+from tests.harness import free_port
 
 from benchmarks import api as api_bench
 from benchmarks import common, throughput
@@ -28,39 +28,19 @@ from benchmarks import common, throughput
 SMOKE_API_SECONDS = 2.0
 
 
-def create_through_api(
-    pdb: common.PrivateDatabase, *, redis_url: str, prefix: str, seconds: float, connections: int, log_level: str
-) -> dict[str, Any]:
-    port = common.free_port()
-    base = f"http://127.0.0.1:{port}"
-    procs = common.Processes.for_run(database_url=pdb.url, redis_url=redis_url, prefix=prefix, log_level=log_level)
-    ok = False
-    try:
+def create_through_api(run: common.Run, *, seconds: float, connections: int) -> dict[str, Any]:
+    """POST /tasks for `seconds` against one `taskscheduler api`: CPU of the api and its backends."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/tasks"
+    client = "wrk" if shutil.which("wrk") else "httpx"
+    with run.processes() as procs:
         api = procs.api(port)
-        asyncio.run(
-            api_bench._httpx_load(f"{base}/tasks", connections=4, duration=None, requests=50, body=api_bench.BODY)
+        api_bench.warm_up(url, 50)
+        load = api_bench.measured_load(
+            run.pdb, api, url, client=client, connections=connections, body=api_bench.BODY, duration=seconds
         )
-        before = api_bench.count_tasks(pdb)
-        tracker = common.CpuTracker({"api": api.tree, "postgres": common.postgres_backends(pdb.name)})
-        tracker.start()
-        if shutil.which("wrk"):
-            load = api_bench.run_wrk(f"{base}/tasks", connections=connections, duration=seconds, body=api_bench.BODY)
-        else:
-            load = api_bench.run_httpx(f"{base}/tasks", connections=connections, duration=seconds, body=api_bench.BODY)
-        cpu = tracker.stop()
-        created = api_bench.count_tasks(pdb) - before
-        ok = True
-    finally:
-        if not ok:
-            print(procs.dump(), file=sys.stderr)
-        procs.cleanup(False)
-    return {
-        "client": load["client"],
-        "created": created,
-        "requests_per_sec": load["requests_per_sec"],
-        "cpu_seconds": cpu,
-        "cpu_seconds_per_1000": {k: 1000 * v / max(created, 1) for k, v in cpu.items()},
-    }
+    keys = ("client", "created", "requests_per_sec", "cpu_seconds", "cpu_seconds_per_1000")
+    return {k: load[k] for k in keys}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -71,56 +51,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--concurrency", type=int, default=2)
     args = parser.parse_args(argv)
     seconds = SMOKE_API_SECONDS if args.smoke else args.api_seconds
-    if args.wait_quiet:
-        common.wait_quiet(args.wait_quiet)
-    warning = common.busy_warning()
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-
-    with (
-        common.private_database(args.admin_database_url, "cost", setup_sql=args.setup_sql) as pdb,
-        common.private_redis_prefix(args.redis_url, args.redis_key_prefix) as prefix,
-    ):
-        versions = common.server_versions(pdb, args.redis_url)
-        create = create_through_api(
-            pdb,
-            redis_url=args.redis_url,
-            prefix=prefix,
-            seconds=seconds,
-            connections=args.connections,
-            log_level=args.log_level,
-        )
+    with common.run("cost", args) as run:
+        create = create_through_api(run, seconds=seconds, connections=args.connections)
         # Also the 50 warm-up tasks: every PENDING task runs.
-        n = api_bench.count_tasks(pdb)
-        run = throughput.run_ours(
-            pdb=pdb,
-            redis_url=args.redis_url,
-            prefix=prefix,
-            n=n,
-            workers=args.workers,
-            concurrency=args.concurrency,
-            log_level=args.log_level,
-            timeout=max(120.0, n / 20),
-            insert=False,
-        )
-        raw = throughput.run_raw(
-            redis_url=args.redis_url,
-            prefix=prefix,
-            n=n,
-            workers=args.workers,
-            concurrency=args.concurrency,
-            log_level=args.log_level,
-            timeout=max(120.0, n / 20),
-        )
+        n = api_bench.count_tasks(run.pdb)
+        sizes = {"n": n, "workers": args.workers, "concurrency": args.concurrency, "timeout": max(120.0, n / 20)}
+        ran = throughput.run_ours(run, **sizes, insert=False)
+        raw = throughput.run_raw(run, **sizes)
 
     per_1000 = {
         "api": create["cpu_seconds_per_1000"]["api"],
         "postgres (creating)": create["cpu_seconds_per_1000"]["postgres"],
-        "scheduler": run["cpu_seconds_per_1000"]["scheduler"],
-        "workers": run["cpu_seconds_per_1000"]["workers"],
-        "postgres (running)": run["cpu_seconds_per_1000"]["postgres"],
-        "redis server (shared)": run["cpu_seconds_per_1000"]["redis_server_shared"],
-        "postgres server processes (shared)": run["cpu_seconds_per_1000"]["postgres_server_shared"],
+        "scheduler": ran["cpu_seconds_per_1000"]["scheduler"],
+        "workers": ran["cpu_seconds_per_1000"]["workers"],
+        "postgres (running)": ran["cpu_seconds_per_1000"]["postgres"],
+        "redis server (shared)": ran["cpu_seconds_per_1000"]["redis_server_shared"],
+        "postgres server processes (shared)": ran["cpu_seconds_per_1000"]["postgres_server_shared"],
     }
     ours_total = sum(v for k, v in per_1000.items() if "shared" not in k)
     raw_per_1000 = {
@@ -146,29 +92,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ("raw Celery: tasks/s if CPU-bound", 1000 * (os.cpu_count() or 1) / raw_total),
         ],
     )
-    result = {
-        "smoke": args.smoke,
-        "warning": warning,
-        "params": {
-            "api_seconds": seconds,
-            "connections": args.connections,
-            "workers": args.workers,
-            "concurrency": args.concurrency,
-            "log_level": args.log_level,
-            "setup_sql": args.setup_sql,
-        },
-        "servers": versions,
-        "tasks": n,
-        "cpu_seconds_per_1000": per_1000,
-        "ours_total_per_1000": ours_total,
-        "raw_celery_cpu_seconds_per_1000": raw_per_1000,
-        "raw_total_per_1000": raw_total,
-        "create": create,
-        "run": run,
-        "raw": raw,
-    }
-    common.write_result(args.results_dir, "cost", result)
-    return result
+    params = {"api_seconds": seconds, "connections": args.connections, "workers": args.workers,
+              "concurrency": args.concurrency}  # fmt: skip
+    return run.write(
+        params,
+        tasks=n,
+        cpu_seconds_per_1000=per_1000,
+        ours_total_per_1000=ours_total,
+        raw_celery_cpu_seconds_per_1000=raw_per_1000,
+        raw_total_per_1000=raw_total,
+        create=create,
+        run=ran,
+        raw=raw,
+    )
 
 
 def _bound(per_1000: dict[str, float], *, exclude_api: bool) -> float:

@@ -13,36 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from typing import Any
+
+from tests.harness import wait_until
 
 from benchmarks import common
 from benchmarks.throughput import republished_count
 
 SMOKE_RATE = 50.0
 SMOKE_DURATION = 4.0
-
-
-def insert_spread(pdb: common.PrivateDatabase, *, rate: float, duration: float, lead: float) -> int:
-    """`rate * duration` demo_ok tasks whose run_at walks from now + lead, one every 1/rate seconds."""
-    n = round(rate * duration)
-    with pdb.connect(autocommit=True) as conn:
-        with conn.transaction():
-            conn.execute(
-                """
-                INSERT INTO tasks (id, name, payload, priority, queue, status, run_at, max_retries)
-                SELECT gen_random_uuid(), 'demo_ok', '{}'::jsonb, 5, 'default', 'PENDING',
-                       now() + make_interval(secs => %(lead)s + (i - 1) / %(rate)s), 3
-                FROM generate_series(1, %(n)s) AS i
-                """,
-                {"n": n, "rate": rate, "lead": lead},
-            )
-            conn.execute(
-                "INSERT INTO task_events (task_id, from_status, to_status, attempt, detail)"
-                " SELECT id, NULL, 'PENDING', 0, 'created' FROM tasks"
-            )
-        conn.execute("ANALYZE tasks, task_events")
-    return n
 
 
 _STATS = """
@@ -98,78 +77,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--poll-interval", type=float, default=None, help="POLL_INTERVAL_SEC (default: product's)")
     args = parser.parse_args(argv)
     rate, duration = (SMOKE_RATE, SMOKE_DURATION) if args.smoke else (args.rate, args.duration)
-    warning = common.busy_warning()
-    if args.wait_quiet:
-        common.wait_quiet(args.wait_quiet)
-        warning = common.busy_warning()
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-    load_before = os.getloadavg()
     extra_env = {"POLL_INTERVAL_SEC": str(args.poll_interval)} if args.poll_interval else {}
     poll_interval = args.poll_interval or float(os.environ.get("POLL_INTERVAL_SEC", "1"))
+    n = round(rate * duration)
 
-    with (
-        common.private_database(args.admin_database_url, "lag", setup_sql=args.setup_sql) as pdb,
-        common.private_redis_prefix(args.redis_url, args.redis_key_prefix) as prefix,
-    ):
-        versions = common.server_versions(pdb, args.redis_url)
-        procs = common.Processes.for_run(
-            database_url=pdb.url, redis_url=args.redis_url, prefix=prefix, log_level=args.log_level, **extra_env
-        )
-        ok = False
-        try:
-            workers = [
-                procs.cli(f"worker{i}", "worker", "--queues", "default", "--concurrency", str(args.concurrency))
-                for i in range(args.workers)
-            ]
-            for proc in workers:
-                common.wait_worker_ready(proc)
-            scheduler = procs.cli("scheduler", "scheduler")
-            with contextlib.suppress(TimeoutError):  # the line is not there below LOG_LEVEL=INFO
-                common.wait_until(
-                    lambda: "scheduler started" in scheduler.log() or not scheduler.alive(),
-                    timeout=30,
-                    what="scheduler started",
-                )
-            n = insert_spread(pdb, rate=rate, duration=duration, lead=args.lead)
-            with pdb.connect(autocommit=True) as conn:
+    with common.run("lag", args) as run, run.processes(**extra_env) as procs:
+        procs.workers(args.workers, args.concurrency)
+        scheduler = procs.cli("scheduler", "scheduler")
+        if args.log_level.upper() in ("DEBUG", "INFO"):  # the line is not there above INFO
+            wait_until(lambda: "scheduler started" in scheduler.log(), timeout=30, what="scheduler started")
+        common.insert_due_tasks(run.pdb, n, per_second=rate, lead_sec=args.lead)
+        with run.pdb.connect(autocommit=True) as conn:
+            common.wait_succeeded(conn, n, procs, timeout=args.lead + duration + 180, interval=0.5)
+            statuses = dict(conn.execute("SELECT status, count(*) FROM tasks GROUP BY status").fetchall())
+            republished = republished_count(conn)
+        stats = lag_stats(run.pdb)
 
-                def all_done() -> bool:
-                    for proc in (scheduler, *workers):
-                        if not proc.alive():
-                            raise RuntimeError(f"{proc.name} exited:\n{proc.log()[-3000:]}")
-                    row = conn.execute("SELECT count(*) FROM tasks WHERE status = 'SUCCEEDED'").fetchone()
-                    return bool(row and row[0] >= n)
-
-                common.wait_until(all_done, timeout=args.lead + duration + 180, interval=0.5, what=f"{n} SUCCEEDED")
-                statuses = dict(conn.execute("SELECT status, count(*) FROM tasks GROUP BY status").fetchall())
-                republished = republished_count(conn)
-            stats = lag_stats(pdb)
-            ok = True
-        finally:
-            if not ok:
-                print(procs.dump(), file=sys.stderr)
-            procs.cleanup(args.keep_logs)
-
+    labels = ("started_at - run_at", "finished_at - run_at", "published_at - run_at (scheduler)",
+              "started_at - published_at (broker+worker)")  # fmt: skip
     rows = [
-        (
-            label,
-            stats[m]["p50"],
-            stats[m]["p95"],
-            stats[m]["p99"],
-            stats[m]["max"],
-            stats[m]["mean"],
-        )
-        for m, label in zip(
-            _MEASURES,
-            (
-                "started_at - run_at",
-                "finished_at - run_at",
-                "published_at - run_at (scheduler)",
-                "started_at - published_at (broker+worker)",
-            ),
-            strict=True,
-        )
+        (label, *(stats[m][q] for q in ("p50", "p95", "p99", "max", "mean")))
+        for m, label in zip(_MEASURES, labels, strict=True)
     ]
     common.print_table(
         f"Dispatch lag, ms: {n:,} tasks at {rate:g}/s over {duration:g}s, {args.workers} worker(s) x prefork "
@@ -191,30 +119,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "p50_start_ms<=50": stats["start_ms"]["p50"] <= 50,
         f"p99_start_ms<={1000 * poll_interval + 100:g}": stats["start_ms"]["p99"] <= 1000 * poll_interval + 100,
     }
-    common.print_table("Targets (issue 6)", ["target", "met"], list(targets.items()))
-    result = {
-        "smoke": args.smoke,
-        "warning": warning,
-        "load_avg_before": load_before,
-        "params": {
-            "rate": rate,
-            "duration": duration,
-            "lead": args.lead,
-            "tasks": n,
-            "workers": args.workers,
-            "concurrency": args.concurrency,
-            "poll_interval_sec": poll_interval,
-            "log_level": args.log_level,
-            "setup_sql": args.setup_sql,
-        },
-        "servers": versions,
-        "statuses": statuses,
-        "republished_by_lost_message_sweep": republished,
-        "lag_ms": stats,
-        "targets": targets,
-    }
-    common.write_result(args.results_dir, "lag", result)
-    return result
+    common.print_table("Targets", ["target", "met"], list(targets.items()))
+    params = {"rate": rate, "duration": duration, "lead": args.lead, "tasks": n, "workers": args.workers,
+              "concurrency": args.concurrency, "poll_interval_sec": poll_interval}  # fmt: skip
+    return run.write(
+        params,
+        statuses=statuses,
+        republished_by_lost_message_sweep=republished,
+        lag_ms=stats,
+        targets=targets,
+    )
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ Worker: `python -m celery -A benchmarks.raw_celery worker --pool=prefork --concu
 Publisher: `python -m benchmarks.raw_celery publish COUNT`
 
 Configured from REDIS_URL and REDIS_KEY_PREFIX like ours, with the same serializer, prefetch and
-result settings as `taskscheduler.worker.configure_celery`, so the difference measured is our
-database bookkeeping, not Celery tuning. The no-op's only work is one Redis INCR, so the benchmark
+result settings as our Celery app, so the difference measured is our database bookkeeping, not
+Celery tuning. The no-op's only work is one Redis INCR, so the benchmark
 can tell when every message has been run (ours is told by the database).
 """
 

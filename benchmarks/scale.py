@@ -7,7 +7,7 @@ Builds a private database with generate_series: `--pending` PENDING tasks due in
 (priorities 1-10, one 'created' event each), `--finished` finished ones (98% SUCCEEDED, 1% DEAD with
 their DLQ row, 1% CANCELLED; four events each, two for CANCELLED) and a few in flight (ENQUEUED and
 STARTED, none of them late). Then, each in a transaction that is rolled back, EXPLAIN (ANALYZE,
-BUFFERS) of the SQL text objects of `taskscheduler.store.tasks`: the dispatch poll (nothing due,
+BUFFERS) of the store's statements, by their public names (`sweeps.DISPATCH_DUE`, ...): the dispatch poll (nothing due,
 DISPATCH_BATCH_SIZE due, a deep backlog due), each rescue query, and the per-task transitions a
 worker runs (claim, succeed). Figures are medians of `--runs`; "generic" is the plan psycopg's
 prepared statement gets once PostgreSQL switches to a generic plan (after five executions).
@@ -16,18 +16,18 @@ prepared statement gets once PostgreSQL switches to a generic plan (after five e
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
-import re
 import statistics
-import sys
 import time
 from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
-from sqlalchemy import TextClause, create_engine, text
+from sqlalchemy import create_engine, text
 
 from benchmarks import common
+from taskscheduler.store.sql import parameters
 
 SMOKE = {"pending": 5_000, "finished": 5_000, "runs": 3, "backlog": 2_000}
 ENQUEUED_IN_FLIGHT = 500
@@ -36,7 +36,7 @@ STARTED_IN_FLIGHT = 100
 PARAMS: dict[str, Any] = {
     "now": None,
     "queue": None,  # a dispatch per queue, where the statement takes one: None = every queue
-    "priorities": list(range(10, 0, -1)),  # _DISPATCH takes a queue as its priorities: these are all
+    "priorities": list(range(10, 0, -1)),  # DISPATCH_DUE takes a queue as its priorities: these are all
     "limit": 500,
     "heartbeat_timeout_sec": 30.0,
     "default_timeout_sec": 180.0,
@@ -211,34 +211,33 @@ def sizes(pdb: common.PrivateDatabase) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ EXPLAIN
 
 
-def statements() -> dict[str, TextClause]:
-    from taskscheduler.store import tasks as store
+# What is measured: a label, and the statement's public name in `taskscheduler.store`.
+STATEMENTS = {
+    "dispatch poll": "sweeps.DISPATCH_DUE",
+    "stuck sweep": "sweeps.LOCK_STUCK",
+    "lost ENQUEUED": "sweeps.REPUBLISH_LOST_ENQUEUED",
+    "DEAD without DLQ row": "sweeps.REPUBLISH_UNRECORDED_DEAD",
+    "worker claim": "transitions.CLAIM",
+    "worker succeed": "transitions.SUCCEED",
+}
 
-    names = {
-        "dispatch poll (_DISPATCH)": "_DISPATCH",
-        "stuck sweep (_LOCK_STUCK)": "_LOCK_STUCK",
-        "lost ENQUEUED (_REPUBLISH_ENQUEUED)": "_REPUBLISH_ENQUEUED",
-        "DEAD without DLQ row (_REPUBLISH_DEAD)": "_REPUBLISH_DEAD",
-        "worker claim (_CLAIM)": "_CLAIM",
-        "worker succeed (_SUCCEED)": "_SUCCEED",
-    }
+
+def statements() -> dict[str, str]:
+    """Each statement's text, labelled `what (module.NAME)`."""
     out = {}
-    for label, attr in names.items():
-        stmt = getattr(store, attr, None)
-        if stmt is None:
-            print(f"warning: taskscheduler.store.tasks has no {attr}; skipped", file=sys.stderr)
-            continue
-        out[label] = stmt
+    for label, name in STATEMENTS.items():
+        module, attr = name.split(".")
+        out[f"{label} ({name})"] = getattr(importlib.import_module(f"taskscheduler.store.{module}"), attr)
     return out
 
 
-def _params(stmt: TextClause, extra: dict[str, Any]) -> dict[str, Any]:
-    names = list(stmt._bindparams)
+def _params(stmt: str, extra: dict[str, Any]) -> dict[str, Any]:
+    names = parameters(stmt)
     values = {**PARAMS, **extra}
     missing = [n for n in names if n not in values]
     if missing:
-        raise KeyError(f"no benchmark value for the parameter(s) {missing} of {stmt.text[:80]!r}")
-    return {n: values[n] for n in names}
+        raise KeyError(f"no benchmark value for the parameter(s) {missing} of {stmt[:80]!r}")
+    return {n: Jsonb(values[n]) if isinstance(values[n], dict) else values[n] for n in names}
 
 
 def _plan_summary(plan: dict[str, Any]) -> list[str]:
@@ -265,11 +264,9 @@ def _buffers(plan: dict[str, Any]) -> tuple[int, int]:
     return int(node.get("Shared Hit Blocks", 0)), int(node.get("Shared Read Blocks", 0))
 
 
-def explain_custom(
-    engine: Any, stmt: TextClause, params: dict[str, Any], runs: int, setup: str | None
-) -> dict[str, Any]:
+def explain_custom(engine: Any, stmt: str, params: dict[str, Any], runs: int, setup: str | None) -> dict[str, Any]:
     """EXPLAIN (ANALYZE, BUFFERS) through SQLAlchemy, as the product runs it; each run rolled back."""
-    explain = text("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + stmt.text).bindparams(*stmt._bindparams.values())
+    explain = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + stmt
     exec_ms: list[float] = []
     plan_ms: list[float] = []
     wall_ms: list[float] = []
@@ -280,7 +277,7 @@ def explain_custom(
             conn.execute(text(setup))
         for _ in range(runs):
             sp = conn.begin_nested()
-            (doc,) = conn.execute(explain, params).one()
+            (doc,) = conn.exec_driver_sql(explain, params).one()
             plan = (json.loads(doc) if isinstance(doc, str) else doc)[0]
             sp.rollback()
             plans.append(plan)
@@ -289,7 +286,7 @@ def explain_custom(
             # The statement itself, timed at the client (no EXPLAIN instrumentation).
             sp = conn.begin_nested()
             t = time.perf_counter()
-            conn.execute(stmt, params).fetchall()
+            conn.exec_driver_sql(stmt, params).fetchall()
             wall_ms.append((time.perf_counter() - t) * 1000)
             sp.rollback()
         outer.rollback()
@@ -309,18 +306,14 @@ def explain_custom(
 
 
 def explain_generic(
-    pdb: common.PrivateDatabase, stmt: TextClause, params: dict[str, Any], runs: int, setup: str | None
+    pdb: common.PrivateDatabase, stmt: str, params: dict[str, Any], runs: int, setup: str | None
 ) -> dict[str, Any]:
     """The same with PREPARE and plan_cache_mode = force_generic_plan (psycopg prepares after 5 runs)."""
-    order: list[str] = []
-
-    def number(m: re.Match[str]) -> str:
-        if m.group(1) not in order:
-            order.append(m.group(1))
-        return f"${order.index(m.group(1)) + 1}"
-
-    sql = re.sub(r"(?<![:\w]):(\w+)", number, stmt.text)
-    values = [Jsonb(params[n]) if isinstance(params[n], dict) else params[n] for n in order]
+    order = parameters(stmt)
+    sql = stmt
+    for number, name in enumerate(order, start=1):
+        sql = sql.replace(f"%({name})s", f"${number}")
+    values = [params[n] for n in order]
     exec_ms: list[float] = []
     plans: list[dict[str, Any]] = []
     with psycopg.connect(pdb.libpq, cursor_factory=psycopg.ClientCursor) as conn:
@@ -374,15 +367,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             SMOKE["runs"],
             SMOKE["backlog"],
         )
-    if args.wait_quiet:
-        common.wait_quiet(args.wait_quiet)
-    warning = common.busy_warning()
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
     stmts = statements()
     results: dict[str, Any] = {}
-    with common.private_database(args.admin_database_url, "scale", setup_sql=args.setup_sql) as pdb:
-        versions = common.server_versions(pdb, args.redis_url)
+    with common.run("scale", args) as run:
+        pdb = run.pdb
         print(f"building {args.pending:,} future PENDING + {args.finished:,} finished tasks ...", flush=True)
         build_seconds = build(pdb, pending=args.pending, finished=args.finished)
         size = sizes(pdb)
@@ -463,26 +451,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if dispatch_idle and dispatch_batch:
         targets["dispatch poll <= 5 ms (nothing due)"] = dispatch_idle["custom"]["execution_ms"] <= 5
         targets[f"dispatch poll <= 5 ms ({batch} due)"] = dispatch_batch["custom"]["execution_ms"] <= 5
-    common.print_table("Targets (issue 6)", ["target", "met"], list(targets.items()))
-    result = {
-        "smoke": args.smoke,
-        "warning": warning,
-        "params": {
-            "pending": args.pending,
-            "finished": args.finished,
-            "backlog": args.backlog,
-            "runs": args.runs,
-            "query_params": {k: v for k, v in PARAMS.items()},
-            "setup_sql": args.setup_sql,
-        },
-        "servers": versions,
-        "build_seconds": build_seconds,
-        "size": size,
-        "queries": results,
-        "targets": targets,
-    }
-    common.write_result(args.results_dir, "scale", result)
-    return result
+    common.print_table("Targets", ["target", "met"], list(targets.items()))
+    params = {"pending": args.pending, "finished": args.finished, "backlog": args.backlog, "runs": args.runs,
+              "query_params": dict(PARAMS)}  # fmt: skip
+    return run.write(params, build_seconds=build_seconds, size=size, queries=results, targets=targets)
 
 
 if __name__ == "__main__":

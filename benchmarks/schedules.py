@@ -17,12 +17,15 @@ backends of the private database. The step's two locking statements are EXPLAINe
 
 from __future__ import annotations
 
-import os
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from benchmarks import common
+from taskscheduler.config import Settings
+from taskscheduler.scheduler import schedules as step
+from taskscheduler.store import schedules as schedule_store
+from taskscheduler.store.db import Database
 
 SMOKE_SCHEDULES = 300
 TIMES = ("wall_ms", "process_cpu_ms", "postgres_cpu_ms")
@@ -79,28 +82,20 @@ def _reset(pdb: common.PrivateDatabase, base: datetime, count: int, *, spread: b
         conn.execute("VACUUM ANALYZE tasks")
 
 
-def measure(pdb: common.PrivateDatabase, *, redis_url: str, count: int, repeat: int) -> dict[str, Any]:
-    from taskscheduler.config import get_settings
-    from taskscheduler.scheduler import schedules as step
-    from taskscheduler.store import db
-    from taskscheduler.store import schedules as schedule_store
-
-    # The step takes its database from the settings; the broker is not used (nothing is dispatched).
-    os.environ["DATABASE_URL"], os.environ["REDIS_URL"] = pdb.url, redis_url
-    get_settings.cache_clear()
-    settings = get_settings()
+def measure(database: Database, pdb: common.PrivateDatabase, *, count: int, repeat: int) -> dict[str, Any]:
+    settings = Settings()  # the broker is not used: nothing is dispatched
     base = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
 
     def fire(now: datetime) -> step.ScheduleCounts:
         total = step.ScheduleCounts()
         while True:
-            counts = step.run_once(settings=settings, now=now)
+            counts = step.run_once(database=database, settings=settings, now=now)
             total += counts
             if counts.schedules < step.BATCH_SIZE:
                 return total
 
     def next_fire() -> float | None:
-        with db.transaction() as conn:
+        with database.transaction() as conn:
             return schedule_store.seconds_until_next_fire(conn, now=base)
 
     runs: dict[str, list[dict[str, float]]] = {"idle": [], "wakeup_query": [], "steady_second": [], "burst": []}
@@ -115,7 +110,7 @@ def measure(pdb: common.PrivateDatabase, *, redis_url: str, count: int, repeat: 
         _reset(pdb, base, count, spread=False)
         runs["burst"].append(_timed(pdb, lambda: fire(base + timedelta(seconds=60))))
 
-    with db.transaction() as conn:
+    with database.transaction() as conn:
         plans = {
             name: "\n".join(
                 r[0]
@@ -131,10 +126,7 @@ def measure(pdb: common.PrivateDatabase, *, redis_url: str, count: int, repeat: 
         summary[kind] = {
             "samples": len(samples),
             "fired_median": common.median([float(f) for f in fired]) if fired else 0,
-            **{
-                key: common.median([s[key] for s in samples])
-                for key in ("wall_ms", "process_cpu_ms", "postgres_cpu_ms")
-            },
+            **{key: common.median([s[key] for s in samples]) for key in TIMES},
         }
     return {"runs": summary, "plans": plans}
 
@@ -146,11 +138,12 @@ def main() -> None:
     args = parser.parse_args()
     count = SMOKE_SCHEDULES if args.smoke else args.schedules
     repeat = 1 if args.smoke else args.repeat
-    if args.wait_quiet:
-        common.wait_quiet(args.wait_quiet)
-    warning = common.busy_warning()
-    with common.private_database(args.admin_database_url, "schedules", setup_sql=args.setup_sql) as pdb:
-        result = measure(pdb, redis_url=args.redis_url, count=count, repeat=repeat)
+    with common.run("schedules", args) as run:
+        database = Database(run.pdb.url)
+        try:
+            result = measure(database, run.pdb, count=count, repeat=repeat)
+        finally:
+            database.dispose()
     rows = [
         [kind, r["samples"], r["fired_median"], r["wall_ms"], r["process_cpu_ms"], r["postgres_cpu_ms"]]
         for kind, r in result["runs"].items()
@@ -165,17 +158,7 @@ def main() -> None:
     print(f"burst: {per_schedule_us:,.0f} us of wall time per schedule fired", flush=True)
     for name, plan in result["plans"].items():
         print(f"EXPLAIN {name}:\n{plan}\n", flush=True)
-    common.write_result(
-        args.results_dir,
-        "schedules",
-        {
-            "smoke": args.smoke,
-            "params": {"schedules": count, "repeat": repeat},
-            "warning": warning,
-            "burst_us_per_schedule": per_schedule_us,
-            **result,
-        },
-    )
+    run.write({"schedules": count, "repeat": repeat}, burst_us_per_schedule=per_schedule_us, **result)
 
 
 if __name__ == "__main__":

@@ -24,34 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from tests import harness
+from tests.harness import Proc, wait_until
+from tools import profile_report
 
-from benchmarks import common, profile_report
+from benchmarks import common
 from benchmarks.raw_celery import QUEUE as RAW_QUEUE
 
 SMOKE_TASKS = 300
 
 
 # ---------------------------------------------------------------------------------------- database
-
-
-def insert_due_tasks(pdb: common.PrivateDatabase, n: int, *, queue: str = "default", priority: int = 5) -> None:
-    """N `demo_ok` tasks with an empty payload, due now, with their 'created' event rows."""
-    with pdb.connect(autocommit=True) as conn:
-        conn.execute("TRUNCATE tasks, task_events, dlq_events RESTART IDENTITY")
-        with conn.transaction():
-            conn.execute(
-                """
-                INSERT INTO tasks (id, name, payload, priority, queue, status, run_at, max_retries)
-                SELECT gen_random_uuid(), 'demo_ok', '{}'::jsonb, %(priority)s, %(queue)s, 'PENDING', now(), 3
-                FROM generate_series(1, %(n)s)
-                """,
-                {"n": n, "queue": queue, "priority": priority},
-            )
-            conn.execute(
-                "INSERT INTO task_events (task_id, from_status, to_status, attempt, detail)"
-                " SELECT id, NULL, 'PENDING', 0, 'created' FROM tasks"
-            )
-        conn.execute("VACUUM ANALYZE tasks, task_events")
 
 
 def db_counters(pdb: common.PrivateDatabase) -> dict[str, int]:
@@ -125,116 +108,97 @@ def start_profiler(name: str, pid: int, out_dir: Path, *, subprocesses: bool, ra
 # --------------------------------------------------------------------------------------------- ours
 
 
-def _worker_groups(procs: list[common.Proc]) -> list[psutil.Process]:
+def _rates(n: int, *, started: float, first: float, last: float, p10: float, p90: float) -> dict[str, float]:
+    """Rates of `n` tasks from `started`, the first run at `first`, the last finished at `last`; "steady"
+    is the rate between the 10th and the 90th percentile of completions."""
+    return {
+        "tasks": n,
+        "seconds": last - started,
+        "rate": n / (last - started),
+        "rate_from_first_dispatch": n / (last - first),
+        "startup_seconds": first - started,
+        "steady_rate": 0.8 * n / (p90 - p10) if p90 > p10 else float("nan"),
+    }
+
+
+def _trees(procs: list[Proc]) -> list[psutil.Process]:
     return [p for proc in procs for p in proc.tree()]
 
 
 def run_ours(
+    run: common.Run,
     *,
-    pdb: common.PrivateDatabase,
-    redis_url: str,
-    prefix: str,
     n: int,
     workers: int,
     concurrency: int,
-    log_level: str,
     timeout: float,
-    keep_logs: bool = False,
     profile_dir: Path | None = None,
-    extra_env: dict[str, str] | None = None,
     insert: bool = True,
 ) -> dict[str, Any]:
     """Run `n` due tasks (inserted here, or already there when `insert` is false) to SUCCEEDED."""
+    pdb = run.pdb
     load_before = os.getloadavg()
     if insert:
-        insert_due_tasks(pdb, n)
-    procs = common.Processes.for_run(
-        database_url=pdb.url, redis_url=redis_url, prefix=prefix, log_level=log_level, **(extra_env or {})
-    )
-    ok = False
-    profilers: list[Profiler] = []
-    try:
-        worker_procs = [
-            procs.cli(f"worker{i}", "worker", "--queues", "default", "--concurrency", str(concurrency))
-            for i in range(workers)
-        ]
-        for proc in worker_procs:
-            common.wait_worker_ready(proc)
-        scheduler: list[common.Proc] = []
-        tracker = common.CpuTracker(
-            {
-                "scheduler": lambda: _worker_groups(scheduler),
-                "workers": lambda: _worker_groups(worker_procs),
-                "postgres": common.postgres_backends(pdb.name),
-                "postgres_server_shared": common.postgres_server_processes(pdb),
-                "redis_server_shared": common.redis_server_processes,
-            }
-        )
-        before = db_counters(pdb)
-        tracker.start()
-        scheduler.append(procs.cli("scheduler", "scheduler"))
-        t0 = scheduler[0].started_at
-        if profile_dir is not None:
-            for prof in (
-                start_profiler("scheduler", scheduler[0].pid, profile_dir, subprocesses=False),
-                start_profiler("worker", worker_procs[0].pid, profile_dir, subprocesses=True),
-            ):
-                if prof is not None:
-                    profilers.append(prof)
-        polls = 0
         with pdb.connect(autocommit=True) as conn:
-
-            def all_done() -> bool:
-                nonlocal polls
-                polls += 1
-                for proc in (*scheduler, *worker_procs):
-                    if not proc.alive():
-                        raise RuntimeError(f"{proc.name} exited:\n{proc.log()[-3000:]}")
-                row = conn.execute("SELECT count(*) FROM tasks WHERE status = 'SUCCEEDED'").fetchone()
-                return bool(row and row[0] >= n)
-
-            common.wait_until(all_done, timeout=timeout, interval=0.25, what=f"{n} tasks SUCCEEDED")
-            cpu = tracker.stop()
-            row = conn.execute(
-                """
-                SELECT extract(epoch FROM min(published_at)), extract(epoch FROM max(finished_at)),
-                       extract(epoch FROM percentile_disc(0.1) WITHIN GROUP (ORDER BY finished_at)),
-                       extract(epoch FROM percentile_disc(0.9) WITHIN GROUP (ORDER BY finished_at)),
-                       count(*) FILTER (WHERE attempt > 1), count(*)
-                FROM tasks
-                """
-            ).fetchone()
-            statuses = dict(conn.execute("SELECT status, count(*) FROM tasks GROUP BY status").fetchall())
-            republished = republished_count(conn)
-        for prof in profilers:
-            prof.stop()
-        procs.stop_all()
-        time.sleep(1.0)  # let the backends' statistics reach pg_stat_database
-        after = db_counters(pdb)
-        ok = True
-    finally:
-        for prof in profilers:
-            prof.stop()
-        if not ok:
-            print(procs.dump(), file=sys.stderr)
-        procs.cleanup(keep_logs)
+            conn.execute("TRUNCATE tasks, task_events, dlq_events RESTART IDENTITY")
+        common.insert_due_tasks(pdb, n)
+    profilers: list[Profiler] = []
+    with run.processes() as procs:
+        try:
+            worker_procs = procs.workers(workers, concurrency)
+            scheduler: list[Proc] = []
+            tracker = common.CpuTracker(
+                {
+                    "scheduler": lambda: _trees(scheduler),
+                    "workers": lambda: _trees(worker_procs),
+                    "postgres": common.postgres_backends(pdb.name),
+                    "postgres_server_shared": common.postgres_server_processes(pdb),
+                    "redis_server_shared": common.redis_server_processes,
+                }
+            )
+            before = db_counters(pdb)
+            tracker.start()
+            scheduler.append(procs.cli("scheduler", "scheduler"))
+            t0 = scheduler[0].started_at
+            if profile_dir is not None:
+                for prof in (
+                    start_profiler("scheduler", scheduler[0].pid, profile_dir, subprocesses=False),
+                    start_profiler("worker", worker_procs[0].pid, profile_dir, subprocesses=True),
+                ):
+                    if prof is not None:
+                        profilers.append(prof)
+            with pdb.connect(autocommit=True) as conn:
+                polls = common.wait_succeeded(conn, n, procs, timeout=timeout, interval=0.25)
+                cpu = tracker.stop()
+                row = conn.execute(
+                    """
+                    SELECT extract(epoch FROM min(published_at)), extract(epoch FROM max(finished_at)),
+                           extract(epoch FROM percentile_disc(0.1) WITHIN GROUP (ORDER BY finished_at)),
+                           extract(epoch FROM percentile_disc(0.9) WITHIN GROUP (ORDER BY finished_at)),
+                           count(*) FILTER (WHERE attempt > 1), count(*)
+                    FROM tasks
+                    """
+                ).fetchone()
+                statuses = dict(conn.execute("SELECT status, count(*) FROM tasks GROUP BY status").fetchall())
+                republished = republished_count(conn)
+        finally:
+            for prof in profilers:
+                prof.stop()
+        procs.stop_all()  # before the counters are read
+    time.sleep(1.0)  # let the backends' statistics reach pg_stat_database
+    after = db_counters(pdb)
     assert row is not None
     first_dispatch, last_finish, p10, p90, redispatched, total = (float(v) if v is not None else 0.0 for v in row)
     counters = {k: after[k] - before[k] for k in before if after.get(k, 0) != before[k]}
     counters["xact_commit"] -= polls + 2  # the benchmark's own polls and snapshots
     result: dict[str, Any] = {
-        "tasks": n,
+        **_rates(n, started=t0, first=first_dispatch, last=last_finish, p10=p10, p90=p90),
         "load_avg_before": load_before,
         "statuses": statuses,
-        "seconds": last_finish - t0,
-        "rate": n / (last_finish - t0),
-        "rate_from_first_dispatch": n / (last_finish - first_dispatch),
-        "startup_seconds": first_dispatch - t0,
-        "steady_rate": 0.8 * n / (p90 - p10) if p90 > p10 else float("nan"),
         "redispatched": int(redispatched),
         "republished_by_lost_message_sweep": republished,
         "cpu_seconds": cpu,
-        "cpu_seconds_per_1000": {k: 1000 * v / n for k, v in cpu.items()},
+        "cpu_seconds_per_1000": common.per_1000(cpu, n),
         "db_per_task": {k: v / n for k, v in counters.items()},
     }
     assert int(total) == n
@@ -248,53 +212,27 @@ def run_ours(
 
 
 def run_raw(
-    *,
-    redis_url: str,
-    prefix: str,
-    n: int,
-    workers: int,
-    concurrency: int,
-    log_level: str,
-    timeout: float,
-    keep_logs: bool = False,
-    time_limits: bool = False,
+    run: common.Run, *, n: int, workers: int, concurrency: int, timeout: float, time_limits: bool = False
 ) -> dict[str, Any]:
+    """`n` no-op messages through raw Celery (benchmarks/raw_celery.py) with the same pool as ours."""
     load_before = os.getloadavg()
-    done_key = f"{prefix}rawbench:done"  # raw_celery.DONE_KEY in the worker's environment
-    client = common.redis_client(redis_url)
-    client.delete(done_key)
-    procs = common.Processes.for_run(database_url="", redis_url=redis_url, prefix=prefix, log_level=log_level)
-    ok = False
-    try:
+    log_level = run.args.log_level
+    done_key = f"{run.prefix}rawbench:done"  # raw_celery.DONE_KEY in the worker's environment
+    with harness.redis_client(run.redis_url) as client, run.processes() as procs:
+        client.delete(done_key)
+        worker_argv = [sys.executable, "-m", "celery", "-A", "benchmarks.raw_celery", "worker", f"--queues={RAW_QUEUE}",
+                       f"--concurrency={concurrency}", "--pool=prefork", f"--loglevel={log_level}",
+                       "--without-gossip", "--without-mingle", "--without-heartbeat"]  # fmt: skip
         worker_procs = [
-            procs.start(
-                f"raw-worker{i}",
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "benchmarks.raw_celery",
-                    "worker",
-                    f"--queues={RAW_QUEUE}",
-                    f"--concurrency={concurrency}",
-                    "--pool=prefork",
-                    f"--hostname=raw{i}-{common.run_id()}@%h",
-                    f"--loglevel={log_level}",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--without-heartbeat",
-                ],
-            )
+            procs.start(f"raw-worker{i}", [*worker_argv, f"--hostname=raw{i}-{common.run_id()}@%h"])
             for i in range(workers)
         ]
-        for proc in worker_procs:
-            common.wait_worker_ready(proc)
-        publisher: list[common.Proc] = []
+        procs.wait_ready(worker_procs)
+        publisher: list[Proc] = []
         tracker = common.CpuTracker(
             {
-                "publisher": lambda: _worker_groups(publisher),
-                "workers": lambda: _worker_groups(worker_procs),
+                "publisher": lambda: _trees(publisher),
+                "workers": lambda: _trees(worker_procs),
                 "redis_server_shared": common.redis_server_processes,
             }
         )
@@ -305,38 +243,25 @@ def run_raw(
         samples: list[tuple[float, int]] = []
 
         def all_done() -> bool:
-            for proc in worker_procs:
-                if not proc.alive():
-                    raise RuntimeError(f"{proc.name} exited:\n{proc.log()[-3000:]}")
+            procs.check_alive(worker_procs)
             count = int(client.get(done_key) or 0)
             samples.append((time.time(), count))
             return count >= n
 
-        common.wait_until(all_done, timeout=timeout, interval=0.01, what=f"{n} raw Celery messages run")
+        wait_until(all_done, timeout=timeout, interval=0.01, what=f"{n} raw Celery messages run")
         cpu = tracker.stop()
         publisher[0].popen.wait(30)
-        ok = True
-    finally:
-        if not ok:
-            print(procs.dump(), file=sys.stderr)
-        procs.cleanup(keep_logs)
         client.delete(done_key)
-        client.close()
     t_end = samples[-1][0]
     first = next(t for t, c in samples if c > 0)
     t10 = next(t for t, c in samples if c >= 0.1 * n)
     t90 = next(t for t, c in samples if c >= 0.9 * n)
     return {
-        "tasks": n,
+        **_rates(n, started=t0, first=first, last=t_end, p10=t10, p90=t90),
         "load_avg_before": load_before,
-        "seconds": t_end - t0,
-        "rate": n / (t_end - t0),
-        "rate_from_first_dispatch": n / (t_end - first),
-        "startup_seconds": first - t0,
-        "steady_rate": 0.8 * n / (t90 - t10) if t90 > t10 else float("nan"),
         "time_limits": time_limits,
         "cpu_seconds": cpu,
-        "cpu_seconds_per_1000": {k: 1000 * v / n for k, v in cpu.items()},
+        "cpu_seconds_per_1000": common.per_1000(cpu, n),
     }
 
 
@@ -357,71 +282,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     n = SMOKE_TASKS if args.smoke else args.tasks
     timeout = args.timeout or max(120.0, n / 50)
-    warning = common.busy_warning()
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-
+    sizes = {"n": n, "workers": args.workers, "concurrency": args.concurrency, "timeout": timeout}
     ours_runs: list[dict[str, Any]] = []
     raw_runs: list[dict[str, Any]] = []
     profile_dir = args.results_dir / f"profiles-{common.run_id()}" if args.profile else None
-    with (
-        common.private_database(args.admin_database_url, "throughput", setup_sql=args.setup_sql) as pdb,
-        common.private_redis_prefix(args.redis_url, args.redis_key_prefix) as prefix,
-    ):
-        versions = common.server_versions(pdb, args.redis_url)
+    with common.run("throughput", args) as run:
         for i in range(args.repeat):
-            if args.wait_quiet:
+            if args.wait_quiet and i:
                 common.wait_quiet(args.wait_quiet)
             if not args.skip_raw:
-                raw_runs.append(
-                    run_raw(
-                        redis_url=args.redis_url,
-                        prefix=prefix,
-                        n=n,
-                        workers=args.workers,
-                        concurrency=args.concurrency,
-                        log_level=args.log_level,
-                        timeout=timeout,
-                        keep_logs=args.keep_logs,
-                        time_limits=args.raw_time_limits,
-                    )
-                )
+                raw_runs.append(run_raw(run, **sizes, time_limits=args.raw_time_limits))
                 print(f"run {i + 1}: raw Celery {raw_runs[-1]['rate']:,.0f} tasks/s", flush=True)
-            if args.skip_ours:
-                continue
-            ours_runs.append(
-                run_ours(
-                    pdb=pdb,
-                    redis_url=args.redis_url,
-                    prefix=prefix,
-                    n=n,
-                    workers=args.workers,
-                    concurrency=args.concurrency,
-                    log_level=args.log_level,
-                    timeout=timeout,
-                    keep_logs=args.keep_logs,
-                    profile_dir=profile_dir if i == 0 else None,
-                )
-            )
-            print(f"run {i + 1}: ours {ours_runs[-1]['rate']:,.0f} tasks/s", flush=True)
+            if not args.skip_ours:
+                ours_runs.append(run_ours(run, **sizes, profile_dir=profile_dir if i == 0 else None))
+                print(f"run {i + 1}: ours {ours_runs[-1]['rate']:,.0f} tasks/s", flush=True)
 
     def med(runs: list[dict[str, Any]], key: str) -> float:
         return common.median([r[key] for r in runs]) if runs else float("nan")
 
-    rows = []
-    for label, runs in (("ours", ours_runs), ("raw Celery", raw_runs)):
-        if runs:
-            rows.append(
-                (
-                    label,
-                    n,
-                    med(runs, "seconds"),
-                    med(runs, "rate"),
-                    med(runs, "rate_from_first_dispatch"),
-                    med(runs, "steady_rate"),
-                    med(runs, "startup_seconds"),
-                )
-            )
+    measures = ("seconds", "rate", "rate_from_first_dispatch", "steady_rate", "startup_seconds")
+    rows = [
+        (label, n, *(med(runs, m) for m in measures))
+        for label, runs in (("ours", ours_runs), ("raw Celery", raw_runs))
+        if runs
+    ]
     both = bool(raw_runs and ours_runs)
     ratio = med(ours_runs, "rate") / med(raw_runs, "rate") if both else float("nan")
     ratio_steady = med(ours_runs, "steady_rate") / med(raw_runs, "steady_rate") if both else float("nan")
@@ -448,40 +332,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         per_task = ours_runs[-1]["db_per_task"]
         common.print_table("PostgreSQL work per task (ours)", ["counter", "per task"], list(per_task.items()))
-    for run in ours_runs:
-        for name, summary in run.get("profile_summary", {}).items():
+    for ours in ours_runs:
+        for name, summary in ours.get("profile_summary", {}).items():
             profile_report.print_report(name, summary)
 
-    result = {
-        "smoke": args.smoke,
-        "profiled": args.profile,
-        "warning": warning,
-        "params": {
-            "tasks": n,
-            "workers": args.workers,
-            "concurrency": args.concurrency,
-            "pool": "prefork",
-            "repeat": args.repeat,
-            "log_level": args.log_level,
-            "raw_time_limits": args.raw_time_limits,
-            "setup_sql": args.setup_sql,
-        },
-        "servers": versions,
-        "ours": {
-            "median_rate": med(ours_runs, "rate"),
-            "median_steady_rate": med(ours_runs, "steady_rate"),
-            "runs": ours_runs,
-        },
-        "raw_celery": {
-            "median_rate": med(raw_runs, "rate"),
-            "median_steady_rate": med(raw_runs, "steady_rate"),
-            "runs": raw_runs,
-        },
-        "ratio": ratio,
-        "ratio_steady": ratio_steady,
-    }
-    common.write_result(args.results_dir, "throughput", result)
-    return result
+    params = {"tasks": n, "workers": args.workers, "concurrency": args.concurrency, "pool": "prefork",
+              "repeat": args.repeat, "raw_time_limits": args.raw_time_limits}  # fmt: skip
+    return run.write(
+        params,
+        profiled=args.profile,
+        ours={"median_rate": med(ours_runs, "rate"), "median_steady_rate": med(ours_runs, "steady_rate"),
+              "runs": ours_runs},
+        raw_celery={"median_rate": med(raw_runs, "rate"), "median_steady_rate": med(raw_runs, "steady_rate"),
+                    "runs": raw_runs},
+        ratio=ratio,
+        ratio_steady=ratio_steady,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

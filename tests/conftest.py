@@ -16,32 +16,19 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
 import redis
-from sqlalchemy.engine import make_url
 
-from taskscheduler.config import Settings, get_settings, normalize_database_url, redis_client_url
+from taskscheduler.config import Settings, get_settings
+from taskscheduler.store.db import libpq_url
+from tests import harness
+from tests.harness import Services
 
 REQUIRE_SERVICES = os.environ.get("TASKSCHEDULER_REQUIRE_SERVICES") == "1"
 RUN_ID = uuid.uuid4().hex[:10]
-
-
-@dataclass(frozen=True)
-class Services:
-    database_url: str  # SQLAlchemy URL of this run's private database
-    redis_url: str
-    redis_key_prefix: str
-
-    def env(self) -> dict[str, str]:
-        return {
-            "DATABASE_URL": self.database_url,
-            "REDIS_URL": self.redis_url,
-            "REDIS_KEY_PREFIX": self.redis_key_prefix,
-        }
 
 
 def _unavailable(what: str, exc: Exception) -> None:
@@ -51,20 +38,12 @@ def _unavailable(what: str, exc: Exception) -> None:
     pytest.skip(message)
 
 
-def _libpq(url: str) -> str:
-    return normalize_database_url(url).replace("postgresql+psycopg://", "postgresql://", 1)
-
-
 @pytest.fixture(scope="session")
 def server_urls() -> Iterator[tuple[str, str]]:
     """(database URL to administer, Redis URL) of the servers this run uses."""
-    database_url = os.environ.get("TEST_DATABASE_URL") or os.environ.get("DATABASE_URL")
-    redis_url = os.environ.get("TEST_REDIS_URL") or os.environ.get("REDIS_URL")
+    database_url, redis_url = harness.given_server_urls()
     if REQUIRE_SERVICES:
-        yield (
-            database_url or "postgresql://postgres@127.0.0.1:5432/postgres",
-            redis_url or "redis://127.0.0.1:6379/0",
-        )
+        yield database_url or harness.LOCAL_DATABASE_URL, redis_url or harness.LOCAL_REDIS_URL
     elif database_url and redis_url:
         yield database_url, redis_url
     else:
@@ -83,47 +62,34 @@ def server_urls() -> Iterator[tuple[str, str]]:
 
 @pytest.fixture(scope="session")
 def services(server_urls: tuple[str, str]) -> Iterator[Services]:
-    admin_url = _libpq(server_urls[0])
-    redis_url = server_urls[1]
+    admin_url, redis_url = server_urls
     try:
-        admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=5)
+        psycopg.connect(libpq_url(admin_url), connect_timeout=5).close()
     except psycopg.OperationalError as exc:
         _unavailable("PostgreSQL", exc)
     try:
-        client = redis.Redis.from_url(redis_client_url(redis_url), socket_connect_timeout=5)
-        client.ping()
+        with harness.redis_client(redis_url) as client:
+            client.ping()
     except redis.RedisError as exc:
-        admin.close()
         _unavailable("Redis", exc)
 
-    db_name = f"taskscheduler_test_{RUN_ID}"
-    admin.execute(f'CREATE DATABASE "{db_name}"')
-    database_url = make_url(normalize_database_url(admin_url)).set(database=db_name).render_as_string(False)
-    svc = Services(database_url=database_url, redis_url=redis_url, redis_key_prefix=f"tstest-{RUN_ID}:")
-
-    from taskscheduler.migrations import run_migrations
-
-    run_migrations(database_url)
-    saved = {k: os.environ.get(k) for k in svc.env()}
-    os.environ.update(svc.env())
-    get_settings.cache_clear()
-    try:
-        yield svc
-    finally:
-        from taskscheduler.store import db
-
-        db.dispose_engines()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with (
+        harness.private_database(admin_url, f"taskscheduler_test_{RUN_ID}") as database_url,
+        harness.private_redis_prefix(redis_url, f"tstest-{RUN_ID}:") as prefix,
+    ):
+        svc = Services(database_url=database_url, redis_url=redis_url, redis_key_prefix=prefix)
+        saved = {k: os.environ.get(k) for k in svc.env()}
+        os.environ.update(svc.env())
         get_settings.cache_clear()
-        admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-        admin.close()
-        for key in client.scan_iter(match=f"{svc.redis_key_prefix}*", count=1000):
-            client.delete(key)
-        client.close()
+        try:
+            yield svc
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            get_settings.cache_clear()
 
 
 @pytest.fixture
@@ -133,10 +99,7 @@ def clean_db(services: Services) -> Iterator[Services]:
 
     with db.transaction(services.database_url) as conn:
         conn.exec_driver_sql("TRUNCATE tasks, task_events, dlq_events, process_heartbeats, schedules RESTART IDENTITY")
-    client = redis.Redis.from_url(redis_client_url(services.redis_url))
-    for key in client.scan_iter(match=f"{services.redis_key_prefix}*", count=1000):
-        client.delete(key)
-    client.close()
+    harness.delete_redis_keys(services.redis_url, services.redis_key_prefix)
     yield services
 
 
@@ -150,7 +113,7 @@ def settings(clean_db: Services, monkeypatch: pytest.MonkeyPatch) -> Iterator[Se
 
 @pytest.fixture
 def redis_client(services: Services) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_client_url(services.redis_url))
+    client = harness.redis_client(services.redis_url)
     yield client
     client.close()
 

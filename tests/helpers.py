@@ -1,11 +1,9 @@
-"""Small helpers for tests: create tasks and walk them through the real transitions."""
+"""Small helpers for tests: create tasks and walk them through the real transitions, read the
+broker's queues, run the CLI in process. Servers, processes and waiting are in tests/harness.py."""
 
 from __future__ import annotations
 
-import socket
-import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,8 +11,9 @@ from sqlalchemy import text
 from typer.testing import CliRunner, Result
 
 from taskscheduler.lifecycle import DlqReason, queue_for_priority
-from taskscheduler.store import db
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import creation, db, operations, sweeps, transitions
+from tests.harness import free_port as free_port  # the tests import these two from here too
+from tests.harness import wait_until as wait_until
 
 
 def new_task(
@@ -27,7 +26,7 @@ def new_task(
     timeout_sec: float | None = None,
 ) -> uuid.UUID:
     with db.transaction() as conn:
-        row = task_store.create_task(
+        row = creation.create_task(
             conn,
             name=name,
             payload=payload or {},
@@ -44,36 +43,36 @@ def far_future() -> datetime:
     return datetime.now(UTC) + timedelta(days=1)
 
 
-def dispatch_all(now: datetime | None = None) -> list[task_store.Dispatched]:
+def dispatch_all(now: datetime | None = None) -> list[sweeps.Dispatched]:
     with db.transaction() as conn:
-        return task_store.dispatch_due(conn, limit=10_000, now=now or far_future())
+        return sweeps.dispatch_due(conn, limit=10_000, now=now or far_future())
 
 
 def to_started(task_id: uuid.UUID) -> int:
     """PENDING -> ENQUEUED -> STARTED through the store; returns the attempt."""
     (item,) = [d for d in dispatch_all() if d.id == task_id]
     with db.transaction() as conn:
-        assert task_store.claim(conn, task_id=task_id, attempt=item.attempt) is not None
+        assert transitions.claim(conn, task_id=task_id, attempt=item.attempt) is not None
     return item.attempt
 
 
 def to_dead(task_id: uuid.UUID, reason: DlqReason = DlqReason.MAX_RETRIES_EXCEEDED) -> int:
     attempt = to_started(task_id)
     with db.transaction() as conn:
-        assert task_store.kill(conn, task_id=task_id, attempt=attempt, error="boom", reason=reason)
+        assert transitions.kill(conn, task_id=task_id, attempt=attempt, error="boom", reason=reason)
     return attempt
 
 
 def task_row(task_id: uuid.UUID) -> dict[str, Any]:
     with db.transaction() as conn:
-        row = task_store.get_task(conn, task_id)
+        row = operations.get_task(conn, task_id)
     assert row is not None
     return dict(row)
 
 
 def events(task_id: uuid.UUID) -> list[tuple[str | None, str, int]]:
     with db.transaction() as conn:
-        return [(e["from_status"], e["to_status"], e["attempt"]) for e in task_store.list_events(conn, task_id)]
+        return [(e["from_status"], e["to_status"], e["attempt"]) for e in operations.list_events(conn, task_id)]
 
 
 def backdate(task_id: uuid.UUID, **columns: timedelta) -> None:
@@ -81,25 +80,6 @@ def backdate(task_id: uuid.UUID, **columns: timedelta) -> None:
     sets = ", ".join(f"{col} = {col} - :{col}" for col in columns)
     with db.transaction() as conn:
         conn.execute(text(f"UPDATE tasks SET {sets} WHERE id = :id"), {"id": task_id, **columns})
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(condition: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
-    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def queued(redis_client: Any, prefix: str, queue: str) -> list[tuple[str, ...]]:

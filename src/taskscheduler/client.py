@@ -1,12 +1,16 @@
-"""A small HTTP client of the API, for the people commands of the CLI (`submit`, `status`, `list`, ...)."""
+"""The one HTTP client of the API, for the commands people type (`taskscheduler submit`, `status`, `list`, ...).
+
+httpx is imported when a client is made, not with this module: every CLI command, the server roles
+included, reads DEFAULT_URL from here when it starts."""
 
 from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -55,6 +59,8 @@ def describe_error(response: httpx.Response) -> str:
 
 class ApiClient:
     def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 30.0) -> None:
+        import httpx
+
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.url = url.rstrip("/")
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
@@ -66,6 +72,8 @@ class ApiClient:
         self._http.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TimeoutException as exc:

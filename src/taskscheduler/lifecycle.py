@@ -1,9 +1,10 @@
-"""Task statuses, the transitions allowed between them, queues and backoff. Pure: no I/O."""
+"""Task statuses, queues, backoff and the failure policy (retry when, or dead why). Pure: no I/O."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterable
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -18,26 +19,8 @@ class TaskStatus(StrEnum):
 
 
 TERMINAL: frozenset[TaskStatus] = frozenset({TaskStatus.SUCCEEDED, TaskStatus.DEAD, TaskStatus.CANCELLED})
-# Statuses the scheduler dispatches when run_at is due.
-DISPATCHABLE: frozenset[TaskStatus] = frozenset({TaskStatus.PENDING, TaskStatus.FAILED})
 CANCELLABLE: frozenset[TaskStatus] = frozenset({TaskStatus.PENDING, TaskStatus.FAILED, TaskStatus.ENQUEUED})
 RETRYABLE: frozenset[TaskStatus] = frozenset({TaskStatus.DEAD, TaskStatus.CANCELLED})
-
-ALLOWED_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
-    TaskStatus.PENDING: frozenset({TaskStatus.ENQUEUED, TaskStatus.CANCELLED}),
-    TaskStatus.FAILED: frozenset({TaskStatus.ENQUEUED, TaskStatus.CANCELLED}),
-    # A lost ENQUEUED message is published again, never failed: the task has not run.
-    TaskStatus.ENQUEUED: frozenset({TaskStatus.STARTED, TaskStatus.CANCELLED}),
-    TaskStatus.STARTED: frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.DEAD}),
-    TaskStatus.SUCCEEDED: frozenset(),
-    # Only an explicit retry from the API brings a finished task back.
-    TaskStatus.DEAD: frozenset({TaskStatus.PENDING}),
-    TaskStatus.CANCELLED: frozenset({TaskStatus.PENDING}),
-}
-
-
-def can_transition(src: TaskStatus, dst: TaskStatus) -> bool:
-    return dst in ALLOWED_TRANSITIONS[src]
 
 
 class Queue(StrEnum):
@@ -86,6 +69,43 @@ def backoff_sec(attempt: int, *, base: float, cap: float, rng: random.Random | N
         raise ValueError("attempt counts from 1")
     ceiling = min(cap, base * 2 ** min(attempt - 1, 62))
     return (rng or random).uniform(0.0, ceiling)
+
+
+@dataclass(frozen=True)
+class RetryAfter:
+    """The failed attempt is retried: FAILED, due again in `delay_sec`."""
+
+    delay_sec: float
+
+
+@dataclass(frozen=True)
+class DeadWith:
+    """The failed attempt was the last one allowed: DEAD, for `reason`."""
+
+    reason: DlqReason
+
+
+def failure_outcome(
+    *,
+    attempt: int,
+    max_retries: int,
+    retry_base_attempt: int,
+    timed_out: bool,
+    backoff_base_sec: float,
+    backoff_max_sec: float,
+    rng: random.Random | None = None,
+) -> RetryAfter | DeadWith:
+    """What a failed attempt becomes, whoever saw it fail: the worker (the handler raised or ran past
+    its time limit) or the stuck sweep (no heartbeat, or past its time limit: `timed_out`).
+
+    A retry waits a jittered backoff counted from the last replay; a task out of retries is DEAD for
+    its timeout if it timed out, else for running out of retries.
+    """
+    if has_retries_left(attempt, max_retries, retry_base_attempt):
+        return RetryAfter(
+            backoff_sec(attempt - retry_base_attempt, base=backoff_base_sec, cap=backoff_max_sec, rng=rng)
+        )
+    return DeadWith(DlqReason.STUCK_TASK_TIMEOUT if timed_out else DlqReason.MAX_RETRIES_EXCEEDED)
 
 
 def nested_deeper_than(value: object, limit: int) -> bool:

@@ -13,8 +13,8 @@ import threading
 import time
 import uuid
 
-from taskscheduler.store import db
 from taskscheduler.store import processes as process_store
+from taskscheduler.store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ ROLES = ("api", "scheduler", "worker")
 
 
 class ProcessHeartbeat:
-    def __init__(self, role: str, *, interval_sec: float, detail: str = "", database_url: str | None = None) -> None:
+    def __init__(self, role: str, *, interval_sec: float, database: Database, detail: str = "") -> None:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}")
         self.role = role
@@ -30,7 +30,7 @@ class ProcessHeartbeat:
         self.interval_sec = interval_sec
         self.hostname = socket.gethostname()
         self.process_id = f"{role}:{self.hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._database_url = database_url
+        self.database = database
         self._last = float("-inf")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -39,7 +39,7 @@ class ProcessHeartbeat:
     def beat(self) -> bool:
         """Write the row now. False (and one warning per outage) when the database is away."""
         try:
-            with db.transaction(self._database_url) as conn:
+            with self.database.transaction() as conn:
                 process_store.beat(
                     conn,
                     process_id=self.process_id,
@@ -79,7 +79,7 @@ class ProcessHeartbeat:
         if self._thread is not None:
             self._thread.join(timeout=10)
         try:
-            with db.transaction(self._database_url) as conn:
+            with self.database.transaction() as conn:
                 process_store.remove(conn, self.process_id)
         except Exception as exc:  # the row goes stale instead
             log.warning("could not remove the process heartbeat: %s", exc, extra={"event": "process_heartbeat_failed"})

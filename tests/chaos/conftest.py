@@ -6,16 +6,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 
 from taskscheduler.config import normalize_database_url
 from taskscheduler.migrations import run_migrations
 from taskscheduler.store import db
 from tests.chaos.invariants import status_counts, unfinished, violations
 from tests.chaos.servers import PrivatePostgres, PrivateRedis
-from tests.conftest import Services
 from tests.e2e.conftest import Cluster
-from tests.helpers import wait_until
+from tests.harness import Services, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAOS_ENV = {"TASK_MODULES": "tests.chaos.handlers", "PYTHONPATH": str(ROOT)}
@@ -87,26 +85,3 @@ def assert_invariants(database_url: str) -> None:
     with db.transaction(database_url) as conn:
         broken = violations(conn)
     assert broken == {}, broken
-
-
-def insert_tasks(
-    database_url: str, count: int, *, name: str = "demo_ok", payload: str = "{}", **columns: object
-) -> None:
-    """`count` due tasks in one statement (priority 5 unless given)."""
-    values = {"priority": 5, "queue": "default", "max_retries": 3, **columns}
-    with db.transaction(database_url) as conn:
-        conn.execute(
-            text(
-                "INSERT INTO tasks (id, name, payload, priority, queue, status, run_at, max_retries)"
-                " SELECT gen_random_uuid(), :name, CAST(:payload AS jsonb), :priority, :queue, 'PENDING', now(),"
-                " :max_retries FROM generate_series(1, :count)"
-            ),
-            {"name": name, "payload": payload, "count": count, **values},
-        )
-        conn.execute(
-            text(
-                "INSERT INTO task_events (task_id, from_status, to_status, attempt, detail)"
-                " SELECT id, NULL, 'PENDING', 0, 'created' FROM tasks t"
-                " WHERE NOT EXISTS (SELECT 1 FROM task_events e WHERE e.task_id = t.id)"
-            )
-        )

@@ -11,13 +11,12 @@ import os
 import pwd
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import psycopg
 import redis
 
-from tests.helpers import free_port
+from tests.harness import Proc, free_port, start_process, wait_until
 
 PG_BIN = Path(
     subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=False).stdout.strip()
@@ -25,40 +24,31 @@ PG_BIN = Path(
 )
 
 
-def _wait(check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except Exception:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not come up in {timeout}s")
-        time.sleep(0.1)
-
-
 class PrivateRedis:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: Proc | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(self.folder)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
-        _wait(lambda: redis.Redis.from_url(self.url).ping(), 20, "private redis")
+        argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+                "--dir", str(self.folder)]  # fmt: skip
+        self.proc = start_process("redis", argv, log_path=self.folder / "redis.log", env=os.environ)
+        wait_until(self._answers, timeout=20, what="private redis")
+
+    def _answers(self) -> bool:
+        client = redis.Redis.from_url(self.url)
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is not None and self.proc.alive():
             self.proc.kill()  # no persistence: everything in it is lost, as in a crash
-            self.proc.wait(10)
 
     def restart(self) -> None:
         self.stop()
@@ -94,7 +84,14 @@ class PrivatePostgres:
         opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder} -c max_connections=200 -c fsync=off"
         self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.folder / "pg.log"),
                   "-w", "start")  # fmt: skip
-        _wait(lambda: psycopg.connect(self.admin_url, connect_timeout=2).close() is None, 30, "private postgres")
+        wait_until(self._answers, timeout=30, what="private postgres")
+
+    def _answers(self) -> bool:
+        try:
+            psycopg.connect(self.admin_url, connect_timeout=2).close()
+        except psycopg.OperationalError:
+            return False
+        return True
 
     def stop(self, mode: str = "immediate") -> None:
         self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")

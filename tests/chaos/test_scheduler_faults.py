@@ -12,8 +12,9 @@ from sqlalchemy import text
 
 from taskscheduler.scheduler.dispatch import FAULT_AFTER_COMMIT
 from taskscheduler.store import db
-from tests.chaos.conftest import assert_invariants, insert_tasks, settle
+from tests.chaos.conftest import assert_invariants, settle
 from tests.conftest import REQUIRE_SERVICES
+from tests.harness import insert_tasks
 from tests.helpers import backdate, new_task, task_row, to_started, wait_until
 
 

@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from taskscheduler.store import db
-from tests.chaos.conftest import assert_invariants, insert_tasks, settle
+from tests.chaos.conftest import assert_invariants, settle
 from tests.chaos.proxy import FlakyProxy
-from tests.conftest import Services
+from tests.harness import Services, insert_tasks
 from tests.helpers import wait_until
 
 

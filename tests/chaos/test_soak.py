@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.conftest import assert_invariants, insert_tasks, settle
+from tests.chaos.conftest import assert_invariants, settle
+from tests.harness import insert_tasks
 from tests.helpers import wait_until
 
 TOTAL = 5000

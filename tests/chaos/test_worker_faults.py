@@ -17,11 +17,11 @@ import pytest
 
 from taskscheduler import handlers, worker
 from taskscheduler.config import get_settings
-from taskscheduler.store import db
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import db, sweeps
+from taskscheduler.worker import heartbeats
 from tests.chaos.conftest import assert_invariants, settle
 from tests.chaos.servers import PrivatePostgres, PrivateRedis
-from tests.conftest import Services
+from tests.harness import Services
 from tests.helpers import dispatch_all, events, new_task, task_row, wait_until
 
 
@@ -126,13 +126,13 @@ def test_a_handler_that_kills_its_worker_gets_max_retries_plus_one_attempts(clea
     assert [(e["reason"], e["attempt"]) for e in dlq_rows(cluster, task_id)] == [("stuck_task_timeout", 3)]
     # It does not loop: a later sweep leaves it alone.
     with db.transaction(clean_db.database_url) as conn:
-        assert task_store.dispatch_due(conn, limit=10) == []
+        assert sweeps.dispatch_due(conn, limit=10) == []
     assert get(cluster, task_id)["attempt"] == 3
     assert_invariants(clean_db.database_url)
 
 
 def test_the_same_message_delivered_twice_runs_once(clean_db, make_cluster, tmp_path: Path):
-    from taskscheduler.worker import configure_celery, publish_attempts
+    from taskscheduler.broker import configure_celery, publish_attempts
 
     cluster = make_cluster(clean_db)
     cluster.start_api()
@@ -142,7 +142,7 @@ def test_the_same_message_delivered_twice_runs_once(clean_db, make_cluster, tmp_
     runs = tmp_path / "runs"
     task_id = new_task(name="chaos_record", payload={"path": str(runs), "sleep_sec": 0.5})
     with db.transaction(clean_db.database_url) as conn:
-        (item,) = task_store.dispatch_due(conn, limit=10)
+        (item,) = sweeps.dispatch_due(conn, limit=10)
     configure_celery()
     publish_attempts([item, item], default_timeout_sec=30)
 
@@ -207,7 +207,7 @@ def private_worker(
     for name, value in {**services.env(), "HEARTBEAT_SEC": "0.3"}.items():
         monkeypatch.setenv(name, value)
     get_settings.cache_clear()
-    monkeypatch.setattr(worker, "_heartbeats", None)  # a fresh one, with this interval
+    monkeypatch.setattr(heartbeats, "_heartbeats", None)  # a fresh one, with this interval
     gate = threading.Event()
     monkeypatch.setitem(handlers._registry, "gated", lambda payload: {"ok": gate.wait(60)})
     try:

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +10,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Services
-from tests.helpers import free_port, wait_until
-
-CLI = shutil.which("taskscheduler", path=str(Path(sys.executable).parent)) or "taskscheduler"
+from tests.harness import (
+    CLI,
+    Proc,
+    Services,
+    dump_logs,
+    free_port,
+    start_process,
+    stop_all,
+    wait_until,
+    wait_worker_ready,
+)
 
 # Short timeouts so faults resolve in seconds; every wait in the tests polls for a condition.
 FAST_SETTINGS = {
@@ -31,32 +33,6 @@ FAST_SETTINGS = {
     "RETRY_BACKOFF_MAX_SEC": "1",
     "LOG_LEVEL": "INFO",
 }
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    def signal_group(self, sig: signal.Signals) -> None:
-        """Signal the whole process group (Celery's pool children included)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, sig)
-
-    def stop(self, timeout: float = 15) -> int | None:
-        if self.popen.poll() is None:
-            self.signal_group(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.signal_group(signal.SIGKILL)
-                self.popen.wait(5)
-        self.signal_group(signal.SIGKILL)  # pool children left behind, if any
-        return self.popen.returncode
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 @dataclass
@@ -83,16 +59,14 @@ class Cluster:
     def start_with_prefix(self, prefix: list[str], *args: str, env: dict[str, str] | None = None) -> Proc:
         """Start `taskscheduler *args` under a wrapper command such as `faketime -f +1h`."""
         name = "-".join(args).replace("--queues-", "")
+        return self.start_process(name, [*prefix, CLI, *args], env={**self.env, **(env or {})})
+
+    def start_process(
+        self, name: str, argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> Proc:
+        """Any command, in the environment `env` (default: the cluster's); stopped with the cluster."""
         log_path = self.tmp / f"{name}-{len(self.procs)}.log"
-        with log_path.open("wb") as out:
-            popen = subprocess.Popen(
-                [*prefix, CLI, *args],
-                env={**self.env, **(env or {})},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group, so a test can kill it whole
-            )
-        proc = Proc(name=name, popen=popen, log_path=log_path)
+        proc = start_process(name, argv, log_path=log_path, env=self.env if env is None else env, cwd=cwd)
         self.procs.append(proc)
         return proc
 
@@ -101,10 +75,7 @@ class Cluster:
         self.wait_worker_ready(proc)
         return proc
 
-    @staticmethod
-    def wait_worker_ready(proc: Proc) -> None:
-        wait_until(lambda: "ready." in proc.log() or proc.popen.poll() is not None, timeout=90, what=proc.name)
-        assert proc.popen.poll() is None, proc.log()
+    wait_worker_ready = staticmethod(wait_worker_ready)
 
     def start_api(self) -> Proc:
         proc = self.start("api")
@@ -131,11 +102,10 @@ class Cluster:
         return f"http://127.0.0.1:{self.api_port}"
 
     def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            proc.stop()
+        stop_all(self.procs)
 
     def dump_logs(self) -> str:
-        return "\n".join(f"===== {p.name} =====\n{p.log()[-4000:]}" for p in self.procs)
+        return dump_logs(self.procs)
 
 
 @pytest.fixture

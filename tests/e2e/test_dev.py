@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.e2e.conftest import CLI
+from tests.harness import CLI, start_process
 from tests.helpers import free_port, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -29,19 +29,12 @@ class Dev:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if k not in SERVER_ENV_NAMES}
         env.update({"RETRY_BACKOFF_BASE_SEC": "0.2", "RETRY_BACKOFF_MAX_SEC": "1", **(extra_env or {})})
-        self.log_path = log_path
-        with log_path.open("wb") as out:
-            self.popen = subprocess.Popen(
-                [CLI, "dev", "--port", str(self.port), "--data-dir", str(data_dir)],
-                env=env,
-                cwd=data_dir.parent,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        argv = [CLI, "dev", "--port", str(self.port), "--data-dir", str(data_dir)]
+        self.proc = start_process("dev", argv, log_path=log_path, env=env, cwd=data_dir.parent)
+        self.popen = self.proc.popen
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.proc.log()
 
     def wait_ready(self) -> None:
         def up() -> bool:

@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
+from taskscheduler.broker import configure_celery
 from taskscheduler.config import Settings
-from taskscheduler.worker import configure_celery
 from tests.e2e.conftest import Proc
 from tests.helpers import free_port, new_task, task_row, wait_until
 
@@ -35,27 +35,9 @@ def broker_env(cluster: Any) -> dict[str, str]:
 
 
 def start_flower(cluster: Any, port: int) -> Proc:
-    log_path = cluster.tmp / "flower.log"
-    with log_path.open("wb") as out:
-        popen = subprocess.Popen(
-            [
-                CELERY,
-                "-A",
-                "taskscheduler",
-                "flower",
-                f"--port={port}",
-                "--address=127.0.0.1",
-                f"--basic-auth={':'.join(FLOWER_AUTH)}",
-            ],
-            env=broker_env(cluster),
-            cwd=cluster.tmp,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    proc = Proc(name="flower", popen=popen, log_path=log_path)
-    cluster.procs.append(proc)  # stopped with the cluster
-    return proc
+    argv = [CELERY, "-A", "taskscheduler", "flower", f"--port={port}", "--address=127.0.0.1",
+            f"--basic-auth={':'.join(FLOWER_AUTH)}"]  # fmt: skip
+    return cluster.start_process("flower", argv, env=broker_env(cluster), cwd=cluster.tmp)  # stopped with the cluster
 
 
 def flower_get(port: int, path: str, **params: Any) -> Any:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from taskscheduler import worker
+from taskscheduler import broker
 from taskscheduler.config import Settings
 from tests.helpers import dispatch_all, new_task, task_row, wait_until
 
@@ -29,8 +29,8 @@ def test_a_slow_first_task_does_not_hold_up_the_other_tasks_of_its_message(
     short = [new_task() for _ in range(19)]
     attempts = {item.id: item.attempt for item in dispatch_all()}
     items = [(task_id, attempts[task_id]) for task_id in [slow, *short]]
-    worker.configure_celery(settings)
-    worker._publish_message(items, queue="default", time_limit_sec=90)  # one message carries all 20
+    broker.configure_celery(settings)
+    broker.publish_message(items, queue="default", time_limit_sec=90)  # one message carries all 20
 
     wait_until(lambda: task_row(slow)["status"] == "STARTED", timeout=30, what="the slow task to start")
     # The slice is 1 s; the other worker then runs the 19 in well under a second, unless loaded.
@@ -55,12 +55,12 @@ def test_a_worker_busy_with_a_task_leaves_the_next_message_to_an_idle_worker(
     cluster = cluster_factory()
     busy = cluster.start_worker("default")
     slow = new_task(name="demo_hang", payload={"sleep_sec": 30}, timeout_sec=60, max_retries=0)
-    worker.configure_celery(settings)
-    worker._publish_message(_enqueued(slow), queue="default", time_limit_sec=90)
+    broker.configure_celery(settings)
+    broker.publish_message(_enqueued(slow), queue="default", time_limit_sec=90)
     wait_until(lambda: task_row(slow)["status"] == "STARTED", timeout=30, what="the slow task to start")
 
     short = new_task()
-    worker._publish_message(_enqueued(short), queue="default", time_limit_sec=90)
+    broker.publish_message(_enqueued(short), queue="default", time_limit_sec=90)
     cluster.start_worker("default")  # started after the message was published: the busy one had it first
     wait_until(lambda: task_row(short)["status"] == "SUCCEEDED", timeout=10, what="the idle worker to run it")
     assert task_row(slow)["status"] == "STARTED"

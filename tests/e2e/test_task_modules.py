@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import textwrap
 from pathlib import Path
 
@@ -27,20 +26,8 @@ def echo(payload: dict) -> dict:
 
 
 def _start_in(cluster: Cluster, cwd: Path, *args: str) -> Proc:
-    name = "-".join(args)
-    log_path = cluster.tmp / f"{name}-{len(cluster.procs)}.log"
-    with log_path.open("wb") as out:
-        popen = subprocess.Popen(
-            [CLI, *args],
-            cwd=cwd,
-            env={**cluster.env, "TASK_MODULES": "myapp.tasks"},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    proc = Proc(name=name, popen=popen, log_path=log_path)
-    cluster.procs.append(proc)  # stopped by the fixture
-    return proc
+    env = {**cluster.env, "TASK_MODULES": "myapp.tasks"}
+    return cluster.start_process("-".join(args), [CLI, *args], env=env, cwd=cwd)  # stopped by the fixture
 
 
 def test_roles_import_task_modules_from_the_working_directory(cluster_factory: type[Cluster], tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ from taskscheduler.api import body_guard, create_app
 from taskscheduler.api.body_guard import MAX_JSON_DEPTH
 from taskscheduler.config import Settings
 from taskscheduler.store import db
+from taskscheduler.store.db import Database
+from taskscheduler.store.statement_pool import CONNECTION_WAIT_SEC, AsyncConn
 
 T = TypeVar("T")
 
@@ -517,7 +519,7 @@ def test_create_is_a_503_when_the_database_is_unreachable(settings: Settings, li
         response = TestClient(app, raise_server_exceptions=False).post("/tasks", json=_OK)
     assert response.status_code == 503, response.text
     assert response.json()["detail"] == "database unavailable, try again"
-    assert time.monotonic() - started < db.CONNECTION_WAIT_SEC + 2
+    assert time.monotonic() - started < CONNECTION_WAIT_SEC + 2
 
 
 def test_batch_and_keyed_create_survive_pooled_connections_that_died(client: TestClient, settings: Settings) -> None:
@@ -532,16 +534,16 @@ def test_batch_and_keyed_create_survive_pooled_connections_that_died(client: Tes
     assert _rows(settings) == (6, 6)
 
 
-async def _in_pool(settings: Settings, use: Callable[[db.AsyncStatementPool], Awaitable[T]]) -> T:
-    pool = db.statement_pool(settings.database_url)
-    await pool.open(wait=True)
+async def _in_pool(settings: Settings, use: Callable[[Database], Awaitable[T]]) -> T:
+    database = Database(settings.database_url)
+    await database.open_statement_pool(wait=True)
     try:
-        return await use(pool)
+        return await use(database)
     finally:
-        await pool.close()
+        await database.close_statement_pool()
 
 
-async def _kill_own_backend(conn: db.AsyncConn) -> None:
+async def _kill_own_backend(conn: AsyncConn) -> None:
     with contextlib.suppress(psycopg.OperationalError):
         await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
 
@@ -549,7 +551,7 @@ async def _kill_own_backend(conn: db.AsyncConn) -> None:
 def test_a_transaction_whose_connection_died_before_commit_runs_once_more(settings: Settings) -> None:
     calls: list[int] = []
 
-    async def work(conn: db.AsyncConn) -> int:
+    async def work(conn: AsyncConn) -> int:
         calls.append(1)
         if len(calls) == 1:
             await _kill_own_backend(conn)
@@ -557,20 +559,20 @@ def test_a_transaction_whose_connection_died_before_commit_runs_once_more(settin
         assert row is not None
         return int(row["n"])
 
-    assert asyncio.run(_in_pool(settings, lambda pool: db.run_transaction_async(pool, work))) == 7
+    assert asyncio.run(_in_pool(settings, lambda database: database.run_transaction_async(work))) == 7
     assert len(calls) == 2
 
 
 def test_a_connection_dead_twice_is_an_error_not_a_third_try(settings: Settings) -> None:
     calls: list[int] = []
 
-    async def work(conn: db.AsyncConn) -> None:
+    async def work(conn: AsyncConn) -> None:
         calls.append(1)
         await _kill_own_backend(conn)
         await conn.execute("SELECT 1")
 
     with pytest.raises(psycopg.OperationalError):
-        asyncio.run(_in_pool(settings, lambda pool: db.run_statement_async(pool, work)))
+        asyncio.run(_in_pool(settings, lambda database: database.run_statement_async(work)))
     assert len(calls) == 2
 
 
@@ -579,7 +581,7 @@ def test_a_transaction_whose_commit_failed_is_not_retried(settings: Settings) ->
     # do it twice.
     calls: list[int] = []
 
-    async def work(conn: db.AsyncConn) -> None:
+    async def work(conn: AsyncConn) -> None:
         calls.append(1)
         pid = conn.info.backend_pid
         with db.transaction(settings.database_url) as other:
@@ -587,20 +589,21 @@ def test_a_transaction_whose_commit_failed_is_not_retried(settings: Settings) ->
             other.exec_driver_sql(f"SELECT pg_terminate_backend({pid}, 5000)")
 
     with pytest.raises(psycopg.OperationalError):
-        asyncio.run(_in_pool(settings, lambda pool: db.run_transaction_async(pool, work)))
+        asyncio.run(_in_pool(settings, lambda database: database.run_transaction_async(work)))
     assert len(calls) == 1
 
 
 def test_the_pool_keeps_its_connections_under_concurrent_load(settings: Settings) -> None:
     # Closing connections above an idle size and reopening them under load cost a tenth of the
     # API's time: the pool has a fixed size, and more concurrent requests wait for a connection.
-    async def statement(conn: db.AsyncConn) -> None:
+    async def statement(conn: AsyncConn) -> None:
         await conn.execute("SELECT pg_sleep(0.001)")
 
-    async def load(pool: db.AsyncStatementPool) -> dict[str, int]:
+    async def load(database: Database) -> dict[str, int]:
         for _ in range(5):
-            await asyncio.gather(*(db.run_statement_async(pool, statement) for _ in range(40)))
-        return pool.get_stats()
+            await asyncio.gather(*(database.run_statement_async(statement) for _ in range(40)))
+        assert database.statement_pool is not None
+        return database.statement_pool.get_stats()
 
     stats = asyncio.run(_in_pool(settings, load))
     assert stats["pool_max"] == stats["pool_min"] == 10

@@ -15,14 +15,13 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from tests.helpers import backdate, dispatch_all, free_port, new_task, to_dead, to_started
 
-from taskscheduler import metrics, worker
+from taskscheduler import broker, metrics, worker
 from taskscheduler.api import create_app
 from taskscheduler.config import Settings
 from taskscheduler.lifecycle import DlqReason
 from taskscheduler.scheduler import rescue
-from taskscheduler.store import db
+from taskscheduler.store import db, operations
 from taskscheduler.store import dlq as dlq_store
-from taskscheduler.store import tasks as task_store
 
 KEYS = "key-one, key-two"
 PUBLIC = {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
@@ -211,13 +210,13 @@ def test_counters_and_histograms_follow_what_happens(client: TestClient, setting
 def test_rescue_and_dlq_counters(client: TestClient, settings: Settings) -> None:
     from taskscheduler.scheduler.publisher import CeleryPublisher
 
-    worker.configure_celery(settings)
+    broker.configure_celery(settings)
     before = _scrape(client)
     task_id = new_task(max_retries=0)
     attempt = to_started(task_id)
     backdate(task_id, heartbeat_at=timedelta(seconds=settings.heartbeat_timeout_sec + 1))
     backdate(task_id, started_at=timedelta(seconds=settings.stuck_after_sec + 1))
-    assert rescue.run_once(settings=settings, publisher=CeleryPublisher(settings)).dead == 1
+    assert rescue.run_once(database=db.database_for(), settings=settings, publisher=CeleryPublisher(settings)).dead == 1
     with db.transaction() as conn:
         assert dlq_store.record_dlq_event(
             conn, task_id=task_id, attempt=attempt, task_name="demo_ok", reason="stuck_task_timeout", error="stuck"
@@ -250,7 +249,7 @@ def test_metrics_scrape_survives_a_failing_count(client: TestClient, monkeypatch
     def broken(conn: Any) -> list[tuple[str, str, int]]:
         raise RuntimeError("database away")
 
-    monkeypatch.setattr(task_store, "task_counts", broken)
+    monkeypatch.setattr(operations, "task_counts", broken)
     samples = _scrape(client)
     assert not [name for name, _ in samples if name == "taskscheduler_tasks_current"]
     assert [name for name, _ in samples if name.startswith("taskscheduler_tasks_created")]

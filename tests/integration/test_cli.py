@@ -5,11 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -20,6 +16,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
+from tests.harness import CLI, start_process, stop_group
 from tests.helpers import cli_run as run
 from tests.helpers import free_port, one_line_error, task_row, to_dead, wait_until
 
@@ -137,9 +134,7 @@ def test_conflicts_are_one_clear_line(live_api: Any) -> None:
 
 
 def test_an_unreachable_api(settings: Settings) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens there once closed
+    port = free_port()  # nothing listens there
     line = one_line_error(run("list", "--url", f"http://127.0.0.1:{port}"), 1)
     assert "cannot reach the API" in line
 
@@ -169,7 +164,7 @@ def _age(process_id: str, seconds: float) -> None:
 def test_check_follows_the_heartbeat(settings: Settings) -> None:
     result = run("check", "scheduler")
     assert result.exit_code == 1 and "no scheduler" in result.output
-    heartbeat = ProcessHeartbeat("scheduler", interval_sec=settings.process_heartbeat_sec)
+    heartbeat = ProcessHeartbeat("scheduler", interval_sec=settings.process_heartbeat_sec, database=db.database_for())
     assert heartbeat.beat()
     result = run("check", "scheduler")
     assert result.exit_code == 0, result.output
@@ -186,7 +181,7 @@ def test_check_follows_the_heartbeat(settings: Settings) -> None:
 
 
 def test_check_worker_by_queue_and_host(settings: Settings) -> None:
-    ProcessHeartbeat("worker", interval_sec=10, detail="high").beat()
+    ProcessHeartbeat("worker", interval_sec=10, detail="high", database=db.database_for()).beat()
     assert run("check", "worker").exit_code == 0
     assert run("check", "worker", "--queue", "high").exit_code == 0
     assert run("check", "worker", "--queue", "low").exit_code == 1
@@ -197,9 +192,7 @@ def test_check_worker_by_queue_and_host(settings: Settings) -> None:
 
 
 def test_check_without_a_database(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{port}/nowhere")
     get_settings.cache_clear()
     result = run("check", "worker")
@@ -227,9 +220,6 @@ def test_status_output_is_not_rich_markup(live_api: Any) -> None:
 # --- `taskscheduler api`: where it listens, what it says ------------------------------------------------------------
 
 
-CLI = shutil.which("taskscheduler", path=str(Path(sys.executable).parent)) or "taskscheduler"
-
-
 def _server_env(settings: Settings, **changes: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("API_HOST", "API_KEYS", "METRICS_HOST", "FAULT_POINT")}
     env.update(DATABASE_URL=settings.database_url, REDIS_URL=settings.redis_url, LOG_LEVEL="INFO")
@@ -239,23 +229,11 @@ def _server_env(settings: Settings, **changes: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _started(args: list[str], env: dict[str, str], log_path: Path) -> Iterator[Callable[[], str]]:
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen([CLI, *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_process(args[0], [CLI, *args], log_path=log_path, env=env)
     try:
-        yield lambda: log_path.read_text(errors="replace")
+        yield proc.log
     finally:
-        _stop_group(proc)
-
-
-def _stop_group(proc: subprocess.Popen[Any]) -> None:
-    """SIGTERM, then SIGKILL, to the process group the test started (children included)."""
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-        if proc.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(wait)
+        proc.stop(20)
 
 
 def test_the_api_listens_on_loopback_by_default_and_does_not_warn(settings: Settings, tmp_path: Path) -> None:
@@ -269,9 +247,7 @@ def test_the_api_listens_on_loopback_by_default_and_does_not_warn(settings: Sett
 def test_the_api_beyond_loopback_without_keys_warns_at_start_up(settings: Settings, tmp_path: Path) -> None:
     # A database that never answers keeps the process from ever binding: nothing listens beyond
     # loopback during the test, and the warning comes first, from the settings alone.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+    closed = free_port()
     env = _server_env(settings, API_HOST="0.0.0.0", DATABASE_URL=f"postgresql://postgres@127.0.0.1:{closed}/x")
     with _started(["api", "--port", str(free_port())], env, tmp_path / "api.log") as log:
         wait_until(lambda: "waiting for the database" in log(), timeout=60, what="the API to start")
@@ -294,7 +270,7 @@ def test_an_api_key_that_could_never_match_is_refused_at_start_up(
     try:
         stdout, stderr = proc.communicate(timeout=60)
     finally:
-        _stop_group(proc)  # a role that started after all must not outlive the test
+        stop_group(proc, 20)  # a role that started after all must not outlive the test
     assert proc.returncode == 2, stdout + stderr
     assert "configuration error" in stderr and "API_KEYS: key 2 of 2 holds a non-ASCII character" in stderr
     assert "bäd-key" not in stderr + stdout and "good-key" not in stderr + stdout

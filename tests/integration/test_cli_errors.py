@@ -4,29 +4,19 @@ wrong, exit 1 when a right command did not succeed (an HTTP error, a server that
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.harness import CLI, free_port, stop_group
 from tests.helpers import cli_run as run
 from tests.helpers import one_line_error
 
 from taskscheduler.config import Settings
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
-
-CLI = shutil.which("taskscheduler", path=str(Path(sys.executable).parent)) or "taskscheduler"
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # nothing listens there once closed
 
 
 @pytest.mark.parametrize(
@@ -51,7 +41,7 @@ def test_bad_input_is_one_line_and_exit_2(live_api: Any, args: tuple[str, ...], 
 
 def test_a_usage_error_from_the_real_command_is_one_line(settings: Settings) -> None:
     proc = subprocess.run(
-        [CLI, "submit", "demo_ok", "--priority", "11", "--url", f"http://127.0.0.1:{closed_port()}"],
+        [CLI, "submit", "demo_ok", "--priority", "11", "--url", f"http://127.0.0.1:{free_port()}"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -66,7 +56,7 @@ def test_a_usage_error_from_the_real_command_is_one_line(settings: Settings) -> 
 
 
 def test_an_unreachable_api_says_where_it_looked_and_how_to_change_it(settings: Settings) -> None:
-    url = f"http://127.0.0.1:{closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     line = one_line_error(run("list", "--url", url), 1)
     assert f"cannot reach the API at {url}" in line
     assert "taskscheduler dev" in line and "--url" in line and "TASKSCHEDULER_URL" in line
@@ -89,9 +79,7 @@ def _run_role(args: list[str], env: dict[str, str], timeout: float) -> subproces
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     finally:
-        if proc.poll() is None:  # a role that did not stop in time must not outlive the test
-            os.killpg(proc.pid, 9)
-            proc.wait(10)
+        stop_group(proc)  # a role that did not stop in time must not outlive the test
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
@@ -99,7 +87,7 @@ def _run_role(args: list[str], env: dict[str, str], timeout: float) -> subproces
 def test_a_role_waits_db_wait_sec_for_the_database_then_exits_1_with_one_line(
     settings: Settings, role: list[str]
 ) -> None:
-    port = closed_port()
+    port = free_port()
     env = _role_env(settings, DATABASE_URL=f"postgresql://postgres@127.0.0.1:{port}/x", DB_WAIT_SEC="1")
     started = time.monotonic()
     done = _run_role(role, env, timeout=45)

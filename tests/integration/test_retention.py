@@ -11,14 +11,13 @@ import pytest
 from sqlalchemy import text
 from tests.helpers import backdate, events, new_task, to_dead, to_started
 
+from taskscheduler.broker import DeadMessage
 from taskscheduler.config import Settings
 from taskscheduler.liveness import ProcessHeartbeat
 from taskscheduler.scheduler import retention
-from taskscheduler.scheduler.publisher import DeadMessage
 from taskscheduler.scheduler.service import SchedulerService
-from taskscheduler.store import db
+from taskscheduler.store import creation, db, operations, sweeps, transitions
 from taskscheduler.store import dlq as dlq_store
-from taskscheduler.store import tasks as task_store
 
 DAY = timedelta(days=1)
 
@@ -27,7 +26,7 @@ def _succeeded() -> uuid.UUID:
     task_id = new_task()
     attempt = to_started(task_id)
     with db.transaction() as conn:
-        assert task_store.succeed(conn, task_id=task_id, attempt=attempt, result={"ok": True})
+        assert transitions.succeed(conn, task_id=task_id, attempt=attempt, result={"ok": True})
     return task_id
 
 
@@ -40,13 +39,13 @@ def _dead() -> uuid.UUID:
 def _cancelled() -> uuid.UUID:
     task_id = new_task()
     with db.transaction() as conn:
-        assert task_store.cancel(conn, task_id).row is not None
+        assert operations.cancel(conn, task_id).row is not None
     return task_id
 
 
 def _exists(task_id: uuid.UUID) -> bool:
     with db.transaction() as conn:
-        return task_store.get_task(conn, task_id) is not None
+        return operations.get_task(conn, task_id) is not None
 
 
 def _dlq_row(task_id: uuid.UUID, attempt: int, age: timedelta) -> None:
@@ -84,7 +83,7 @@ def test_deletes_old_finished_tasks_with_their_events_and_nothing_else(settings:
     _dlq_row(young[1], 1, 181 * DAY)
     _dlq_row(uuid.uuid4(), 3, 179 * DAY)
 
-    counts = retention.run_once(settings=settings)
+    counts = retention.run_once(database=db.database_for(), settings=settings)
 
     assert (counts.tasks, counts.dlq_events) == (3, 1)
     assert [_exists(t) for t in old] == [False] * 3
@@ -93,17 +92,17 @@ def test_deletes_old_finished_tasks_with_their_events_and_nothing_else(settings:
     assert all(events(t) for t in young)
     assert {attempt for _, attempt in _dlq_attempts()} == {1, 3}
     assert (old[1], 1) in _dlq_attempts(), "a DLQ row outlives its task"
-    assert retention.run_once(settings=settings) == retention.RetentionCounts()
+    assert retention.run_once(database=db.database_for(), settings=settings) == retention.RetentionCounts()
 
 
 def test_keeps_a_dead_task_whose_dlq_row_is_not_written_yet(settings: Settings) -> None:
     unrecorded = new_task()
     attempt = to_dead(unrecorded)  # its DLQ message is still owed (the DLQ worker is down)
     backdate(unrecorded, finished_at=31 * DAY)
-    assert retention.run_once(settings=settings).tasks == 0
+    assert retention.run_once(database=db.database_for(), settings=settings).tasks == 0
     assert _exists(unrecorded)
     _dlq_row(unrecorded, attempt, age=timedelta(0))  # recorded at last: the task may go now
-    assert retention.run_once(settings=settings).tasks == 1
+    assert retention.run_once(database=db.database_for(), settings=settings).tasks == 1
     assert not _exists(unrecorded)
 
 
@@ -111,9 +110,9 @@ def test_deletes_in_bounded_batches(settings: Settings) -> None:
     old = [_succeeded() for _ in range(5)]
     for task_id in old:
         backdate(task_id, finished_at=31 * DAY)
-    assert retention.run_once(settings=settings, batch_size=2, max_batches=2).tasks == 4
+    assert retention.run_once(database=db.database_for(), settings=settings, batch_size=2, max_batches=2).tasks == 4
     assert sum(_exists(t) for t in old) == 1
-    assert retention.run_once(settings=settings, batch_size=2, max_batches=2).tasks == 1
+    assert retention.run_once(database=db.database_for(), settings=settings, batch_size=2, max_batches=2).tasks == 1
 
 
 def test_zero_days_keeps_everything(settings: Settings) -> None:
@@ -121,7 +120,7 @@ def test_zero_days_keeps_everything(settings: Settings) -> None:
     backdate(task_id, finished_at=3650 * DAY)
     _dlq_row(task_id, 1, 3650 * DAY)
     keep = settings.model_copy(update={"retention_days": 0, "dlq_retention_days": 0})
-    assert retention.run_once(settings=keep) == retention.RetentionCounts()
+    assert retention.run_once(database=db.database_for(), settings=keep) == retention.RetentionCounts()
     assert _exists(task_id) and _dlq_attempts() == {(task_id, 1)}
 
 
@@ -129,35 +128,40 @@ def test_a_retention_of_hours(settings: Settings) -> None:
     # 0.05 days: 72 minutes.
     task_id = _succeeded()
     backdate(task_id, finished_at=timedelta(hours=2))
-    assert retention.run_once(settings=settings.model_copy(update={"retention_days": 0.05})).tasks == 1
+    assert (
+        retention.run_once(
+            database=db.database_for(), settings=settings.model_copy(update={"retention_days": 0.05})
+        ).tasks
+        == 1
+    )
 
 
 def test_an_idempotency_key_is_free_again_once_its_task_is_deleted(settings: Settings) -> None:
-    spec = task_store.NewTask(
+    spec = creation.NewTask(
         name="demo_ok", payload={}, priority=5, queue="default", run_at=None, max_retries=0, timeout_sec=None,
         idempotency_key="monthly-report", request_hash="h",
     )  # fmt: skip
     with db.transaction() as conn:
-        (first,) = task_store.create_tasks(conn, [spec])
+        (first,) = creation.create_tasks(conn, [spec])
     with db.transaction() as conn:
-        assert task_store.cancel(conn, first.row["id"]).row is not None
+        assert operations.cancel(conn, first.row["id"]).row is not None
     backdate(first.row["id"], finished_at=31 * DAY)
-    retention.run_once(settings=settings)
+    retention.run_once(database=db.database_for(), settings=settings)
     with db.transaction() as conn:
-        (second,) = task_store.create_tasks(conn, [spec])
+        (second,) = creation.create_tasks(conn, [spec])
     assert second.created and second.row["id"] != first.row["id"]
 
 
 def test_forgets_processes_silent_for_a_day(settings: Settings) -> None:
-    gone = ProcessHeartbeat("worker", interval_sec=10)
-    alive = ProcessHeartbeat("worker", interval_sec=10)
+    gone = ProcessHeartbeat("worker", interval_sec=10, database=db.database_for())
+    alive = ProcessHeartbeat("worker", interval_sec=10, database=db.database_for())
     assert gone.beat() and alive.beat()
     with db.transaction() as conn:
         conn.execute(
             text("UPDATE process_heartbeats SET seen_at = now() - interval '25 hours' WHERE id = :id"),
             {"id": gone.process_id},
         )
-    assert retention.run_once(settings=settings).processes == 1
+    assert retention.run_once(database=db.database_for(), settings=settings).processes == 1
     with db.transaction() as conn:
         assert [r.id for r in conn.execute(text("SELECT id FROM process_heartbeats"))] == [alive.process_id]
 
@@ -166,7 +170,7 @@ class RecordingPublisher:
     def __init__(self) -> None:
         self.attempts: list[Any] = []
 
-    def publish_attempts(self, items: Sequence[task_store.Dispatched]) -> int:
+    def publish_attempts(self, items: Sequence[sweeps.Dispatched]) -> int:
         self.attempts += items
         return len(items)
 
@@ -175,7 +179,7 @@ class RecordingPublisher:
 
 
 def test_the_scheduler_runs_retention_every_interval_and_beats(settings: Settings) -> None:
-    heartbeat = ProcessHeartbeat("scheduler", interval_sec=settings.process_heartbeat_sec)
+    heartbeat = ProcessHeartbeat("scheduler", interval_sec=settings.process_heartbeat_sec, database=db.database_for())
     service = SchedulerService(settings, RecordingPublisher(), heartbeat=heartbeat)
     first = _succeeded()
     backdate(first, finished_at=31 * DAY)

@@ -18,9 +18,8 @@ from taskscheduler import handlers
 from taskscheduler.config import Settings
 from taskscheduler.lifecycle import TaskStatus
 from taskscheduler.scheduler import schedules as step
-from taskscheduler.store import db
+from taskscheduler.store import db, operations, transitions
 from taskscheduler.store import schedules as schedule_store
-from taskscheduler.store import tasks as task_store
 
 T0 = datetime(2025, 1, 6, 12, 0, tzinfo=UTC)  # a Monday, on the minute; in the past, so its tasks are due
 
@@ -57,12 +56,16 @@ def finish_all() -> None:
     """Every task of every schedule through ENQUEUED and STARTED to SUCCEEDED, by the store's transitions."""
     for item in dispatch_all():
         with db.transaction() as conn:
-            assert task_store.claim(conn, task_id=item.id, attempt=item.attempt) is not None
-            assert task_store.succeed(conn, task_id=item.id, attempt=item.attempt, result=None)
+            assert transitions.claim(conn, task_id=item.id, attempt=item.attempt) is not None
+            assert transitions.succeed(conn, task_id=item.id, attempt=item.attempt, result=None)
 
 
 def tick(settings: Settings, now: datetime) -> step.ScheduleCounts:
-    return step.run_once(settings=settings, now=now)
+    return step.run_once(database=db.database_for(), settings=settings, now=now)
+
+
+def sync(declared: list[handlers.ScheduleDeclaration]) -> step.SyncCounts:
+    return step.sync_code_schedules(declared, database=db.database_for(), now=T0)
 
 
 def at_once(action: Callable[[], object], n: int) -> None:
@@ -102,7 +105,7 @@ def test_tasks_of_a_schedule_carry_its_fields_and_their_creation_event(settings)
     tick(settings, T0)
     with db.transaction() as conn:
         task = conn.execute(text("SELECT * FROM tasks")).mappings().one()
-        event = task_store.list_events(conn, task["id"])
+        event = operations.list_events(conn, task["id"])
     assert (task["name"], task["payload"], task["priority"], task["queue"]) == ("demo_ok", {"k": 1}, 9, "high")
     assert (task["max_retries"], task["timeout_sec"], task["status"]) == (2, 30.0, "PENDING")
     assert task["scheduled_for"] == T0
@@ -211,7 +214,7 @@ def test_code_schedules_are_upserted_by_racing_schedulers_and_paused_when_remove
         handlers.ScheduleDeclaration(name="nightly", task="demo_ok", cron="0 3 * * *", timezone="Europe/Berlin"),
         handlers.ScheduleDeclaration(name="often", task="demo_ok", every_sec=30),
     ]
-    at_once(lambda: step.sync_code_schedules(declared, now=T0), 3)
+    at_once(lambda: sync(declared), 3)
     with db.transaction() as conn:
         rows = {r["name"]: r for r in schedule_store.list_schedules(conn, limit=10)}
     assert set(rows) == {"nightly", "often"}
@@ -219,21 +222,21 @@ def test_code_schedules_are_upserted_by_racing_schedulers_and_paused_when_remove
     assert rows["nightly"]["next_fire_at"] == datetime(2025, 1, 7, 2, 0, tzinfo=UTC)  # 03:00 in Berlin
 
     # The same declarations again: nothing changes. A changed one is updated; a removed one paused.
-    assert step.sync_code_schedules(declared, now=T0) == step.SyncCounts()
+    assert sync(declared) == step.SyncCounts()
     changed = [handlers.ScheduleDeclaration(name="nightly", task="demo_ok", cron="0 4 * * *", timezone="Europe/Berlin")]
-    assert step.sync_code_schedules(changed, now=T0) == step.SyncCounts(updated=1, paused=1)
+    assert sync(changed) == step.SyncCounts(updated=1, paused=1)
     often = schedule_row("often")
     assert often["paused"] and often["note"] == schedule_store.REMOVED_FROM_CODE
     assert schedule_row("nightly")["next_fire_at"] == datetime(2025, 1, 7, 3, 0, tzinfo=UTC)
     # Declared again: resumed.
-    assert step.sync_code_schedules(declared, now=T0).updated == 2
+    assert sync(declared).updated == 2
     assert not schedule_row("often")["paused"]
 
 
 def test_a_code_declaration_leaves_an_api_schedule_of_its_name_alone(settings):
     make_schedule(name="nightly", cron="0 1 * * *")
     declared = [handlers.ScheduleDeclaration(name="nightly", task="demo_ok", cron="0 3 * * *")]
-    assert step.sync_code_schedules(declared, now=T0) == step.SyncCounts()
+    assert sync(declared) == step.SyncCounts()
     row = schedule_row("nightly")
     assert (row["cron"], row["source"]) == ("0 1 * * *", "api")
 
@@ -243,7 +246,7 @@ def test_finished_statuses_count_as_finished_for_overlap(settings):
     tick(settings, T0)
     with db.transaction() as conn:
         task_id = conn.execute(text("SELECT id FROM tasks")).scalar_one()
-        assert task_store.cancel(conn, task_id).status == TaskStatus.CANCELLED
+        assert operations.cancel(conn, task_id).status == TaskStatus.CANCELLED
     assert tick(settings, T0 + timedelta(seconds=1)).fired == 1
 
 

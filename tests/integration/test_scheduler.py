@@ -22,19 +22,23 @@ from tests.helpers import (
     wait_until,
 )
 
-from taskscheduler.config import get_settings
 from taskscheduler.scheduler import dispatch, rescue
 from taskscheduler.scheduler.publisher import CeleryPublisher
 from taskscheduler.scheduler.service import SchedulerService
-from taskscheduler.store import db
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import creation, db, sweeps, transitions
+from taskscheduler.store.db import Database
 
 NOW = datetime.now(UTC)
 
 
+def _db() -> Database:
+    """The test run's database, as the scheduler's steps take it."""
+    return db.database_for()
+
+
 @pytest.fixture
 def publisher(settings):
-    from taskscheduler.worker import configure_celery
+    from taskscheduler.broker import configure_celery
 
     configure_celery(settings)
     return CeleryPublisher(settings)
@@ -47,7 +51,7 @@ def test_dispatch_publishes_due_tasks_priority_first_then_run_at(settings, publi
     mid = new_task(priority=6, run_at=NOW - timedelta(seconds=40))
     not_due = new_task(priority=10, run_at=NOW + timedelta(seconds=5))
 
-    assert dispatch.run_once(settings=settings, publisher=publisher, now=NOW) == 4
+    assert dispatch.run_once(database=_db(), settings=settings, publisher=publisher, now=NOW) == 4
     order = [r[0] for r in _dispatch_order()]
     assert order == [str(high_early), str(high_late), str(mid), str(low_early)]
     prefix = services.redis_key_prefix
@@ -55,22 +59,24 @@ def test_dispatch_publishes_due_tasks_priority_first_then_run_at(settings, publi
     assert queued_attempts(redis_client, prefix, "default") == [(str(mid), 1), (str(low_early), 1)]
     assert task_row(not_due)["status"] == "PENDING"
     # At the not-due task's run_at it goes too.
-    assert dispatch.run_once(settings=settings, publisher=publisher, now=NOW + timedelta(seconds=5)) == 1
+    assert (
+        dispatch.run_once(database=_db(), settings=settings, publisher=publisher, now=NOW + timedelta(seconds=5)) == 1
+    )
 
 
 def test_dispatch_batch_is_bounded(settings, publisher, monkeypatch):
     monkeypatch.setattr(settings, "dispatch_batch_size", 3)
     for _ in range(5):
         new_task(run_at=NOW - timedelta(seconds=1))
-    assert dispatch.run_once(settings=settings, publisher=publisher, now=NOW) == 3
-    assert dispatch.run_once(settings=settings, publisher=publisher, now=NOW) == 2
-    assert dispatch.run_once(settings=settings, publisher=publisher, now=NOW) == 0
+    assert dispatch.run_once(database=_db(), settings=settings, publisher=publisher, now=NOW) == 3
+    assert dispatch.run_once(database=_db(), settings=settings, publisher=publisher, now=NOW) == 2
+    assert dispatch.run_once(database=_db(), settings=settings, publisher=publisher, now=NOW) == 0
 
 
 def test_dispatch_uses_the_database_clock_by_default(settings, publisher):
     due = new_task()
     future = new_task(run_at=datetime.now(UTC) + timedelta(minutes=10))
-    assert dispatch.run_once(settings=settings, publisher=publisher) == 1
+    assert dispatch.run_once(database=_db(), settings=settings, publisher=publisher) == 1
     assert task_row(due)["status"] == "ENQUEUED" and task_row(future)["status"] == "PENDING"
 
 
@@ -78,9 +84,9 @@ def test_stuck_by_heartbeat_is_retried(settings, publisher):
     task_id = new_task(max_retries=2)
     to_started(task_id)
     now = datetime.now(UTC)
-    assert rescue.run_once(settings=settings, publisher=publisher, now=now) == rescue.RescueCounts()
+    assert rescue.run_once(database=_db(), settings=settings, publisher=publisher, now=now) == rescue.RescueCounts()
     backdate(task_id, heartbeat_at=timedelta(seconds=settings.heartbeat_timeout_sec + 1))
-    counts = rescue.run_once(settings=settings, publisher=publisher, now=now)
+    counts = rescue.run_once(database=_db(), settings=settings, publisher=publisher, now=now)
     assert counts.retried == 1 and counts.dead == 0
     row = task_row(task_id)
     assert row["status"] == "FAILED" and "no heartbeat" in row["last_error"]
@@ -91,9 +97,9 @@ def test_stuck_by_timeout_with_no_retries_is_dead_and_sent_to_the_dlq(settings, 
     task_id = new_task(max_retries=0, timeout_sec=30)
     to_started(task_id)
     backdate(task_id, started_at=timedelta(seconds=20))
-    assert rescue.run_once(settings=settings, publisher=publisher).dead == 0
+    assert rescue.run_once(database=_db(), settings=settings, publisher=publisher).dead == 0
     backdate(task_id, started_at=timedelta(seconds=11))
-    counts = rescue.run_once(settings=settings, publisher=publisher)
+    counts = rescue.run_once(database=_db(), settings=settings, publisher=publisher)
     assert counts.dead == 1
     row = task_row(task_id)
     assert row["status"] == "DEAD" and row["dead_reason"] == "stuck_task_timeout"
@@ -107,34 +113,37 @@ def test_stuck_uses_the_default_timeout_when_the_task_has_none(settings, publish
     to_started(task_id)
     now = datetime.now(UTC)
     # Keep the heartbeat fresh: only the run time can make it stuck.
-    assert rescue.run_once(settings=settings, publisher=publisher, now=now + timedelta(seconds=1)).retried == 0
+    assert (
+        rescue.run_once(database=_db(), settings=settings, publisher=publisher, now=now + timedelta(seconds=1)).retried
+        == 0
+    )
     backdate(task_id, started_at=timedelta(seconds=settings.stuck_after_sec + 1))
-    assert rescue.run_once(settings=settings, publisher=publisher, now=now).retried == 1
+    assert rescue.run_once(database=_db(), settings=settings, publisher=publisher, now=now).retried == 1
     assert "timeout" in task_row(task_id)["last_error"]
 
 
 def test_lost_enqueued_message_is_published_again_with_the_same_attempt(settings, publisher, redis_client, services):
     task_id = new_task()
-    assert dispatch.run_once(settings=settings, publisher=publisher) == 1
+    assert dispatch.run_once(database=_db(), settings=settings, publisher=publisher) == 1
     redis_client.delete(f"{services.redis_key_prefix}default")  # the broker lost the message
     now = datetime.now(UTC)
-    assert rescue.run_once(settings=settings, publisher=publisher, now=now).republished == 0
+    assert rescue.run_once(database=_db(), settings=settings, publisher=publisher, now=now).republished == 0
     later = now + timedelta(seconds=settings.enqueue_timeout_sec + 1)
-    assert rescue.run_once(settings=settings, publisher=publisher, now=later).republished == 1
+    assert rescue.run_once(database=_db(), settings=settings, publisher=publisher, now=later).republished == 1
     assert queued_attempts(redis_client, services.redis_key_prefix, "default") == [(str(task_id), 1)]
     row = task_row(task_id)
     assert row["status"] == "ENQUEUED" and row["attempt"] == 1
     # published_at moved: the same sweep does not publish it again at once.
-    assert rescue.run_once(settings=settings, publisher=publisher, now=later).republished == 0
+    assert rescue.run_once(database=_db(), settings=settings, publisher=publisher, now=later).republished == 0
 
 
 def test_dead_without_dlq_row_is_published_to_the_dlq_again(settings, publisher, redis_client, services):
     task_id = new_task()
     attempt = to_dead(task_id)
     now = datetime.now(UTC)
-    assert rescue.run_once(settings=settings, publisher=publisher, now=now).dlq_republished == 0
+    assert rescue.run_once(database=_db(), settings=settings, publisher=publisher, now=now).dlq_republished == 0
     later = now + timedelta(seconds=settings.enqueue_timeout_sec + 1)
-    assert rescue.run_once(settings=settings, publisher=publisher, now=later).dlq_republished == 1
+    assert rescue.run_once(database=_db(), settings=settings, publisher=publisher, now=later).dlq_republished == 1
     (msg,) = queued(redis_client, services.redis_key_prefix, "dlq")
     assert msg[:4] == (str(task_id), attempt, "demo_ok", "max_retries_exceeded")
 
@@ -143,7 +152,7 @@ def test_dead_without_dlq_row_is_published_to_the_dlq_again(settings, publisher,
     assert record_dead(*msg) is True
     assert record_dead(*msg) is False  # duplicate delivery writes nothing more
     later2 = later + timedelta(seconds=settings.enqueue_timeout_sec + 1)
-    assert rescue.run_once(settings=settings, publisher=publisher, now=later2).dlq_republished == 0
+    assert rescue.run_once(database=_db(), settings=settings, publisher=publisher, now=later2).dlq_republished == 0
 
 
 def test_two_dispatchers_racing_claim_each_task_exactly_once(settings, publisher, monkeypatch):
@@ -156,11 +165,11 @@ def test_two_dispatchers_racing_claim_each_task_exactly_once(settings, publisher
                 " FROM generate_series(1, 1000)"
             )
         )
-    claimed: list[list[task_store.Dispatched]] = [[], []]
+    claimed: list[list[sweeps.Dispatched]] = [[], []]
     barrier = threading.Barrier(2)
 
     class Recording(CeleryPublisher):
-        def __init__(self, slot: list[task_store.Dispatched]) -> None:
+        def __init__(self, slot: list[sweeps.Dispatched]) -> None:
             super().__init__(settings)
             self.slot = slot
 
@@ -171,7 +180,7 @@ def test_two_dispatchers_racing_claim_each_task_exactly_once(settings, publisher
     def run(i: int) -> None:
         pub = Recording(claimed[i])
         barrier.wait()
-        while dispatch.run_once(settings=settings, publisher=pub):
+        while dispatch.run_once(database=_db(), settings=settings, publisher=pub):
             pass
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
@@ -202,46 +211,47 @@ def test_back_pressure_holds_tasks_of_a_full_queue_in_pending(settings, publishe
     monkeypatch.setattr(settings, "max_enqueued_per_queue", 3)
     defaults = [new_task(priority=5) for _ in range(5)]
     highs = [new_task(priority=9) for _ in range(2)]
-    assert dispatch.run_once(settings=settings, publisher=publisher) == 5  # 3 default + 2 high
+    assert dispatch.run_once(database=_db(), settings=settings, publisher=publisher) == 5  # 3 default + 2 high
     assert sum(task_row(t)["status"] == "ENQUEUED" for t in defaults) == 3
     assert all(task_row(t)["status"] == "ENQUEUED" for t in highs)
-    assert dispatch.run_once(settings=settings, publisher=publisher) == 0  # the default queue is full
+    assert dispatch.run_once(database=_db(), settings=settings, publisher=publisher) == 0  # the default queue is full
     # A worker claims one: room for one more.
     claimed = next(t for t in defaults if task_row(t)["status"] == "ENQUEUED")
     with db.transaction() as conn:
-        assert task_store.claim(conn, task_id=claimed, attempt=1) is not None
-    assert dispatch.run_once(settings=settings, publisher=publisher) == 1
+        assert transitions.claim(conn, task_id=claimed, attempt=1) is not None
+    assert dispatch.run_once(database=_db(), settings=settings, publisher=publisher) == 1
 
 
 def test_seconds_until_next_due(settings):
     with db.transaction() as conn:
-        assert task_store.seconds_until_next_due(conn) is None
+        assert sweeps.seconds_until_next_due(conn) is None
     new_task(run_at=datetime.now(UTC) + timedelta(seconds=30))
     with db.transaction() as conn:
-        assert 28 < task_store.seconds_until_next_due(conn) <= 30
+        assert 28 < sweeps.seconds_until_next_due(conn) <= 30
     new_task()
     with db.transaction() as conn:
-        assert task_store.seconds_until_next_due(conn) <= 0
+        assert sweeps.seconds_until_next_due(conn) <= 0
 
 
 def test_creating_a_task_due_now_notifies_the_scheduler(settings, services):
     import psycopg
-    from tests.conftest import _libpq
 
-    with psycopg.connect(_libpq(services.database_url), autocommit=True) as listener:
-        listener.execute(f"LISTEN {task_store.DUE_CHANNEL}")
+    from taskscheduler.store.db import libpq_url
+
+    with psycopg.connect(libpq_url(services.database_url), autocommit=True) as listener:
+        listener.execute(f"LISTEN {creation.DUE_CHANNEL}")
         new_task(run_at=datetime.now(UTC) + timedelta(hours=1))  # not due: no notification
         assert list(listener.notifies(timeout=0.5)) == []
         new_task()
         (note,) = list(listener.notifies(timeout=5, stop_after=1))
-        assert note.channel == task_store.DUE_CHANNEL
+        assert note.channel == creation.DUE_CHANNEL
 
 
 def test_the_scheduler_wakes_for_a_task_due_now_instead_of_sleeping_its_poll_interval(settings, monkeypatch):
     from taskscheduler.scheduler.wakeup import Wakeup
 
     monkeypatch.setattr(settings, "poll_interval_sec", 60.0)
-    wakeup = Wakeup(settings)
+    wakeup = Wakeup(settings, db.database_for())
     listening = threading.Event()
     original = wakeup._listening
 
@@ -269,7 +279,7 @@ def test_a_task_already_due_after_a_dispatching_tick_is_taken_at_once_unless_hel
     from taskscheduler.scheduler.wakeup import HELD_BACK_SEC, MIN_GAP_SEC, Wakeup
 
     new_task(run_at=datetime.now(UTC) - timedelta(seconds=1))
-    wakeup = Wakeup(settings)
+    wakeup = Wakeup(settings, db.database_for())
     assert wakeup._timeout(dispatched=True) == MIN_GAP_SEC
     assert wakeup._timeout(dispatched=False) == HELD_BACK_SEC
 
@@ -277,14 +287,14 @@ def test_a_task_already_due_after_a_dispatching_tick_is_taken_at_once_unless_hel
 def test_a_full_queue_is_topped_up_once_a_quarter_of_it_has_drained(settings, publisher, monkeypatch):
     monkeypatch.setattr(settings, "max_enqueued_per_queue", 8)
     tasks = [new_task(priority=5) for _ in range(12)]
-    assert dispatch.run_once(settings=settings, publisher=publisher) == 8
+    assert dispatch.run_once(database=_db(), settings=settings, publisher=publisher) == 8
     enqueued = [t for t in tasks if task_row(t)["status"] == "ENQUEUED"]
     with db.transaction() as conn:
-        assert task_store.claim(conn, task_id=enqueued[0], attempt=1) is not None
-    assert dispatch.run_once(settings=settings, publisher=publisher) == 0  # 1 of 8 drained: wait
+        assert transitions.claim(conn, task_id=enqueued[0], attempt=1) is not None
+    assert dispatch.run_once(database=_db(), settings=settings, publisher=publisher) == 0  # 1 of 8 drained: wait
     with db.transaction() as conn:
-        assert task_store.claim(conn, task_id=enqueued[1], attempt=1) is not None
-    assert dispatch.run_once(settings=settings, publisher=publisher) == 2  # 2 of 8: top up
+        assert transitions.claim(conn, task_id=enqueued[1], attempt=1) is not None
+    assert dispatch.run_once(database=_db(), settings=settings, publisher=publisher) == 2  # 2 of 8: top up
 
 
 # --- a database outage, and bounded work while a part is down -------------------------------------------------------
@@ -292,7 +302,7 @@ def test_a_full_queue_is_topped_up_once_a_quarter_of_it_has_drained(settings, pu
 
 class _Recorder:
     def __init__(self) -> None:
-        self.attempts: list[task_store.Dispatched] = []
+        self.attempts: list[sweeps.Dispatched] = []
 
     def publish_attempts(self, items):
         self.attempts += items
@@ -310,12 +320,12 @@ def test_heartbeats_missed_before_the_database_came_back_are_not_held_against_a_
     # Silent for longer than the timeout, but the database was back (for this scheduler) only 2 s ago.
     backdate(silent, heartbeat_at=timeout * 3)
     back = now - timedelta(seconds=2)
-    counts = rescue.run_once(settings=settings, publisher=publisher, now=now, reconnected_at=back)
+    counts = rescue.run_once(database=_db(), settings=settings, publisher=publisher, now=now, reconnected_at=back)
     assert counts == rescue.RescueCounts()
     assert task_row(silent)["status"] == "STARTED"
     # Still silent HEARTBEAT_TIMEOUT_SEC after the reconnection: the worker is gone.
     later = back + timeout + timedelta(seconds=1)
-    counts = rescue.run_once(settings=settings, publisher=publisher, now=later, reconnected_at=back)
+    counts = rescue.run_once(database=_db(), settings=settings, publisher=publisher, now=later, reconnected_at=back)
     assert counts.dead == 1
     assert "no heartbeat" in task_row(silent)["last_error"]
 
@@ -332,16 +342,14 @@ def test_a_scheduler_that_starts_or_regains_the_database_gives_workers_a_heartbe
     assert task_row(silent)["status"] == "STARTED"
 
     # The database goes away (a refused connection), then comes back.
-    down = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
-    monkeypatch.setenv("DATABASE_URL", down)
-    get_settings.cache_clear()
+    reachable = service.database
+    monkeypatch.setattr(service, "database", Database(f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"))
     first_back = service.reconnected_at
     with pytest.raises(Exception) as failure:
         service.tick()
     assert lost_the_database(failure.value), failure.value
     service._tick_failed(failure.value)  # what run_forever does with it
-    monkeypatch.setenv("DATABASE_URL", settings.database_url)
-    get_settings.cache_clear()
+    monkeypatch.setattr(service, "database", reachable)
     service._rescue_due = 0.0
     service.tick()
     assert task_row(silent)["status"] == "STARTED"
@@ -352,17 +360,21 @@ def test_a_lost_enqueued_message_is_not_published_again_while_the_queue_holds_on
     settings, publisher, redis_client, services
 ):
     task_id = new_task()
-    assert dispatch.run_once(settings=settings, publisher=publisher) == 1  # its message waits: no worker
+    assert (
+        dispatch.run_once(database=_db(), settings=settings, publisher=publisher) == 1
+    )  # its message waits: no worker
     prefix = services.redis_key_prefix
     now = datetime.now(UTC)
     step = timedelta(seconds=settings.enqueue_timeout_sec + 1)
     for n in range(1, 4):
-        assert rescue.run_once(settings=settings, publisher=publisher, now=now + n * step).republished == 0
+        assert (
+            rescue.run_once(database=_db(), settings=settings, publisher=publisher, now=now + n * step).republished == 0
+        )
     assert queued_attempts(redis_client, prefix, "default") == [(str(task_id), 1)]
     # The broker loses it: published again, once.
     redis_client.delete(f"{prefix}default")
-    assert rescue.run_once(settings=settings, publisher=publisher, now=now + 4 * step).republished == 1
-    assert rescue.run_once(settings=settings, publisher=publisher, now=now + 5 * step).republished == 0
+    assert rescue.run_once(database=_db(), settings=settings, publisher=publisher, now=now + 4 * step).republished == 1
+    assert rescue.run_once(database=_db(), settings=settings, publisher=publisher, now=now + 5 * step).republished == 0
     assert queued_attempts(redis_client, prefix, "default") == [(str(task_id), 1)]
 
 
@@ -372,14 +384,19 @@ def test_dlq_republishing_is_bounded_while_the_dlq_worker_is_down(settings, publ
     prefix = services.redis_key_prefix
     now = datetime.now(UTC)
     step = timedelta(seconds=settings.enqueue_timeout_sec + 1)
-    assert rescue.run_once(settings=settings, publisher=publisher, now=now + step).dlq_republished == 3
+    assert rescue.run_once(database=_db(), settings=settings, publisher=publisher, now=now + step).dlq_republished == 3
     # No DLQ worker: the messages wait. Sweeps a day apart publish nothing more.
     for n in range(2, 6):
-        assert rescue.run_once(settings=settings, publisher=publisher, now=now + n * step).dlq_republished == 0
+        assert (
+            rescue.run_once(database=_db(), settings=settings, publisher=publisher, now=now + n * step).dlq_republished
+            == 0
+        )
     assert redis_client.llen(f"{prefix}dlq") == 3
     # One message is lost (taken by a DLQ worker that died before recording it): one is published again.
     redis_client.rpop(f"{prefix}dlq")
-    assert rescue.run_once(settings=settings, publisher=publisher, now=now + 7 * step).dlq_republished == 1
+    assert (
+        rescue.run_once(database=_db(), settings=settings, publisher=publisher, now=now + 7 * step).dlq_republished == 1
+    )
     assert redis_client.llen(f"{prefix}dlq") == 3
 
 
@@ -387,7 +404,7 @@ def test_a_publish_pass_against_an_unreachable_broker_fails_fast_is_counted_and_
     settings, caplog
 ):
     from taskscheduler import metrics
-    from taskscheduler.worker import configure_celery
+    from taskscheduler.broker import configure_celery
 
     down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
     service = SchedulerService(down, CeleryPublisher(down))

@@ -12,6 +12,11 @@ from taskscheduler.scheduler import schedules as step
 NIGHTLY = {"name": "nightly", "task": "demo_ok", "cron": "30 2 * * *", "timezone": "Europe/Berlin"}
 
 
+def fire(client, settings, now):
+    """The scheduler's schedule step at `now`, on the app's database."""
+    return step.run_once(database=client.app.state.database, settings=settings, now=now)
+
+
 def create(client, **fields):
     response = client.post("/schedules", json=NIGHTLY | fields)
     assert response.status_code == 201, response.text
@@ -135,7 +140,7 @@ def test_backfill_creates_only_the_missing_fires_and_live_fires_do_not_repeat_th
     schedule = create(client, name="minutely", cron="* * * * *", timezone="UTC", overlap="allow")
     # Live: the scheduler fires the next three minutes (time injected).
     for m in range(1, 4):
-        step.run_once(settings=settings, now=now + timedelta(minutes=m))
+        fire(client, settings, now=now + timedelta(minutes=m))
     assert client.get("/schedules/minutely").json()["fires"] == 3
     # A backfill from 5 minutes ago to 3 minutes ahead overlaps those three live fires.
     window = {"start": (now - timedelta(minutes=5)).isoformat(), "end": (now + timedelta(minutes=3)).isoformat()}
@@ -144,7 +149,7 @@ def test_backfill_creates_only_the_missing_fires_and_live_fires_do_not_repeat_th
     assert first.json() == {"created": 6, "existing": 3}
     assert client.post("/schedules/minutely/backfill", json=window).json() == {"created": 0, "existing": 9}
     # The scheduler meets fires the backfill made ahead of it: nothing twice.
-    step.run_once(settings=settings, now=now + timedelta(minutes=3, seconds=30))
+    fire(client, settings, now=now + timedelta(minutes=3, seconds=30))
     tasks = client.get("/tasks", params={"schedule_id": schedule["id"], "limit": 100}).json()["tasks"]
     fire_times = sorted(t["scheduled_for"] for t in tasks)
     assert len(fire_times) == len(set(fire_times)) == 9
@@ -157,7 +162,7 @@ def test_backfill_creates_only_the_missing_fires_and_live_fires_do_not_repeat_th
 
 def test_metrics_show_each_schedules_counters(client, settings):
     first = datetime.fromisoformat(create(client, name="often", cron=None, every_sec=1)["next_fire_at"])
-    step.run_once(settings=settings, now=first + timedelta(seconds=9))  # 10 fires due; skip: 1 runs
+    fire(client, settings, now=first + timedelta(seconds=9))  # 10 fires due; skip: 1 runs
     text = client.get("/metrics").text
     assert 'taskscheduler_schedule_fires_total{schedule="often"} 1.0' in text
     assert 'taskscheduler_schedule_skips_total{schedule="often"} 9.0' in text

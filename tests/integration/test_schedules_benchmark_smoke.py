@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tests.conftest import Services
+from tests.harness import Services
 from tests.integration.test_benchmarks_smoke import positive, run_benchmark
 
 

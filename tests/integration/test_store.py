@@ -10,9 +10,8 @@ from sqlalchemy import text
 from tests.helpers import dispatch_all, events, new_task, task_row, to_dead, to_started
 
 from taskscheduler.lifecycle import DlqReason
-from taskscheduler.store import db
+from taskscheduler.store import db, sweeps, transitions
 from taskscheduler.store import dlq as dlq_store
-from taskscheduler.store import tasks as task_store
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +31,7 @@ def test_dispatch_moves_due_tasks_to_enqueued_and_increments_attempt():
     due = new_task()
     future = new_task(run_at=datetime.now(UTC) + timedelta(hours=1))
     with db.transaction() as conn:
-        batch = task_store.dispatch_due(conn, limit=10)
+        batch = sweeps.dispatch_due(conn, limit=10)
     assert [d.id for d in batch] == [due]
     assert batch[0].attempt == 1 and batch[0].queue == "default"
     assert task_row(due)["status"] == "ENQUEUED"
@@ -44,11 +43,11 @@ def test_claim_moves_enqueued_to_started_once():
     task_id = new_task(name="demo_fail", payload={"fail": True}, max_retries=2)
     (item,) = dispatch_all()
     with db.transaction() as conn:
-        claimed = task_store.claim(conn, task_id=task_id, attempt=item.attempt)
+        claimed = transitions.claim(conn, task_id=task_id, attempt=item.attempt)
     assert claimed is not None and claimed.name == "demo_fail" and claimed.payload == {"fail": True}
     assert claimed.max_retries == 2
     with db.transaction() as conn:  # the same message delivered twice
-        assert task_store.claim(conn, task_id=task_id, attempt=item.attempt) is None
+        assert transitions.claim(conn, task_id=task_id, attempt=item.attempt) is None
     assert events(task_id)[-1] == ("ENQUEUED", "STARTED", 1)
     row = task_row(task_id)
     assert row["status"] == "STARTED" and row["started_at"] is not None and row["heartbeat_at"] is not None
@@ -58,8 +57,8 @@ def test_claim_with_a_stale_attempt_changes_nothing():
     task_id = new_task()
     dispatch_all()
     with db.transaction() as conn:
-        assert task_store.claim(conn, task_id=task_id, attempt=0) is None
-        assert task_store.claim(conn, task_id=task_id, attempt=2) is None
+        assert transitions.claim(conn, task_id=task_id, attempt=0) is None
+        assert transitions.claim(conn, task_id=task_id, attempt=2) is None
     assert task_row(task_id)["status"] == "ENQUEUED"
     assert len(events(task_id)) == 2
 
@@ -68,11 +67,11 @@ def test_succeed_stores_the_result_and_finishes():
     task_id = new_task()
     attempt = to_started(task_id)
     with db.transaction() as conn:
-        assert task_store.succeed(conn, task_id=task_id, attempt=attempt, result={"ok": [1, 2]})
+        assert transitions.succeed(conn, task_id=task_id, attempt=attempt, result={"ok": [1, 2]})
     row = task_row(task_id)
     assert row["status"] == "SUCCEEDED" and row["result"] == {"ok": [1, 2]} and row["finished_at"] is not None
     with db.transaction() as conn:  # a second completion of the same attempt is fenced
-        assert not task_store.succeed(conn, task_id=task_id, attempt=attempt, result="again")
+        assert not transitions.succeed(conn, task_id=task_id, attempt=attempt, result="again")
     assert task_row(task_id)["result"] == {"ok": [1, 2]}
     assert [e[1] for e in events(task_id)].count("SUCCEEDED") == 1
 
@@ -81,7 +80,7 @@ def test_succeed_with_a_null_result():
     task_id = new_task()
     attempt = to_started(task_id)
     with db.transaction() as conn:
-        assert task_store.succeed(conn, task_id=task_id, attempt=attempt, result=None)
+        assert transitions.succeed(conn, task_id=task_id, attempt=attempt, result=None)
     assert task_row(task_id)["result"] is None
 
 
@@ -90,12 +89,12 @@ def test_fail_schedules_the_retry_and_is_dispatchable_again():
     attempt = to_started(task_id)
     before = datetime.now(UTC)
     with db.transaction() as conn:
-        assert task_store.fail(conn, task_id=task_id, attempt=attempt, error="E: x", retry_in_sec=30)
+        assert transitions.fail(conn, task_id=task_id, attempt=attempt, error="E: x", retry_in_sec=30)
     row = task_row(task_id)
     assert row["status"] == "FAILED" and row["last_error"] == "E: x"
     assert before + timedelta(seconds=29) < row["run_at"] < before + timedelta(seconds=32)
     with db.transaction() as conn:
-        assert task_store.dispatch_due(conn, limit=10) == []  # not due yet
+        assert sweeps.dispatch_due(conn, limit=10) == []  # not due yet
     (item,) = dispatch_all()
     assert item.attempt == 2
     assert events(task_id)[-2:] == [("STARTED", "FAILED", 1), ("FAILED", "ENQUEUED", 2)]
@@ -105,7 +104,7 @@ def test_kill_moves_started_to_dead_with_a_reason():
     task_id = new_task(name="demo_fail")
     attempt = to_started(task_id)
     with db.transaction() as conn:
-        name = task_store.kill(
+        name = transitions.kill(
             conn, task_id=task_id, attempt=attempt, error="boom", reason=DlqReason.STUCK_TASK_TIMEOUT
         )
     assert name == "demo_fail"
@@ -142,8 +141,8 @@ def test_wrong_status_changes_nothing(transition, status):
 
 def test_unknown_task_changes_nothing():
     with db.transaction() as conn:
-        assert task_store.claim(conn, task_id=uuid.uuid4(), attempt=1) is None
-        assert not task_store.succeed(conn, task_id=uuid.uuid4(), attempt=1, result=None)
+        assert transitions.claim(conn, task_id=uuid.uuid4(), attempt=1) is None
+        assert not transitions.succeed(conn, task_id=uuid.uuid4(), attempt=1, result=None)
 
 
 def test_dlq_record_is_idempotent_and_flags_the_task():
@@ -170,15 +169,17 @@ def test_database_refuses_an_inconsistent_finished_state():
 
 def _apply(conn, transition: str, task_id: uuid.UUID, attempt: int) -> bool:
     if transition == "succeed":
-        return task_store.succeed(conn, task_id=task_id, attempt=attempt, result={"late": True})
+        return transitions.succeed(conn, task_id=task_id, attempt=attempt, result={"late": True})
     if transition == "fail":
-        return task_store.fail(conn, task_id=task_id, attempt=attempt, error="late", retry_in_sec=0)
+        return transitions.fail(conn, task_id=task_id, attempt=attempt, error="late", retry_in_sec=0)
     if transition == "kill":
         return (
-            task_store.kill(conn, task_id=task_id, attempt=attempt, error="late", reason=DlqReason.MAX_RETRIES_EXCEEDED)
+            transitions.kill(
+                conn, task_id=task_id, attempt=attempt, error="late", reason=DlqReason.MAX_RETRIES_EXCEEDED
+            )
             is not None
         )
-    return task_store.heartbeat(conn, task_id=task_id, attempt=attempt)
+    return transitions.heartbeat(conn, task_id=task_id, attempt=attempt)
 
 
 def _task_in(status: str) -> uuid.UUID:
@@ -194,7 +195,7 @@ def _task_in(status: str) -> uuid.UUID:
     attempt = to_started(task_id)
     with db.transaction() as conn:
         if status == "SUCCEEDED":
-            assert task_store.succeed(conn, task_id=task_id, attempt=attempt, result=None)
+            assert transitions.succeed(conn, task_id=task_id, attempt=attempt, result=None)
         else:
-            assert task_store.fail(conn, task_id=task_id, attempt=attempt, error="x", retry_in_sec=3600)
+            assert transitions.fail(conn, task_id=task_id, attempt=attempt, error="x", retry_in_sec=3600)
     return task_id

@@ -14,12 +14,12 @@ from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 from tests.helpers import dispatch_all, events, far_future, new_task, queued, task_row, to_started
 
-from taskscheduler import handlers, worker
+from taskscheduler import broker, handlers, worker
 from taskscheduler.config import get_settings
-from taskscheduler.store import db
+from taskscheduler.store import db, operations, sweeps, transitions
 from taskscheduler.store import dlq as dlq_store
-from taskscheduler.store import tasks as task_store
-from taskscheduler.store.tasks import MAX_ERROR_CHARS
+from taskscheduler.store.transitions import MAX_ERROR_CHARS
+from taskscheduler.worker import execute, outcomes
 
 pytestmark = pytest.mark.usefixtures("settings")
 
@@ -38,7 +38,7 @@ def test_a_message_runs_each_of_its_attempts() -> None:
 def test_attempts_not_started_when_the_slice_ends_go_back_to_the_queue_unclaimed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(worker, "MESSAGE_SLICE_SEC", 0.0)
+    monkeypatch.setattr(broker, "MESSAGE_SLICE_SEC", 0.0)
     items = _dispatched(3)
     sent_back: list[Sequence[tuple[uuid.UUID, int]]] = []
     assert worker.run_attempts(items, send_back=sent_back.append) == ["succeeded"]
@@ -51,7 +51,7 @@ def test_attempts_not_started_when_the_slice_ends_go_back_to_the_queue_unclaimed
 
 
 def test_when_the_rest_cannot_be_sent_back_it_stays_enqueued_for_the_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worker, "MESSAGE_SLICE_SEC", 0.0)
+    monkeypatch.setattr(broker, "MESSAGE_SLICE_SEC", 0.0)
     items = _dispatched(2)
 
     def broker_down(rest: Sequence[tuple[uuid.UUID, int]]) -> None:
@@ -62,7 +62,7 @@ def test_when_the_rest_cannot_be_sent_back_it_stays_enqueued_for_the_sweep(monke
 
 
 def test_the_rest_is_sent_back_once_while_a_slow_first_attempt_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worker, "MESSAGE_SLICE_SEC", 0.2)
+    monkeypatch.setattr(broker, "MESSAGE_SLICE_SEC", 0.2)
     slow = new_task(name="demo_hang", payload={"sleep_sec": 2})
     ids = [slow, *(new_task() for _ in range(3))]
     attempts = {item.id: item.attempt for item in dispatch_all()}
@@ -167,7 +167,7 @@ def test_an_error_text_with_nul_and_lone_surrogates_is_stored_escaped_and_clippe
     row = _only_task()
     assert row["status"] == "DEAD" and len(row["last_error"]) == MAX_ERROR_CHARS
     with db.transaction() as conn:
-        details = [e["detail"] for e in task_store.list_events(conn, row["id"])]
+        details = [e["detail"] for e in operations.list_events(conn, row["id"])]
     assert all(d is None or len(d) <= MAX_ERROR_CHARS for d in details)
     assert details[-1].startswith("max_retries_exceeded: ValueError: bad\\x00 caf\\udce9 xxx")
     # The DLQ message carries the stored text, and the DLQ recorder clips whatever it is given.
@@ -184,7 +184,7 @@ def test_a_refused_result_that_slips_past_the_checks_is_a_failed_attempt_and_nev
 ) -> None:
     # As if the worker's checks missed a value PostgreSQL refuses: the write itself must not raise
     # (which left the task STARTED), and neither the value nor the statement's parameters reach a log.
-    monkeypatch.setattr(worker, "storable_result", lambda value, max_bytes: value, raising=False)
+    monkeypatch.setattr(execute, "storable_result", lambda value, max_bytes: value, raising=False)
     secret = "SECRET-MARKER caf\udce9 SECRET-MARKER"
     caplog.set_level(logging.DEBUG)
     try:
@@ -203,8 +203,8 @@ def test_bound_parameters_stay_out_of_database_errors() -> None:
     task_id = new_task()
     attempt = to_started(task_id)
     with pytest.raises(DBAPIError) as raised:
-        db.run_statement(
-            lambda conn: task_store.succeed(conn, task_id=task_id, attempt=attempt, result="caf\udce9 SECRET-MARKER")
+        db.database_for().run_statement(
+            lambda conn: transitions.succeed(conn, task_id=task_id, attempt=attempt, result="caf\udce9 SECRET-MARKER")
         )
     assert "SECRET-MARKER" not in str(raised.value)
 
@@ -213,7 +213,7 @@ def test_a_deep_result_stored_before_results_were_checked_does_not_break_reading
     task_id = new_task()
     attempt = to_started(task_id)
     with db.transaction() as conn:
-        assert task_store.succeed(conn, task_id=task_id, attempt=attempt, result=_nested(300))
+        assert transitions.succeed(conn, task_id=task_id, attempt=attempt, result=_nested(300))
     response = client.get(f"/tasks/{task_id}")
     assert response.status_code == 200, response.text
     assert response.json()["result"] == "(not shown: the result is nested deeper than 64 levels)"
@@ -229,7 +229,7 @@ def test_a_claim_sent_again_after_its_reply_was_lost_finds_its_own_claim() -> No
     # reply is read. That timing cannot be produced reliably over a real network.
     task_id = new_task()
     (item,) = dispatch_all()
-    engine = db.get_engine(autocommit=True)
+    engine = db.database_for().autocommit_engine
     lost: list[str] = []
 
     def lose_the_reply(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
@@ -259,11 +259,11 @@ def test_a_claim_with_another_token_is_still_refused() -> None:
     (item,) = dispatch_all()
     mine, theirs = uuid.uuid4(), uuid.uuid4()
     with db.transaction() as conn:
-        assert task_store.claim(conn, task_id=task_id, attempt=item.attempt, token=mine) is not None
+        assert transitions.claim(conn, task_id=task_id, attempt=item.attempt, token=mine) is not None
     with db.transaction() as conn:
-        assert task_store.claim(conn, task_id=task_id, attempt=item.attempt, token=theirs) is None
-        assert task_store.claim(conn, task_id=task_id, attempt=item.attempt) is None
-        assert task_store.claim(conn, task_id=task_id, attempt=item.attempt, token=mine) is not None
+        assert transitions.claim(conn, task_id=task_id, attempt=item.attempt, token=theirs) is None
+        assert transitions.claim(conn, task_id=task_id, attempt=item.attempt) is None
+        assert transitions.claim(conn, task_id=task_id, attempt=item.attempt, token=mine) is not None
     assert [to for _, to, _ in events(task_id)].count("STARTED") == 1
 
 
@@ -273,7 +273,7 @@ def test_a_dead_attempt_whose_dlq_message_cannot_be_published_is_left_to_the_dlq
     def broker_down(items: Any) -> int:
         raise ConnectionError("broker down")
 
-    monkeypatch.setattr(worker, "publish_dead", broker_down)
+    monkeypatch.setattr(outcomes, "publish_dead", broker_down)
 
     def handler(payload: dict[str, Any]) -> None:
         raise RuntimeError("boom")
@@ -282,7 +282,7 @@ def test_a_dead_attempt_whose_dlq_message_cannot_be_published_is_left_to_the_dlq
     row = _only_task()
     assert row["status"] == "DEAD" and not row["dlq_recorded"]
     with db.transaction() as conn:
-        (lost,) = task_store.take_unrecorded_dead(conn, timeout_sec=0, limit=10, now=far_future())
+        (lost,) = sweeps.take_unrecorded_dead(conn, timeout_sec=0, limit=10, now=far_future())
     assert lost.id == row["id"] and lost.error == "RuntimeError: boom"
 
 
@@ -296,7 +296,7 @@ def test_the_hard_limit_leaves_room_to_write_the_outcome_while_the_database_is_a
     monkeypatch.setenv("WORKER_DB_RETRY_SEC", "77")
     get_settings.cache_clear()
     new_task(timeout_sec=20)
-    worker.publish_attempts(dispatch_all(), default_timeout_sec=180)
+    broker.publish_attempts(dispatch_all(), default_timeout_sec=180)
     (raw,) = redis_client.lrange(f"{clean_db.redis_key_prefix}default", 0, -1)
     hard, _soft = json.loads(raw)["headers"]["timelimit"]
     assert hard >= 20 + 77

@@ -11,8 +11,8 @@ import psutil
 import pytest
 from tests.helpers import wait_until
 
-from taskscheduler import dev
-from taskscheduler.dev import Child, DevError, Supervisor, check_port_free
+from taskscheduler.dev import DevError, check_port_free, supervisor
+from taskscheduler.dev.supervisor import Child, Supervisor
 
 
 def _child(tmp_path: Path, name: str, source: str) -> Child:
@@ -29,7 +29,7 @@ def _run(supervisor: Supervisor) -> tuple[list[int], threading.Thread]:
 @pytest.fixture
 def main_thread_signals(monkeypatch: pytest.MonkeyPatch) -> None:
     # Supervisor.run installs signal handlers, which only the main thread may do.
-    monkeypatch.setattr(dev.signal, "signal", lambda sig, handler: signal.SIG_DFL)
+    monkeypatch.setattr(supervisor.signal, "signal", lambda sig, handler: signal.SIG_DFL)
 
 
 def test_a_configuration_error_stops_at_once_and_shows_the_error_once(tmp_path: Path) -> None:
@@ -51,11 +51,11 @@ def test_a_crash_loop_stops_after_the_third_death_in_the_window(tmp_path: Path) 
     code = Supervisor(env=dict(os.environ), say=said.append, children=[crashing], redact=redact).run()
 
     assert code == 1
-    assert sum(line.startswith("restarted api") for line in said) == dev.CRASH_LOOP_DEATHS - 1, said
+    assert sum(line.startswith("restarted api") for line in said) == supervisor.CRASH_LOOP_DEATHS - 1, said
     assert sum("boom: port in use ***" in line for line in said) == 1, said
     assert not any("s3cret" in line for line in said)
     # The log file keeps every run's output; only the last one is shown.
-    assert (tmp_path / "api.log").read_text().count("boom: port in use") == dev.CRASH_LOOP_DEATHS
+    assert (tmp_path / "api.log").read_text().count("boom: port in use") == supervisor.CRASH_LOOP_DEATHS
 
 
 def test_a_killed_child_is_restarted(tmp_path: Path, main_thread_signals: None) -> None:

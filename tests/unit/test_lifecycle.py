@@ -1,18 +1,17 @@
-import itertools
 import random
 import statistics
 
 import pytest
 
 from taskscheduler.lifecycle import (
-    ALLOWED_TRANSITIONS,
     CANCELLABLE,
-    DISPATCHABLE,
-    TERMINAL,
+    DeadWith,
+    DlqReason,
     Queue,
+    RetryAfter,
     TaskStatus,
     backoff_sec,
-    can_transition,
+    failure_outcome,
     has_retries_left,
     queue_for_priority,
 )
@@ -32,34 +31,8 @@ def test_queue_for_priority_out_of_range(priority):
         queue_for_priority(priority)
 
 
-def test_every_status_has_a_transition_entry():
-    assert set(ALLOWED_TRANSITIONS) == set(TaskStatus)
-
-
-def test_the_happy_path_and_the_retry_loop_are_allowed():
-    path = [
-        TaskStatus.PENDING,
-        TaskStatus.ENQUEUED,
-        TaskStatus.STARTED,
-        TaskStatus.FAILED,
-        TaskStatus.ENQUEUED,
-        TaskStatus.STARTED,
-        TaskStatus.SUCCEEDED,
-    ]
-    assert all(can_transition(a, b) for a, b in itertools.pairwise(path))
-
-
-def test_nothing_leaves_a_terminal_state_except_an_explicit_retry_to_pending():
-    for status in TERMINAL:
-        assert ALLOWED_TRANSITIONS[status] <= {TaskStatus.PENDING}
-    assert ALLOWED_TRANSITIONS[TaskStatus.SUCCEEDED] == frozenset()
-
-
-def test_a_started_task_cannot_be_cancelled_or_skip_back():
+def test_a_started_task_cannot_be_cancelled():
     assert TaskStatus.STARTED not in CANCELLABLE
-    assert not can_transition(TaskStatus.STARTED, TaskStatus.ENQUEUED)
-    assert not can_transition(TaskStatus.PENDING, TaskStatus.STARTED)
-    assert {TaskStatus.PENDING, TaskStatus.FAILED} == DISPATCHABLE
 
 
 def test_retry_budget_counts_attempts_from_the_last_replay():
@@ -96,3 +69,31 @@ def test_backoff_huge_attempt_does_not_overflow():
 def test_backoff_rejects_attempt_zero():
     with pytest.raises(ValueError):
         backoff_sec(0, base=1, cap=1)
+
+
+def _outcome(attempt: int, *, max_retries: int, retry_base_attempt: int = 0, timed_out: bool = False):
+    return failure_outcome(
+        attempt=attempt,
+        max_retries=max_retries,
+        retry_base_attempt=retry_base_attempt,
+        timed_out=timed_out,
+        backoff_base_sec=2.0,
+        backoff_max_sec=60.0,
+        rng=random.Random(3),
+    )
+
+
+def test_a_failure_with_retries_left_is_retried_after_a_backoff_counted_from_the_last_replay():
+    first = _outcome(1, max_retries=2)
+    assert isinstance(first, RetryAfter) and 0.0 <= first.delay_sec <= 2.0
+    # Replayed at attempt 5: attempt 7 is its second, so its ceiling is base * 2.
+    replayed = _outcome(7, max_retries=2, retry_base_attempt=5, timed_out=True)
+    assert isinstance(replayed, RetryAfter) and 0.0 <= replayed.delay_sec <= 4.0
+    assert _outcome(1, max_retries=2) == first  # the same draw: pure but for its rng
+
+
+def test_a_failure_out_of_retries_is_dead_for_its_timeout_or_for_running_out_of_retries():
+    assert _outcome(2, max_retries=1) == DeadWith(DlqReason.MAX_RETRIES_EXCEEDED)
+    assert _outcome(2, max_retries=1, timed_out=True) == DeadWith(DlqReason.STUCK_TASK_TIMEOUT)
+    assert _outcome(1, max_retries=0) == DeadWith(DlqReason.MAX_RETRIES_EXCEEDED)
+    assert _outcome(8, max_retries=1, retry_base_attempt=5, timed_out=True) == DeadWith(DlqReason.STUCK_TASK_TIMEOUT)

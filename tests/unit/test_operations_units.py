@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from taskscheduler.api.routes import decode_cursor, encode_cursor
 from taskscheduler.api.schemas import TaskCreate
+from taskscheduler.api.tasks import decode_cursor, encode_cursor
 from taskscheduler.auth import RefusalLog, bearer_ok, is_loopback, warn_if_open
 from taskscheduler.client import ClientError, describe_error, parse_duration
 from taskscheduler.config import Settings

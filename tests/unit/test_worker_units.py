@@ -1,5 +1,5 @@
-"""The worker's pure parts: storable results and error texts, the per-task time limit, grouping
-attempts into messages."""
+"""The worker's pure parts: storable results and error texts, the per-task time limit, the message
+slice."""
 
 import math
 import signal
@@ -11,15 +11,8 @@ import pytest
 
 from taskscheduler.config import MAX_JSON_DEPTH
 from taskscheduler.lifecycle import nested_deeper_than
-from taskscheduler.store.tasks import MAX_ERROR_CHARS, Dispatched, storable_error
-from taskscheduler.worker import (
-    ResultNotStorable,
-    _error_text,
-    message_name,
-    messages_for,
-    rest_name,
-    storable_result,
-)
+from taskscheduler.store.transitions import MAX_ERROR_CHARS, storable_error
+from taskscheduler.worker.results import ResultNotStorable, error_text, storable_result
 
 MiB = 1024 * 1024
 
@@ -104,8 +97,8 @@ def test_an_exception_whose_message_cannot_be_read_still_gives_an_error_text():
         def __str__(self) -> str:
             raise RuntimeError("no")
 
-    assert _error_text(Broken()) == "Broken: <the exception's message could not be read>"
-    assert _error_text(KeyError("k")) == "KeyError: 'k'"
+    assert error_text(Broken()) == "Broken: <the exception's message could not be read>"
+    assert error_text(KeyError("k")) == "KeyError: 'k'"
 
 
 def test_nested_deeper_than_counts_container_levels():
@@ -116,51 +109,24 @@ def test_nested_deeper_than_counts_container_levels():
 
 
 def test_a_handler_past_its_time_limit_is_interrupted():
-    from taskscheduler.worker import AttemptTimedOut, _time_limit
+    from taskscheduler.worker.limits import AttemptTimedOut, time_limit
 
     started = time.monotonic()
-    with pytest.raises(AttemptTimedOut), _time_limit(0.2):
+    with pytest.raises(AttemptTimedOut), time_limit(0.2):
         time.sleep(10)
     assert time.monotonic() - started < 5
 
 
 def test_the_time_limit_is_disarmed_once_the_handler_returns():
     # Nothing may interrupt the outcome's write that follows the handler.
-    from taskscheduler.worker import _time_limit
+    from taskscheduler.worker.limits import time_limit
 
     previous = signal.getsignal(signal.SIGALRM)
-    with _time_limit(0.2):
+    with time_limit(0.2):
         pass
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
     assert signal.getsignal(signal.SIGALRM) is previous
     time.sleep(0.4)  # past the limit: no AttemptTimedOut
-
-
-def _dispatched(queue: str, count: int) -> list[Dispatched]:
-    return [Dispatched(id=uuid.uuid4(), attempt=1, queue=queue, timeout_sec=None) for _ in range(count)]
-
-
-def test_a_few_due_tasks_go_one_per_message():
-    items = _dispatched("default", 8)
-    assert messages_for(items, max_per_message=20) == [[item] for item in items]
-
-
-def test_a_deep_queue_shares_messages_up_to_the_maximum_in_order():
-    items = _dispatched("default", 500)
-    messages = messages_for(items, max_per_message=20)
-    assert [len(m) for m in messages] == [20] * 25
-    assert [item for m in messages for item in m] == items
-
-
-def test_a_batch_is_spread_over_at_least_eight_messages_per_queue():
-    items = _dispatched("high", 40) + _dispatched("low", 3)
-    messages = messages_for(items, max_per_message=20)
-    assert [(m[0].queue, len(m)) for m in messages] == [("high", 5)] * 8 + [("low", 1)] * 3
-    assert all(len({item.queue for item in m}) == 1 for m in messages)
-
-
-def test_one_task_per_message_when_batching_is_off():
-    assert [len(m) for m in messages_for(_dispatched("low", 100), max_per_message=1)] == [1] * 100
 
 
 def _items(count):
@@ -172,7 +138,7 @@ def test_a_message_slice_hands_each_attempt_to_the_loop_or_to_the_hand_off_never
     # back, none both, the rest is sent at most once and never includes the first.
     import threading
 
-    from taskscheduler.worker import MessageSlice
+    from taskscheduler.worker.slicing import MessageSlice
 
     for _ in range(300):
         items = _items(20)
@@ -196,7 +162,7 @@ def test_a_message_slice_hands_each_attempt_to_the_loop_or_to_the_hand_off_never
 
 
 def test_no_hand_off_after_the_message_is_closed():
-    from taskscheduler.worker import MessageSlice
+    from taskscheduler.worker.slicing import MessageSlice
 
     sent = []
     message = MessageSlice(_items(3), deadline=time.monotonic(), send_back=sent.append)
@@ -210,7 +176,7 @@ def test_no_hand_off_after_the_message_is_closed():
 def test_the_slicer_hands_off_the_rest_at_the_deadline_while_the_block_runs():
     import threading
 
-    from taskscheduler.worker import MessageSlice, Slicer
+    from taskscheduler.worker.slicing import MessageSlice, Slicer
 
     items = _items(3)
     sent = threading.Event()
@@ -227,7 +193,7 @@ def test_the_slicer_hands_off_the_rest_at_the_deadline_while_the_block_runs():
 
 
 def test_the_slicer_forgets_a_message_that_ended_before_its_deadline():
-    from taskscheduler.worker import MessageSlice, Slicer
+    from taskscheduler.worker.slicing import MessageSlice, Slicer
 
     sent = []
     slicer = Slicer()
@@ -237,23 +203,3 @@ def test_the_slicer_forgets_a_message_that_ended_before_its_deadline():
     assert slicer._watched == []
     message.hand_off()  # what the slicer would do at the deadline: nothing, the message is over
     assert sent == []
-
-
-@pytest.mark.parametrize(
-    ("names", "shown"),
-    [
-        (["send_email"], "send_email"),
-        (["send_email"] * 20, "send_email (20 tasks)"),
-        (["send_email", "resize", "send_email", "resize", "send_email"], "send_email, resize (5 tasks)"),
-        (["a", "b", "c", "d", "a", "e", "a", "a", "a"], "a, b, c +2 more (9 tasks)"),
-        ([""], None),  # names unknown: Celery shows the task's own name
-    ],
-)
-def test_a_message_is_named_after_the_handlers_it_carries(names: list[str], shown: str | None) -> None:
-    assert message_name(names) == shown
-
-
-def test_the_rest_of_a_message_keeps_its_names_with_its_own_count() -> None:
-    assert rest_name("send_email, resize (20 tasks)", 12) == "send_email, resize (12 tasks)"
-    assert rest_name("a, b, c +2 more (9 tasks)", 1) == "a, b, c +2 more"
-    assert rest_name(None, 3) is None

@@ -8,13 +8,12 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, HTTPException, Path, Query, Response, Security, status
+from fastapi import Body, HTTPException, Path, Query, Response, status
 from sqlalchemy import Connection
 
 from taskscheduler import handlers
-from taskscheduler.api.body_guard import PreparsedJsonRoute
-from taskscheduler.api.deps import ConnDep, LockingConnDep
-from taskscheduler.api.routes import UNAUTHORIZED, bearer
+from taskscheduler.api.deps import ConnDep, LockingConnDep, protected_router
+from taskscheduler.api.errors import field_error, validation_error
 from taskscheduler.api.schedule_schemas import (
     MAX_BACKFILL_FIRES,
     NOT_NULL,
@@ -28,12 +27,10 @@ from taskscheduler.api.schedule_schemas import (
 )
 from taskscheduler.api.schemas import TaskOut
 from taskscheduler.schedule_spec import Spec
+from taskscheduler.store import operations
 from taskscheduler.store import schedules as schedule_store
-from taskscheduler.store import tasks as task_store
 
-router = APIRouter(
-    dependencies=[Security(bearer)], responses=UNAUTHORIZED, route_class=PreparsedJsonRoute, tags=["schedules"]
-)
+router = protected_router("schedules")
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No schedule with this id or name."}}
 NAME_TAKEN: dict[int | str, dict[str, Any]] = {409: {"description": "Another schedule has this name."}}
@@ -41,9 +38,7 @@ ScheduleRef = Annotated[str, Path(min_length=1, max_length=200, description="The
 
 
 def _invalid(loc: list[str | int], message: str) -> HTTPException:
-    return HTTPException(
-        status.HTTP_422_UNPROCESSABLE_CONTENT, detail=[{"loc": ["body", *loc], "msg": message, "type": "value_error"}]
-    )
+    return validation_error([field_error(["body", *loc], message)])
 
 
 def _check(fields: Mapping[Any, Any]) -> None:
@@ -102,10 +97,7 @@ def _after(cursor: str) -> str:
     try:
         return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, ValueError):
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail=[{"loc": ["query", "cursor"], "msg": "invalid cursor", "type": "value_error"}],
-        ) from None
+        raise validation_error([field_error(["query", "cursor"], "invalid cursor")]) from None
 
 
 @router.get("/schedules", summary="List schedules", response_model=SchedulePage)
@@ -198,7 +190,7 @@ def trigger_schedule(schedule: ScheduleRef, conn: LockingConnDep) -> TaskOut:
     if not created:
         raise HTTPException(status.HTTP_409_CONFLICT, detail="a task for this very moment exists already, try again")
     schedule_store.count_fires(conn, row["id"], 1)
-    task = task_store.get_task(conn, created[0].id)
+    task = operations.get_task(conn, created[0].id)
     assert task is not None
     return TaskOut.model_validate(dict(task))
 

@@ -1,4 +1,4 @@
-"""Due PENDING/FAILED tasks -> ENQUEUED, then one message per task on its priority's queue."""
+"""Due PENDING/FAILED tasks -> ENQUEUED, then published to their priority's queue (see `broker.messages_for`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from datetime import datetime
 from taskscheduler.config import Settings
 from taskscheduler.lifecycle import TASK_QUEUES
 from taskscheduler.scheduler.publisher import Publisher
-from taskscheduler.store import db
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import sweeps
+from taskscheduler.store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 FAULT_AFTER_COMMIT = "dispatch_after_commit"
 
 
-def run_once(*, settings: Settings, publisher: Publisher, now: datetime | None = None) -> int:
+def run_once(*, database: Database, settings: Settings, publisher: Publisher, now: datetime | None = None) -> int:
     """Dispatch one batch per queue (at most DISPATCH_BATCH_SIZE each). Returns how many were dispatched.
 
     The attempt is incremented and committed before the message leaves: a crash in between leaves
@@ -32,13 +32,13 @@ def run_once(*, settings: Settings, publisher: Publisher, now: datetime | None =
     under a backlog that keeps ticks few and batches large.
     """
     refill_at = max(1, min(settings.dispatch_batch_size, settings.max_enqueued_per_queue // 4))
-    batch: list[task_store.Dispatched] = []
-    with db.transaction() as conn:
-        waiting = task_store.enqueued_per_queue(conn)
+    batch: list[sweeps.Dispatched] = []
+    with database.transaction() as conn:
+        waiting = sweeps.enqueued_per_queue(conn)
         for queue in TASK_QUEUES:
             room = min(settings.dispatch_batch_size, settings.max_enqueued_per_queue - waiting.get(queue, 0))
             if room >= refill_at:
-                batch += task_store.dispatch_due(conn, queue=queue.value, limit=room, now=now)
+                batch += sweeps.dispatch_due(conn, queue=queue.value, limit=room, now=now)
     if not batch:
         return 0
     if settings.fault_point == FAULT_AFTER_COMMIT:

@@ -11,20 +11,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import redis
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from taskscheduler import metrics
+from taskscheduler import broker, metrics
+from taskscheduler.broker import DeadMessage
 from taskscheduler.config import Settings, redis_client_url
-from taskscheduler.store.tasks import Dispatched
+from taskscheduler.store.sweeps import Dispatched
 
 log = logging.getLogger(__name__)
 
-DeadMessage = tuple[uuid.UUID, int, str, str, str | None]
 T = TypeVar("T")
 
 # A broker on the same network answers in milliseconds; these only bound a broker that does not.
@@ -163,10 +162,8 @@ class CeleryPublisher:
         self._connection: Any = None
 
     def _producer(self) -> Any:
-        from taskscheduler import worker
-
         if self._connection is None:
-            app = worker.configure_celery(self._settings)
+            app = broker.configure_celery(self._settings)
             self._connection = app.connection_for_write(
                 transport_options={
                     "socket_connect_timeout": CONNECT_TIMEOUT_SEC,
@@ -176,13 +173,11 @@ class CeleryPublisher:
         return self._connection.Producer()
 
     def publish_attempts(self, items: Sequence[Dispatched]) -> int:
-        from taskscheduler import worker
-
         if not items:
             return 0
         return self.health.call(
             "dispatch",
-            lambda: worker.publish_attempts(
+            lambda: broker.publish_attempts(
                 items,
                 default_timeout_sec=self._default_timeout_sec,
                 max_per_message=self._max_tasks_per_message,
@@ -192,10 +187,8 @@ class CeleryPublisher:
         )
 
     def publish_dead(self, items: Sequence[DeadMessage]) -> int:
-        from taskscheduler import worker
-
         if not items:
             return 0
         return self.health.call(
-            "dead", lambda: worker.publish_dead(items, producer=self._producer(), retry_policy=RETRY_POLICY)
+            "dead", lambda: broker.publish_dead(items, producer=self._producer(), retry_policy=RETRY_POLICY)
         )

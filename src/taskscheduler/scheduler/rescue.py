@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from taskscheduler import metrics
+from taskscheduler.broker import DeadMessage
 from taskscheduler.config import Settings
-from taskscheduler.lifecycle import TASK_QUEUES, DlqReason, Queue, backoff_sec, has_retries_left
-from taskscheduler.scheduler.publisher import BrokerHealth, BrokerQueues, BrokerUnavailable, DeadMessage, Publisher
-from taskscheduler.store import db
-from taskscheduler.store import tasks as task_store
+from taskscheduler.lifecycle import TASK_QUEUES, DeadWith, Queue, failure_outcome
+from taskscheduler.scheduler.publisher import BrokerHealth, BrokerQueues, BrokerUnavailable, Publisher
+from taskscheduler.store import sweeps, transitions
+from taskscheduler.store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +37,22 @@ class RescueCounts:
 
 
 def rescue_stuck(
-    *, settings: Settings, publisher: Publisher, now: datetime | None = None, reconnected_at: datetime | None = None
+    *,
+    database: Database,
+    settings: Settings,
+    publisher: Publisher,
+    now: datetime | None = None,
+    reconnected_at: datetime | None = None,
 ) -> tuple[int, int]:
     """STARTED past its heartbeat timeout or its run-time limit -> FAILED (retry) or DEAD. Returns (retried, dead).
 
     `reconnected_at` (database clock): when this scheduler last regained the database; heartbeat
-    silence is counted from no earlier than that (see `task_store.lock_stuck`).
+    silence is counted from no earlier than that (see `sweeps.lock_stuck`).
     """
     retried = 0
     dead: list[DeadMessage] = []
-    with db.transaction() as conn:
-        stuck = task_store.lock_stuck(
+    with database.transaction() as conn:
+        stuck = sweeps.lock_stuck(
             conn,
             heartbeat_timeout_sec=settings.heartbeat_timeout_sec,
             default_timeout_sec=settings.stuck_after_sec,
@@ -59,36 +65,44 @@ def rescue_stuck(
             metrics.RESCUES.labels(reason="no_heartbeat" if task.by_heartbeat else "timeout").inc()
             error = f"stuck: {why} (worker crashed or hung)"
             fields = {"task_id": str(task.id), "attempt": task.attempt, "event": "rescued"}
-            if has_retries_left(task.attempt, task.max_retries, task.retry_base_attempt):
-                delay = backoff_sec(
-                    task.attempt - task.retry_base_attempt,
-                    base=settings.retry_backoff_base_sec,
-                    cap=settings.retry_backoff_max_sec,
-                )
-                if task_store.fail(conn, task_id=task.id, attempt=task.attempt, error=error, retry_in_sec=delay):
-                    retried += 1
-                    log.info("STARTED -> FAILED (%s), retry in %.2fs", why, delay, extra=fields)
-            else:
-                reason = DlqReason.STUCK_TASK_TIMEOUT
-                name = task_store.kill(conn, task_id=task.id, attempt=task.attempt, error=error, reason=reason)
+            # Stuck counts as timed out: DEAD for its timeout once out of retries.
+            outcome = failure_outcome(
+                attempt=task.attempt,
+                max_retries=task.max_retries,
+                retry_base_attempt=task.retry_base_attempt,
+                timed_out=True,
+                backoff_base_sec=settings.retry_backoff_base_sec,
+                backoff_max_sec=settings.retry_backoff_max_sec,
+            )
+            if isinstance(outcome, DeadWith):
+                name = transitions.kill(conn, task_id=task.id, attempt=task.attempt, error=error, reason=outcome.reason)
                 if name is not None:
-                    dead.append((task.id, task.attempt, name, reason.value, error))
-                    log.info("STARTED -> DEAD (%s)", reason, extra=fields)
+                    dead.append(
+                        DeadMessage(
+                            task_id=task.id, attempt=task.attempt, name=name, reason=outcome.reason, error=error
+                        )
+                    )
+                    log.info("STARTED -> DEAD (%s)", outcome.reason, extra=fields)
+            elif transitions.fail(
+                conn, task_id=task.id, attempt=task.attempt, error=error, retry_in_sec=outcome.delay_sec
+            ):
+                retried += 1
+                log.info("STARTED -> FAILED (%s), retry in %.2fs", why, outcome.delay_sec, extra=fields)
     # If the broker is away, they are DEAD without a DLQ row: the DLQ sweep publishes them later.
     _unless_broker_down(lambda: publisher.publish_dead(dead))
     return retried, len(dead)
 
 
 def republish_lost(
-    *, settings: Settings, publisher: Publisher, broker: BrokerQueues, now: datetime | None = None
+    *, database: Database, settings: Settings, publisher: Publisher, broker: BrokerQueues, now: datetime | None = None
 ) -> int:
     """ENQUEUED but unclaimed for ENQUEUE_TIMEOUT_SEC: publish the same attempt again, while the
     broker holds fewer messages for the queue than it has unclaimed tasks."""
     waiting = broker.waiting([q.value for q in TASK_QUEUES], kind="republish")
-    lost: list[task_store.Dispatched] = []
-    with db.transaction() as conn:
+    lost: list[sweeps.Dispatched] = []
+    with database.transaction() as conn:
         for queue in TASK_QUEUES:
-            lost += task_store.take_lost_enqueued(
+            lost += sweeps.take_lost_enqueued(
                 conn,
                 queue=queue.value,
                 timeout_sec=settings.enqueue_timeout_sec,
@@ -106,13 +120,13 @@ def republish_lost(
 
 
 def republish_dead(
-    *, settings: Settings, publisher: Publisher, broker: BrokerQueues, now: datetime | None = None
+    *, database: Database, settings: Settings, publisher: Publisher, broker: BrokerQueues, now: datetime | None = None
 ) -> int:
     """DEAD without its dlq_events row after ENQUEUE_TIMEOUT_SEC: publish the DLQ message again, unless
     the DLQ queue already holds a message for each such task (its worker is away)."""
     waiting = broker.waiting([Queue.DLQ.value], kind="dlq_republish")[Queue.DLQ.value]
-    with db.transaction() as conn:
-        dead = task_store.take_unrecorded_dead(
+    with database.transaction() as conn:
+        dead = sweeps.take_unrecorded_dead(
             conn, timeout_sec=settings.enqueue_timeout_sec, limit=settings.dispatch_batch_size, waiting=waiting, now=now
         )
     for item in dead:
@@ -121,7 +135,9 @@ def republish_dead(
             "DLQ message re-published",
             extra={"task_id": str(item.id), "attempt": item.attempt, "event": "dlq_republished"},
         )
-    return publisher.publish_dead([(d.id, d.attempt, d.name, d.reason, d.error) for d in dead])
+    return publisher.publish_dead(
+        [DeadMessage(task_id=d.id, attempt=d.attempt, name=d.name, reason=d.reason, error=d.error) for d in dead]
+    )
 
 
 def _unless_broker_down(step: Callable[[], int]) -> int:
@@ -133,6 +149,7 @@ def _unless_broker_down(step: Callable[[], int]) -> int:
 
 def run_once(
     *,
+    database: Database,
     settings: Settings,
     publisher: Publisher,
     now: datetime | None = None,
@@ -142,14 +159,15 @@ def run_once(
     """One sweep. `reconnected_at`: see `rescue_stuck`. `broker`: where queue lengths are read (default:
     REDIS_URL, with failures counted apart from the service's)."""
     broker = broker or BrokerQueues(settings, BrokerHealth())
-    retried, dead = rescue_stuck(settings=settings, publisher=publisher, now=now, reconnected_at=reconnected_at)
+    retried, dead = rescue_stuck(
+        database=database, settings=settings, publisher=publisher, now=now, reconnected_at=reconnected_at
+    )
+
+    def republish(sweep: Callable[..., int]) -> int:
+        return _unless_broker_down(
+            lambda: sweep(database=database, settings=settings, publisher=publisher, broker=broker, now=now)
+        )
+
     return RescueCounts(
-        retried=retried,
-        dead=dead,
-        republished=_unless_broker_down(
-            lambda: republish_lost(settings=settings, publisher=publisher, broker=broker, now=now)
-        ),
-        dlq_republished=_unless_broker_down(
-            lambda: republish_dead(settings=settings, publisher=publisher, broker=broker, now=now)
-        ),
+        retried=retried, dead=dead, republished=republish(republish_lost), dlq_republished=republish(republish_dead)
     )

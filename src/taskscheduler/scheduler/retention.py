@@ -14,13 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection
-
 from taskscheduler.config import Settings
-from taskscheduler.store import db
 from taskscheduler.store import dlq as dlq_store
 from taskscheduler.store import processes as process_store
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import sweeps
+from taskscheduler.store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -42,37 +40,29 @@ class RetentionCounts:
         return any((self.tasks, self.dlq_events, self.processes))
 
 
-def _batches(delete_batch: Callable[[Connection], int], batch_size: int, max_batches: int) -> int:
-    total = 0
-    for _ in range(max_batches):
-        with db.transaction() as conn:
-            n = delete_batch(conn)
-        total += n
-        if n < batch_size:
-            break
-    return total
-
-
 def run_once(
-    *, settings: Settings, now: datetime | None = None, batch_size: int = BATCH_SIZE, max_batches: int = MAX_BATCHES
+    *,
+    database: Database,
+    settings: Settings,
+    now: datetime | None = None,
+    batch_size: int = BATCH_SIZE,
+    max_batches: int = MAX_BATCHES,
 ) -> RetentionCounts:
     """One retention pass: at most `max_batches` batches of `batch_size` rows per table. 0 days keeps all."""
-    tasks = dlq_events = 0
-    if settings.retention_days > 0:
-        older = settings.retention_days * DAY_SEC
-        tasks = _batches(
-            lambda conn: task_store.delete_finished(conn, older_than_sec=older, limit=batch_size, now=now),
-            batch_size,
-            max_batches,
-        )
-    if settings.dlq_retention_days > 0:
-        older = settings.dlq_retention_days * DAY_SEC
-        dlq_events = _batches(
-            lambda conn: dlq_store.delete_old(conn, older_than_sec=older, limit=batch_size, now=now),
-            batch_size,
-            max_batches,
-        )
-    with db.transaction() as conn:
+
+    def delete_older_than(days: float, delete_batch: Callable[..., int]) -> int:
+        total = 0
+        for _ in range(max_batches if days > 0 else 0):
+            with database.transaction() as conn:
+                n = delete_batch(conn, older_than_sec=days * DAY_SEC, limit=batch_size, now=now)
+            total += n
+            if n < batch_size:
+                break
+        return total
+
+    tasks = delete_older_than(settings.retention_days, sweeps.delete_finished)
+    dlq_events = delete_older_than(settings.dlq_retention_days, dlq_store.delete_old)
+    with database.transaction() as conn:
         processes = process_store.delete_stale(conn, older_than_sec=STALE_PROCESS_SEC, now=now)
     counts = RetentionCounts(tasks=tasks, dlq_events=dlq_events, processes=processes)
     if counts:

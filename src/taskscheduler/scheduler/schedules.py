@@ -21,8 +21,8 @@ from typing import Any
 from taskscheduler import handlers, metrics
 from taskscheduler.config import Settings
 from taskscheduler.schedule_spec import Overlap, Plan, State, plan
-from taskscheduler.store import db
 from taskscheduler.store import schedules as schedule_store
+from taskscheduler.store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,11 @@ def _state(row: Any) -> State:
     )
 
 
-def run_once(*, settings: Settings, now: datetime | None = None, batch_size: int = BATCH_SIZE) -> ScheduleCounts:
+def run_once(
+    *, database: Database, settings: Settings, now: datetime | None = None, batch_size: int = BATCH_SIZE
+) -> ScheduleCounts:
     """Fire one batch of due schedules (at most `batch_size`). `now` (tests): the database clock otherwise."""
-    with db.transaction() as conn:
+    with database.transaction() as conn:
         rows = schedule_store.lock_due(conn, limit=batch_size, now=now)
         if not rows:
             return ScheduleCounts()
@@ -118,11 +120,13 @@ def _advance(row: Any, fire_plan: Plan, fired: list[datetime]) -> schedule_store
     )
 
 
-def run_due(*, settings: Settings, should_stop: Callable[[], bool] = lambda: False) -> ScheduleCounts:
+def run_due(
+    *, database: Database, settings: Settings, should_stop: Callable[[], bool] = lambda: False
+) -> ScheduleCounts:
     """Batches until no schedule is due (at most MAX_BATCHES_PER_TICK); logs what it did."""
     total = ScheduleCounts()
     for _ in range(MAX_BATCHES_PER_TICK):
-        counts = run_once(settings=settings)
+        counts = run_once(database=database, settings=settings)
         total += counts
         if counts.schedules < BATCH_SIZE or should_stop():
             break
@@ -147,7 +151,9 @@ class SyncCounts:
     paused: int = 0
 
 
-def sync_code_schedules(declarations: list[handlers.ScheduleDeclaration], *, now: datetime | None = None) -> SyncCounts:
+def sync_code_schedules(
+    declarations: list[handlers.ScheduleDeclaration], *, database: Database, now: datetime | None = None
+) -> SyncCounts:
     """Upsert the schedules declared in code (by name) and pause the code schedules no longer declared.
 
     One scheduler at a time (an advisory lock): the others wait, then find everything in place. A
@@ -155,7 +161,7 @@ def sync_code_schedules(declarations: list[handlers.ScheduleDeclaration], *, now
     schedule paused because it had been removed from the code is resumed.
     """
     created = updated = 0
-    with db.transaction() as conn:
+    with database.transaction() as conn:
         schedule_store.lock_code_sync(conn)
         for declared in declarations:
             if handlers.get_handler(declared.task) is None:
@@ -200,8 +206,9 @@ class ScheduleStep:
     """The scheduler loop's part: upsert the code schedules once (again at each tick until that
     worked: the database may be away at start), then fire what is due."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, database: Database) -> None:
         self.settings = settings
+        self.database = database
         self._synced = False
         self._declarations: list[handlers.ScheduleDeclaration] | None = None
 
@@ -220,6 +227,6 @@ class ScheduleStep:
             if self._declarations is None:
                 self._declarations = self._load()
             if self._declarations is not None:
-                sync_code_schedules(self._declarations)
+                sync_code_schedules(self._declarations, database=self.database)
             self._synced = True
-        return run_due(settings=self.settings, should_stop=should_stop)
+        return run_due(database=self.database, settings=self.settings, should_stop=should_stop)

@@ -25,8 +25,7 @@ from taskscheduler.scheduler import dispatch, rescue, retention
 from taskscheduler.scheduler.publisher import BrokerHealth, BrokerQueues, BrokerUnavailable, CeleryPublisher, Publisher
 from taskscheduler.scheduler.schedules import ScheduleStep
 from taskscheduler.scheduler.wakeup import Wakeup
-from taskscheduler.store import db
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +43,18 @@ def lost_the_database(exc: BaseException) -> bool:
 
 
 class SchedulerService:
-    def __init__(self, settings: Settings, publisher: Publisher, *, heartbeat: ProcessHeartbeat | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        publisher: Publisher,
+        *,
+        database: Database | None = None,
+        heartbeat: ProcessHeartbeat | None = None,
+    ) -> None:
         self.settings = settings
         self.publisher = publisher
+        # Default: one of its own, for DATABASE_URL of `settings`.
+        self.database = database or Database.from_settings(settings)
         self.stopping = threading.Event()
         # Written from the loop, so a scheduler whose loop hangs stops looking alive.
         self.heartbeat = heartbeat
@@ -60,7 +68,7 @@ class SchedulerService:
         self._database_lost = True
         self._failed_ticks = 0
         self._failure_logged_at = float("-inf")
-        self.schedules = ScheduleStep(settings)
+        self.schedules = ScheduleStep(settings, self.database)
 
     def stop(self) -> None:
         """Ask the loop to exit after the batch in hand (SIGTERM, Ctrl-C)."""
@@ -73,8 +81,7 @@ class SchedulerService:
     def _note_reconnection(self) -> None:
         if not self._database_lost:
             return
-        with db.transaction() as conn:
-            self.reconnected_at = task_store.database_now(conn)
+        self.reconnected_at = self.database.now()
         self._database_lost = False
         log.info(
             "database reachable: the stuck check counts heartbeat silence from %s",
@@ -89,7 +96,7 @@ class SchedulerService:
         dispatched = 0
         try:
             for _ in range(MAX_BATCHES_PER_TICK):
-                n = dispatch.run_once(settings=self.settings, publisher=self.publisher)
+                n = dispatch.run_once(database=self.database, settings=self.settings, publisher=self.publisher)
                 dispatched += n
                 if n < self.settings.dispatch_batch_size or self.stopping.is_set():
                     break
@@ -103,13 +110,17 @@ class SchedulerService:
         if time.monotonic() >= self._rescue_due:
             self._rescue_due = time.monotonic() + self.settings.poll_interval_sec
             counts = rescue.run_once(
-                settings=self.settings, publisher=self.publisher, reconnected_at=self.reconnected_at, broker=self.broker
+                database=self.database,
+                settings=self.settings,
+                publisher=self.publisher,
+                reconnected_at=self.reconnected_at,
+                broker=self.broker,
             )
             if counts:
                 log.info("rescue: %s", counts, extra={"event": "rescue"})
         if time.monotonic() >= self._retention_due and not self.stopping.is_set():
             self._retention_due = time.monotonic() + self.settings.retention_interval_sec
-            retention.run_once(settings=self.settings)
+            retention.run_once(database=self.database, settings=self.settings)
         if self.heartbeat is not None:
             self.heartbeat.beat_if_due()
         return dispatched
@@ -140,7 +151,7 @@ class SchedulerService:
         if not self.broker.wait_until_reachable(self.stopping):
             self.broker.close()
             return
-        wakeup = Wakeup(self.settings)
+        wakeup = Wakeup(self.settings, self.database)
         while not self.stopping.is_set():
             try:
                 dispatched = self.tick()

@@ -1,9 +1,9 @@
 """How long the scheduler sleeps between ticks, and what wakes it early.
 
 It sleeps until the earliest PENDING/FAILED task is due or the earliest schedule fires (never longer
-than POLL_INTERVAL_SEC), and
-a NOTIFY on the due channel (sent when a task due now is created) wakes it at once. Polling stays
-the fallback: if the listening connection breaks, the scheduler just sleeps and listens again later.
+than POLL_INTERVAL_SEC), and a NOTIFY on the due channel (sent when a task due now is created) wakes
+it at once. Polling stays the fallback: if the listening connection breaks, the scheduler just
+sleeps and listens again later.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import time
 import psycopg
 
 from taskscheduler.config import Settings
-from taskscheduler.store import db
-from taskscheduler.store import schedules as schedule_store
-from taskscheduler.store import tasks as task_store
+from taskscheduler.store import creation, schedules, sweeps
+from taskscheduler.store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +25,15 @@ MIN_GAP_SEC = 0.005
 HELD_BACK_SEC = 0.05
 
 
-def _libpq_url(sqlalchemy_url: str) -> str:
-    return sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
 def _earliest(*seconds: float | None) -> float | None:
     known = [s for s in seconds if s is not None]
     return min(known) if known else None
 
 
 class Wakeup:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, database: Database) -> None:
         self.settings = settings
+        self.database = database
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
 
     def wait(self, *, dispatched: bool = False) -> None:
@@ -65,9 +61,8 @@ class Wakeup:
     def _timeout(self, *, dispatched: bool) -> float:
         poll = self.settings.poll_interval_sec
         try:
-            with db.transaction() as conn:
-                task_due_in = task_store.seconds_until_next_due(conn)
-                due_in = _earliest(task_due_in, schedule_store.seconds_until_next_fire(conn))
+            with self.database.transaction() as conn:
+                due_in = _earliest(sweeps.seconds_until_next_due(conn), schedules.seconds_until_next_fire(conn))
         except Exception:  # the tick that follows reports database trouble
             return poll
         if due_in is None:
@@ -79,8 +74,8 @@ class Wakeup:
     def _listening(self) -> psycopg.Connection[tuple[object, ...]] | None:
         if self._conn is None or self._conn.closed:
             try:
-                self._conn = psycopg.connect(_libpq_url(self.settings.database_url), autocommit=True, connect_timeout=5)
-                self._conn.execute(f"LISTEN {task_store.DUE_CHANNEL}")
+                self._conn = psycopg.connect(self.database.libpq_url, autocommit=True, connect_timeout=5)
+                self._conn.execute(f"LISTEN {creation.DUE_CHANNEL}")
             except psycopg.Error as exc:
                 log.warning("cannot listen for due tasks, polling: %s", exc)
                 self._conn = None

@@ -58,7 +58,7 @@ tasks = Table(
     Column("started_at", DateTime(timezone=True), nullable=True),
     Column("heartbeat_at", DateTime(timezone=True), nullable=True),
     # Written by the claim that moved the current attempt to STARTED: a claim sent again after its
-    # reply was lost recognises its own claim by it (see store.tasks.claim).
+    # reply was lost recognises its own claim by it (see store.transitions.CLAIM).
     Column("claim_token", UUID(as_uuid=True), nullable=True),
     Column("finished_at", DateTime(timezone=True), nullable=True),
     # Idempotent creation: the client's key, and a hash of the canonical request it first came with.
@@ -75,7 +75,7 @@ tasks = Table(
     CheckConstraint(f"(finished_at IS NOT NULL) = ({_TERMINAL_SQL})", name="tasks_finished_iff_terminal"),
     # Partial indexes: each sweep scans only the rows in the status it looks for, so millions of
     # finished or far-future rows cost nothing.
-    # A dispatch batch: per priority, the earliest due first (see store.tasks._DISPATCH).
+    # A dispatch batch: per priority, the earliest due first (see store.sweeps.DISPATCH_DUE).
     Index(
         "tasks_due_by_priority_idx",
         "priority",

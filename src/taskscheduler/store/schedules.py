@@ -23,9 +23,10 @@ from sqlalchemy import Connection, RowMapping
 from taskscheduler import metrics
 from taskscheduler.lifecycle import queue_for_priority
 from taskscheduler.schedule_spec import Overlap, Spec, interval_anchor, jitter_sec
-from taskscheduler.store.tasks import DUE_CHANNEL
+from taskscheduler.store.creation import DUE_CHANNEL
+from taskscheduler.store.operations import TASK_COUNTS_TIMEOUT
+from taskscheduler.store.sql import NOW
 
-NOW = "COALESCE(CAST(%(now)s AS timestamptz), now())"
 UNFINISHED = "status NOT IN ('SUCCEEDED', 'DEAD', 'CANCELLED')"
 # What a change of a schedule can set; the rest is the scheduler's (next_fire_at, counters).
 SETTABLE = (
@@ -436,5 +437,5 @@ def pause_undeclared(conn: Connection, declared: Sequence[str]) -> list[str]:
 
 def schedule_counters(conn: Connection) -> list[tuple[str, int, int, int]]:
     """(name, fires, skips, misses) of every schedule, for /metrics."""
-    conn.exec_driver_sql("SET LOCAL statement_timeout = '5s'")
+    conn.exec_driver_sql(TASK_COUNTS_TIMEOUT)
     return [(r.name, int(r.fires), int(r.skips), int(r.misses)) for r in _run(conn, SCHEDULE_COUNTERS)]

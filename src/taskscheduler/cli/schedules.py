@@ -8,17 +8,10 @@ from typing import Annotated, Any
 
 import typer
 
-from taskscheduler.cli import (
-    DEFAULT_API_URL,
-    EXIT_USAGE,
-    ApiKeyOption,
-    UrlOption,
-    _call,
-    _console,
-    _fail,
-    _plain,
-    _when,
-)
+from taskscheduler.cli import render
+from taskscheduler.cli.errors import EXIT_USAGE, fail
+from taskscheduler.cli.tasks import ApiKeyOption, UrlOption, call_api, parse_payload
+from taskscheduler.client import DEFAULT_URL
 
 app = typer.Typer(help="Recurring schedules: list, show, create, pause, resume, trigger, backfill, delete.")
 
@@ -53,21 +46,21 @@ def _print(schedule: dict[str, Any]) -> None:
         ("overlap", f"{schedule['overlap']}, catch-up window {schedule['catchup_window_sec']:g} s"),
         ("source", schedule["source"]),
         ("payload", json.dumps(schedule["payload"])),
-        ("next fires", ", ".join(_when(t) for t in schedule["next_fire_times"]) or "none (ended)"),
-        ("last fire", _when(schedule["last_fire_at"])),
+        ("next fires", ", ".join(render.when(t) for t in schedule["next_fire_times"]) or "none (ended)"),
+        ("last fire", render.when(schedule["last_fire_at"])),
         ("counts", f"{schedule['fires']} fired, {schedule['skips']} skipped, {schedule['misses']} missed"),
     ]
     if schedule["last_skipped_at"]:
-        rows.append(("last skip", f"{_when(schedule['last_skipped_at'])} ({schedule['last_skip_reason']})"))
+        rows.append(("last skip", f"{render.when(schedule['last_skipped_at'])} ({schedule['last_skip_reason']})"))
     for key, value in rows:
-        table.add_row(key, _plain(str(value)))
-    _console().print(table)
+        table.add_row(key, render.plain(str(value)))
+    render.console().print(table)
 
 
 @app.command("list")
 def list_(
     source: Annotated[str | None, typer.Option(help="Only `api` or `code` schedules.")] = None,
-    url: UrlOption = DEFAULT_API_URL,
+    url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = None,
 ) -> None:
     """Every schedule, by name, with its next fire and counts."""
@@ -79,7 +72,7 @@ def list_(
         params["source"] = source
     schedules: list[dict[str, Any]] = []
     while True:
-        page = _call(url, api_key, lambda client: client.request("GET", "/schedules", params=params))
+        page = call_api(url, api_key, lambda client: client.request("GET", "/schedules", params=params))
         schedules += page["schedules"]
         if not page["next_cursor"]:
             break
@@ -90,19 +83,18 @@ def list_(
     for s in schedules:
         state = "paused" if s["paused"] else "active"
         counts = f"{s['fires']}/{s['skips']}/{s['misses']}"
-        table.add_row(
-            _plain(s["name"]), _plain(s["task"]), _when_fires(s), _when(s["next_fire_at"]), state, counts, s["source"]
-        )
-    console = _console()
-    console.print(table)
+        name, task = render.plain(s["name"]), render.plain(s["task"])
+        table.add_row(name, task, _when_fires(s), render.when(s["next_fire_at"]), state, counts, s["source"])
+    out = render.console()
+    out.print(table)
     if not schedules:
-        console.print("no schedules")
+        out.print("no schedules")
 
 
 @app.command()
-def show(ref: Ref, url: UrlOption = DEFAULT_API_URL, api_key: ApiKeyOption = None) -> None:
+def show(ref: Ref, url: UrlOption = DEFAULT_URL, api_key: ApiKeyOption = None) -> None:
     """One schedule: when it fires next, its policies and counts."""
-    _print(_call(url, api_key, lambda client: client.request("GET", _path(ref))))
+    _print(call_api(url, api_key, lambda client: client.request("GET", _path(ref))))
 
 
 @app.command()
@@ -124,25 +116,22 @@ def create(
     max_retries: Annotated[int, typer.Option(min=0, help="Of each task.")] = 3,
     start_at: Annotated[str | None, typer.Option(help="No fire before (ISO 8601).", show_default=False)] = None,
     end_at: Annotated[str | None, typer.Option(help="No fire after (ISO 8601).", show_default=False)] = None,
-    url: UrlOption = DEFAULT_API_URL,
+    url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = None,
 ) -> None:
     """Create a schedule (one of --cron and --every); prints it."""
     from taskscheduler.client import ClientError, parse_duration
 
     if (cron is None) == (every is None):
-        _fail("give exactly one of --cron and --every", EXIT_USAGE)
-    try:
-        body: dict[str, Any] = {"name": name, "task": task, "payload": json.loads(payload)}
-    except json.JSONDecodeError as exc:
-        _fail(f"--payload is not JSON: {exc}", EXIT_USAGE)
+        fail("give exactly one of --cron and --every", EXIT_USAGE)
+    body: dict[str, Any] = {"name": name, "task": task, "payload": parse_payload(payload)}
     if every is not None:
         try:
             seconds = parse_duration(every).total_seconds()
         except ClientError as exc:
-            _fail(str(exc), EXIT_USAGE)
+            fail(str(exc), EXIT_USAGE)
         if seconds < 1 or not seconds.is_integer():
-            _fail(f"--every must be a whole number of seconds, at least 1 (got {seconds:g} s)", EXIT_USAGE)
+            fail(f"--every must be a whole number of seconds, at least 1 (got {seconds:g} s)", EXIT_USAGE)
         body["every_sec"] = int(seconds)
     else:
         body["cron"] = cron
@@ -151,32 +140,32 @@ def create(
     for key, value in (("start_at", start_at), ("end_at", end_at)):
         if value is not None:
             body[key] = value
-    _print(_call(url, api_key, lambda client: client.request("POST", "/schedules", json=body)))
+    _print(call_api(url, api_key, lambda client: client.request("POST", "/schedules", json=body)))
 
 
 @app.command()
 def pause(
     ref: Ref,
     note: Annotated[str | None, typer.Option(help="Why.", show_default=False)] = None,
-    url: UrlOption = DEFAULT_API_URL,
+    url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = None,
 ) -> None:
     """Stop firing until resumed."""
-    schedule = _call(url, api_key, lambda client: client.request("POST", _path(ref, "pause"), json={"note": note}))
+    schedule = call_api(url, api_key, lambda client: client.request("POST", _path(ref, "pause"), json={"note": note}))
     typer.echo(f"{schedule['name']} paused")
 
 
 @app.command()
-def resume(ref: Ref, url: UrlOption = DEFAULT_API_URL, api_key: ApiKeyOption = None) -> None:
+def resume(ref: Ref, url: UrlOption = DEFAULT_URL, api_key: ApiKeyOption = None) -> None:
     """Fire again, from the next fire time on."""
-    schedule = _call(url, api_key, lambda client: client.request("POST", _path(ref, "resume")))
-    typer.echo(f"{schedule['name']} active; next fire {_when(schedule['next_fire_at'])}")
+    schedule = call_api(url, api_key, lambda client: client.request("POST", _path(ref, "resume")))
+    typer.echo(f"{schedule['name']} active; next fire {render.when(schedule['next_fire_at'])}")
 
 
 @app.command()
-def trigger(ref: Ref, url: UrlOption = DEFAULT_API_URL, api_key: ApiKeyOption = None) -> None:
+def trigger(ref: Ref, url: UrlOption = DEFAULT_URL, api_key: ApiKeyOption = None) -> None:
     """Create one task of the schedule now; prints its id."""
-    task = _call(url, api_key, lambda client: client.request("POST", _path(ref, "trigger")))
+    task = call_api(url, api_key, lambda client: client.request("POST", _path(ref, "trigger")))
     typer.echo(task["id"])
 
 
@@ -185,17 +174,17 @@ def backfill(
     ref: Ref,
     start: Annotated[str, typer.Option(help="From this time (ISO 8601 with offset), included.")],
     end: Annotated[str, typer.Option(help="To this time (ISO 8601 with offset), included.")],
-    url: UrlOption = DEFAULT_API_URL,
+    url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = None,
 ) -> None:
     """A task for every fire time in the range that has none (safe to repeat)."""
     body = {"start": start, "end": end}
-    result = _call(url, api_key, lambda client: client.request("POST", _path(ref, "backfill"), json=body))
+    result = call_api(url, api_key, lambda client: client.request("POST", _path(ref, "backfill"), json=body))
     typer.echo(f"{result['created']} created, {result['existing']} existed already")
 
 
 @app.command()
-def delete(ref: Ref, url: UrlOption = DEFAULT_API_URL, api_key: ApiKeyOption = None) -> None:
+def delete(ref: Ref, url: UrlOption = DEFAULT_URL, api_key: ApiKeyOption = None) -> None:
     """Delete the schedule (its tasks stay)."""
-    _call(url, api_key, lambda client: client.request("DELETE", _path(ref)))
+    call_api(url, api_key, lambda client: client.request("DELETE", _path(ref)))
     typer.echo(f"{ref} deleted")

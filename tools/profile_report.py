@@ -1,6 +1,6 @@
 """Read a py-spy `--format raw` (collapsed stacks) file and say where the time went.
 
-    python -m benchmarks.profile_report benchmarks/results/profiles-XXXX/worker.collapsed.txt
+    python -m tools.profile_report benchmarks/results/profiles-XXXX/worker.collapsed.txt
 
 For each process in the file (a Celery worker's main process and its pool children are told
 apart): samples, the share by library of the innermost frame ("self"), and the inclusive share of
@@ -118,12 +118,11 @@ def report(path: Path, *, top: int = 25) -> dict[str, Any]:
 
 
 def print_report(name: str, summary: dict[str, Any]) -> None:
-    from benchmarks.common import print_table
-
     for role, s in summary.items():
         title = f"py-spy {name}, {role} process(es) x{s['processes']}: {s['samples']} samples"
-        print_table(title + " - self time by library", ["library", "%"], s["self_by_library_pct"])
-        print_table(title + " - inclusive", ["function", "%"], s["inclusive_pct"])
+        for part, rows in (("self time by library", s["self_by_library_pct"]), ("inclusive", s["inclusive_pct"])):
+            print(f"{title} - {part}")
+            print("\n".join(f"{pct:6.1f}%  {what}" for what, pct in rows), end="\n\n", flush=True)
 
 
 def main() -> None:

@@ -1,0 +1,184 @@
+"""A worker's transitions of one attempt: claim, heartbeat, succeed, fail, kill.
+
+Each is one guarded statement that also writes its event row. It names the status it expects and
+the attempt; when no row matches, someone else moved the task first (a duplicate message, a worker
+declared stuck that wakes up later), and the function says so by returning None/False: the caller
+drops its stale work. Nothing outside this package writes `tasks.status`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg.types.json import Jsonb
+from sqlalchemy import Connection, Row
+
+from taskscheduler import metrics
+from taskscheduler.lifecycle import DlqReason, TaskStatus
+from taskscheduler.store.sql import status_guard
+
+MAX_ERROR_CHARS = 4000
+
+
+def storable_error(error: str | None) -> str | None:
+    """An error text as a text column can hold it, the same wherever it is stored (`last_error`, an
+    event's detail, `dlq_events.error`): NUL and lone surrogates, which PostgreSQL refuses, written
+    as the escapes `\\x00` and `\\udce9`, and clipped to MAX_ERROR_CHARS characters."""
+    if error is None:
+        return None
+    error = error[:MAX_ERROR_CHARS]  # first, so that a huge text costs no more than a short one
+    if "\x00" in error:
+        error = error.replace("\x00", "\\x00")
+    if not error.isascii():
+        error = error.encode("utf-8", "backslashreplace").decode("utf-8")
+    return error[:MAX_ERROR_CHARS]
+
+
+@dataclass(frozen=True)
+class Claimed:
+    name: str
+    payload: dict[str, Any]
+    timeout_sec: float | None
+    max_retries: int
+    retry_base_attempt: int
+
+
+# What the outcome transitions return: the queue and the attempt's run time, for the metrics.
+_OUTCOME = "t.id, t.queue, EXTRACT(EPOCH FROM now() - t.started_at)::float8 AS run_sec"
+
+
+def _guarded(set_clause: str, *, src: TaskStatus, dst: TaskStatus, returning: str = _OUTCOME) -> str:
+    """One statement: move (id, attempt) from `src` to `dst` and append the event row."""
+    return f"""
+    WITH moved AS (
+        UPDATE tasks t SET status = '{dst.value}', updated_at = now(), {set_clause}
+        WHERE t.id = %(id)s AND t.attempt = %(attempt)s AND {status_guard("t.status", src)}
+        RETURNING {returning}
+    ), event AS (
+        INSERT INTO task_events (task_id, from_status, to_status, attempt, detail)
+        SELECT id, '{src.value}', '{dst.value}', %(attempt)s, %(detail)s FROM moved
+    )
+    SELECT * FROM moved
+    """
+
+
+_CLAIMED_COLUMNS = "t.id, t.name, t.payload, t.timeout_sec, t.max_retries, t.retry_base_attempt, t.queue"
+# ENQUEUED -> STARTED, or the row this very claim (same token) already moved: the claim is sent again
+# when its reply was lost, and must then find its own claim rather than drop the task. Both parts
+# read the snapshot taken before the update, so at most one of them returns the row.
+CLAIM = f"""
+    WITH moved AS (
+        UPDATE tasks t SET status = 'STARTED', updated_at = now(), started_at = now(), heartbeat_at = now(),
+                           claim_token = %(token)s
+        WHERE t.id = %(id)s AND t.attempt = %(attempt)s AND {status_guard("t.status", TaskStatus.ENQUEUED)}
+        RETURNING {_CLAIMED_COLUMNS}, EXTRACT(EPOCH FROM t.started_at - t.run_at)::float8 AS lag_sec, true AS fresh
+    ), event AS (
+        INSERT INTO task_events (task_id, from_status, to_status, attempt, detail)
+        SELECT id, 'ENQUEUED', 'STARTED', %(attempt)s, %(detail)s FROM moved
+    ), mine AS (
+        SELECT {_CLAIMED_COLUMNS}, 0::float8 AS lag_sec, false AS fresh FROM tasks t
+        WHERE t.id = %(id)s AND t.attempt = %(attempt)s AND {status_guard("t.status", TaskStatus.STARTED)}
+          AND t.claim_token = %(token)s
+    )
+    SELECT * FROM moved UNION ALL SELECT * FROM mine
+    """
+
+
+def claim(
+    conn: Connection,
+    *,
+    task_id: uuid.UUID,
+    attempt: int,
+    worker: str | None = None,
+    token: uuid.UUID | None = None,
+) -> Claimed | None:
+    """ENQUEUED -> STARTED. None when the message is stale (duplicate, cancelled, re-dispatched).
+
+    `token` names this claim: sent again with the same token (its first reply was lost), the claim
+    returns the task it already started instead of None. Without one, a fresh token.
+    """
+    params = {"id": task_id, "attempt": attempt, "detail": worker, "token": token or uuid.uuid4()}
+    row = conn.exec_driver_sql(CLAIM, params).one_or_none()
+    if row is None:
+        return None
+    if not row.fresh:
+        return _claimed(row)
+    metrics.transition(TaskStatus.ENQUEUED, TaskStatus.STARTED, row.queue)
+    metrics.DISPATCH_LAG.labels(queue=row.queue).observe(max(0.0, row.lag_sec))
+    return _claimed(row)
+
+
+def _claimed(row: Row[Any]) -> Claimed:
+    return Claimed(
+        name=row.name,
+        payload=row.payload,
+        timeout_sec=row.timeout_sec,
+        max_retries=row.max_retries,
+        retry_base_attempt=row.retry_base_attempt,
+    )
+
+
+HEARTBEAT = (
+    "UPDATE tasks SET heartbeat_at = now()"
+    f" WHERE id = %(id)s AND attempt = %(attempt)s AND {status_guard('status', TaskStatus.STARTED)}"
+)
+
+
+def heartbeat(conn: Connection, *, task_id: uuid.UUID, attempt: int) -> bool:
+    """Not a transition: refreshes the liveness of a running attempt. False once it was taken away."""
+    return conn.exec_driver_sql(HEARTBEAT, {"id": task_id, "attempt": attempt}).rowcount == 1
+
+
+SUCCEED = _guarded(
+    "result = %(result)s, last_error = NULL, finished_at = now()", src=TaskStatus.STARTED, dst=TaskStatus.SUCCEEDED
+)
+
+
+def succeed(conn: Connection, *, task_id: uuid.UUID, attempt: int, result: Any) -> bool:
+    # A None result is SQL NULL, not the JSON null.
+    params = {"id": task_id, "attempt": attempt, "result": None if result is None else Jsonb(result), "detail": None}
+    return _counted(conn.exec_driver_sql(SUCCEED, params).first(), TaskStatus.STARTED, TaskStatus.SUCCEEDED)
+
+
+def _counted(row: Row[Any] | None, src: TaskStatus, dst: TaskStatus) -> bool:
+    """Count an outcome transition that happened (row is not None) in the metrics."""
+    if row is None:
+        return False
+    metrics.transition(src, dst, row.queue)
+    metrics.observe_run_time(row.queue, dst.lower(), row.run_sec)
+    return True
+
+
+FAIL = _guarded(
+    "last_error = %(error)s, run_at = now() + make_interval(secs => %(retry_in_sec)s)",
+    src=TaskStatus.STARTED,
+    dst=TaskStatus.FAILED,
+)
+
+
+def fail(conn: Connection, *, task_id: uuid.UUID, attempt: int, error: str, retry_in_sec: float) -> bool:
+    """STARTED -> FAILED, due again after `retry_in_sec`."""
+    error = storable_error(error) or ""
+    params = {"id": task_id, "attempt": attempt, "error": error, "retry_in_sec": retry_in_sec, "detail": error}
+    return _counted(conn.exec_driver_sql(FAIL, params).first(), TaskStatus.STARTED, TaskStatus.FAILED)
+
+
+KILL = _guarded(
+    "last_error = %(error)s, dead_reason = %(reason)s, dlq_recorded = false, finished_at = now(), published_at = now()",
+    src=TaskStatus.STARTED,
+    dst=TaskStatus.DEAD,
+    returning=f"{_OUTCOME}, t.name",
+)
+
+
+def kill(conn: Connection, *, task_id: uuid.UUID, attempt: int, error: str, reason: DlqReason) -> str | None:
+    """STARTED -> DEAD; returns the task's name (for the DLQ message the caller publishes), or None."""
+    error = storable_error(error) or ""
+    detail = storable_error(f"{reason}: {error}")
+    params = {"id": task_id, "attempt": attempt, "error": error, "reason": reason.value, "detail": detail}
+    row = conn.exec_driver_sql(KILL, params).first()
+    if row is None or not _counted(row, TaskStatus.STARTED, TaskStatus.DEAD):
+        return None
+    return str(row.name)
