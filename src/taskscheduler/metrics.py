@@ -21,7 +21,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, make_wsgi_app
@@ -95,6 +95,19 @@ def observe_run_time(queue: str, outcome: str, seconds: float | None) -> None:
         RUN_TIME.labels(queue=queue, outcome=outcome).observe(max(0.0, float(seconds)))
 
 
+Row = TypeVar("Row")
+
+
+def _rows_from_database(count: Callable[[], Iterable[Row]], what: str) -> list[Row] | None:
+    """The rows `count` reads, or None when the database does not answer: the collector's metric is
+    then left out of the scrape, and the rest is still served."""
+    try:
+        return list(count())
+    except Exception as exc:
+        log.warning("%s for /metrics failed: %s", what, exc, extra={"event": "metrics_failed"})
+        return None
+
+
 class TaskCountCollector(Collector):
     """`taskscheduler_tasks_current{status,queue}`: how many tasks are in each status now, from the database.
 
@@ -106,10 +119,8 @@ class TaskCountCollector(Collector):
         self._count = count
 
     def collect(self) -> Iterator[Metric]:
-        try:
-            rows = list(self._count())
-        except Exception as exc:
-            log.warning("task counts for /metrics failed: %s", exc, extra={"event": "metrics_failed"})
+        rows = _rows_from_database(self._count, "task counts")
+        if rows is None:
             return
         counts: dict[tuple[str, str], int] = {(s.value, q.value): 0 for s in TaskStatus for q in TASK_QUEUES}
         for status, queue, n in rows:
@@ -130,10 +141,8 @@ class ScheduleCountCollector(Collector):
         self._count = count
 
     def collect(self) -> Iterator[Metric]:
-        try:
-            rows = list(self._count())
-        except Exception as exc:
-            log.warning("schedule counts for /metrics failed: %s", exc, extra={"event": "metrics_failed"})
+        rows = _rows_from_database(self._count, "schedule counts")
+        if rows is None:
             return
         families = [
             CounterMetricFamily(f"taskscheduler_schedule_{kind}", help_text, labels=["schedule"])
