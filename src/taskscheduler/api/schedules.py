@@ -13,7 +13,7 @@ from sqlalchemy import Connection
 
 from taskscheduler import handlers
 from taskscheduler.api.deps import ConnDep, LockingConnDep, protected_router
-from taskscheduler.api.errors import field_error, validation_error
+from taskscheduler.api.errors import field_error, unknown_task, validation_error
 from taskscheduler.api.schedule_schemas import (
     MAX_BACKFILL_FIRES,
     NOT_NULL,
@@ -44,8 +44,7 @@ def _invalid(loc: list[str | int], message: str) -> HTTPException:
 def _check(fields: Mapping[Any, Any]) -> None:
     """What the schema cannot check alone: a registered task, one of cron and every_sec, end after start."""
     if handlers.get_handler(fields["task"]) is None:
-        known = ", ".join(handlers.registered_names())
-        raise _invalid(["task"], f"unknown task name {fields['task']!r}; registered: {known}")
+        raise validation_error([unknown_task(["body", "task"], fields["task"])])
     if (fields.get("cron") is None) == (fields.get("every_sec") is None):
         raise _invalid(["cron"], "give exactly one of cron and every_sec")
     start, end = fields.get("start_at"), fields.get("end_at")
