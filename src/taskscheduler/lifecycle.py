@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -106,21 +105,3 @@ def failure_outcome(
             backoff_sec(attempt - retry_base_attempt, base=backoff_base_sec, cap=backoff_max_sec, rng=rng)
         )
     return DeadWith(DlqReason.STUCK_TASK_TIMEOUT if timed_out else DlqReason.MAX_RETRIES_EXCEEDED)
-
-
-def nested_deeper_than(value: object, limit: int) -> bool:
-    """Whether the JSON value `value` has containers nested more than `limit` levels deep (a scalar
-    is 0 levels, `[1]` one). Walks without recursion, so any depth is safe to ask about."""
-    stack: list[tuple[object, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Iterable[object] = item.values()
-        elif isinstance(item, list | tuple):
-            children = item
-        else:
-            continue
-        if depth >= limit:
-            return True
-        stack.extend((child, depth + 1) for child in children)
-    return False

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from taskscheduler.config import MAX_JSON_DEPTH
-from taskscheduler.lifecycle import nested_deeper_than
+from taskscheduler.jsonb import nested_deeper_than
 from taskscheduler.store.transitions import MAX_ERROR_CHARS, storable_error
 from taskscheduler.worker.results import ResultNotStorable, error_text, storable_result
 

@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from taskscheduler.config import MAX_JSON_DEPTH
+from taskscheduler.jsonb import Unstorable, first_unstorable
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
 # Python's own limit for converting a digit string to int (sys.get_int_max_str_digits()).
@@ -62,14 +63,11 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
-def _check_string(value: str) -> None:
-    if "\x00" in value:
-        raise NotStrictJSON("the NUL character (\\u0000) is not supported")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise NotStrictJSON("lone UTF-16 surrogates (e.g. \\ud800) are not valid Unicode") from None
+_PROBLEMS = {
+    Unstorable.NUL: "the NUL character (\\u0000) is not supported",
+    Unstorable.SURROGATE: "lone UTF-16 surrogates (e.g. \\ud800) are not valid Unicode",
+    Unstorable.TOO_DEEP: f"nested deeper than {MAX_JSON_DEPTH} levels",
+}
 
 
 # Outside strings, anything that may be a non-finite or oversized number: NaN, Infinity, an
@@ -125,20 +123,9 @@ def _parse_strict(body: bytes) -> Any:
         raise
     except ValueError as exc:  # bytes that are not UTF-8/16/32
         raise NotStrictJSON(str(exc)) from None
-    stack: list[tuple[Any, int]] = [(document, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, str):
-            _check_string(item)
-        elif isinstance(item, dict | list):
-            if depth > MAX_JSON_DEPTH:
-                raise NotStrictJSON(f"nested deeper than {MAX_JSON_DEPTH} levels")
-            if isinstance(item, dict):
-                for key in item:
-                    _check_string(key)
-                stack.extend((value, depth + 1) for value in item.values())
-            else:
-                stack.extend((value, depth + 1) for value in item)
+    problem = first_unstorable(document, max_depth=MAX_JSON_DEPTH)
+    if problem is not None:
+        raise NotStrictJSON(_PROBLEMS[problem])
     return document
 
 

@@ -15,7 +15,8 @@ from taskscheduler.api.deps import ConnDep, LockingConnDep, protected_router
 from taskscheduler.api.errors import field_error, validation_error
 from taskscheduler.api.schemas import IsoDatetime, NoNul, TaskEventOut, TaskOut, TaskPage, TaskSummary
 from taskscheduler.config import MAX_JSON_DEPTH
-from taskscheduler.lifecycle import CANCELLABLE, RETRYABLE, TERMINAL, TaskStatus, nested_deeper_than
+from taskscheduler.jsonb import nested_deeper_than
+from taskscheduler.lifecycle import CANCELLABLE, RETRYABLE, TERMINAL, TaskStatus
 from taskscheduler.store import operations
 
 router = protected_router("tasks")

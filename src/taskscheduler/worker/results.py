@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from taskscheduler.config import MAX_JSON_DEPTH
+from taskscheduler.jsonb import Unstorable, first_unstorable
 
 
 class ResultNotStorable(ValueError):
@@ -17,7 +18,9 @@ def storable_result(value: Any, *, max_bytes: int) -> Any:
     (no NaN or infinity), no NUL character, valid Unicode (no lone surrogate), nested at most
     MAX_JSON_DEPTH levels deep (the payload's limit) and at most `max_bytes` as UTF-8 JSON. Else
     ResultNotStorable, which fails the attempt."""
-    _check_strings_and_depth(value)
+    problem = first_unstorable(value, max_depth=MAX_JSON_DEPTH)
+    if problem is not None:
+        raise ResultNotStorable(f"the handler's result {_PROBLEMS[problem]}")
     try:
         encoded = json.dumps(value, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
@@ -31,37 +34,11 @@ def storable_result(value: Any, *, max_bytes: int) -> Any:
     return value
 
 
-def _check_strings_and_depth(value: Any) -> None:
-    """Walk the containers without recursion (a deep result must not exhaust the stack) and check
-    every string, keys included."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, str):
-            _check_string(item)
-        elif isinstance(item, dict | list | tuple):
-            if depth >= MAX_JSON_DEPTH:
-                raise ResultNotStorable(f"the handler's result is nested deeper than {MAX_JSON_DEPTH} levels")
-            if isinstance(item, dict):
-                for key in item:
-                    if isinstance(key, str):
-                        _check_string(key)
-                stack.extend((child, depth + 1) for child in item.values())
-            else:
-                stack.extend((child, depth + 1) for child in item)
-
-
-def _check_string(text: str) -> None:
-    if "\x00" in text:
-        raise ResultNotStorable("the handler's result contains a NUL character, which PostgreSQL cannot store")
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ResultNotStorable(
-                "the handler's result contains a lone UTF-16 surrogate (not valid Unicode), which PostgreSQL"
-                " cannot store"
-            ) from None
+_PROBLEMS = {
+    Unstorable.NUL: "contains a NUL character, which PostgreSQL cannot store",
+    Unstorable.SURROGATE: "contains a lone UTF-16 surrogate (not valid Unicode), which PostgreSQL cannot store",
+    Unstorable.TOO_DEEP: f"is nested deeper than {MAX_JSON_DEPTH} levels",
+}
 
 
 def error_text(exc: BaseException) -> str:
