@@ -98,7 +98,7 @@ def clean_db(services: Services) -> Iterator[Services]:
     from taskscheduler.store import db
 
     with db.transaction(services.database_url) as conn:
-        conn.exec_driver_sql("TRUNCATE tasks, task_events, dlq_events, process_heartbeats RESTART IDENTITY")
+        conn.exec_driver_sql("TRUNCATE tasks, task_events, dlq_events, process_heartbeats, schedules RESTART IDENTITY")
     harness.delete_redis_keys(services.redis_url, services.redis_key_prefix)
     yield services
 

@@ -82,6 +82,8 @@ class ApiClient:
             raise Unreachable(f"cannot reach the API at {self.url}: {exc or type(exc).__name__}") from None
         if response.status_code >= 400:
             raise ClientError(describe_error(response))
+        if response.status_code == 204:
+            return None
         try:
             return response.json()
         except ValueError:

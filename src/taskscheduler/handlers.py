@@ -10,6 +10,10 @@ A handler is a plain function of the payload, registered under a name:
 Its JSON-serialisable return value is stored as the task's `result`; an exception fails the attempt.
 Modules with handlers are listed in `TASK_MODULES` and imported by the API (to validate names) and
 the workers (to run them).
+
+The same modules may declare recurring schedules, which the scheduler upserts at start (by name):
+
+    schedule("nightly-report", task="send_report", cron="0 3 * * *", timezone="Europe/Berlin")
 """
 
 from __future__ import annotations
@@ -20,7 +24,11 @@ import sys
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
+
+from taskscheduler.schedule_spec import Overlap, Spec
 
 Handler = Callable[[dict[str, Any]], Any]
 
@@ -55,6 +63,70 @@ def get_handler(name: str) -> Handler | None:
 
 def registered_names() -> list[str]:
     return sorted(_registry)
+
+
+@dataclass(frozen=True)
+class ScheduleDeclaration:
+    """A schedule declared in code (see `schedule`)."""
+
+    name: str
+    task: str
+    cron: str | None = None
+    every_sec: int | None = None
+    timezone: str = "UTC"
+    payload: dict[str, Any] = field(default_factory=dict)
+    priority: int = 5
+    max_retries: int = 3
+    timeout_sec: float | None = None
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+    jitter_sec: float = 0.0
+    overlap: Overlap = Overlap.SKIP
+    catchup_window_sec: float = 300.0
+
+    def fields(self) -> dict[str, Any]:
+        """The schedule's settable fields, as the store takes them."""
+        spec = Spec(self.cron, self.every_sec, self.timezone, self.start_at, self.end_at)
+        return {
+            "name": self.name,
+            "task": self.task,
+            "payload": self.payload,
+            "priority": self.priority,
+            "max_retries": self.max_retries,
+            "timeout_sec": self.timeout_sec,
+            "cron": spec.cron,
+            "every_sec": self.every_sec,
+            "timezone": self.timezone,
+            "start_at": self.start_at,
+            "end_at": self.end_at,
+            "jitter_sec": self.jitter_sec,
+            "overlap": self.overlap.value,
+            "catchup_window_sec": self.catchup_window_sec,
+        }
+
+
+_schedules: dict[str, ScheduleDeclaration] = {}
+
+
+def schedule(name: str, *, task: str, cron: str | None = None, every_sec: int | None = None, **options: Any) -> None:
+    """Declare a recurring schedule of `task` (by its handler name): `cron` (5 fields or an alias such
+    as `@hourly`) or `every_sec`, and the options of `POST /schedules` (`timezone`, `payload`,
+    `priority`, `overlap`, `catchup_window_sec`, ...). The scheduler upserts it by name at start; one
+    removed from the code is paused there, not deleted. A bad declaration raises here, at import."""
+    if "overlap" in options:
+        options["overlap"] = Overlap(options["overlap"])
+    declared = ScheduleDeclaration(name=name, task=task, cron=cron, every_sec=every_sec, **options)
+    declared.fields()  # checks the spec
+    if not 1 <= len(name) <= 200 or not 1 <= declared.priority <= 10:
+        raise ValueError("a schedule's name must be 1-200 characters and its priority 1-10")
+    existing = _schedules.get(name)
+    if existing is not None and existing != declared:
+        raise ValueError(f"schedule {name!r} is declared twice, differently")
+    _schedules[name] = declared
+
+
+def declared_schedules() -> list[ScheduleDeclaration]:
+    return [_schedules[name] for name in sorted(_schedules)]
 
 
 def load_task_modules(modules: list[str]) -> None:

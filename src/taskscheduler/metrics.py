@@ -21,11 +21,11 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
 
 from taskscheduler.auth import RefusalLog, bearer_ok, warn_if_open
@@ -62,6 +62,12 @@ RESCUES = Counter(
     " re-published), dlq_republished (DEAD without its dlq_events row, re-published).",
     ["reason"],
 )
+SCHEDULE_FIRES = Counter(
+    "taskscheduler_schedule_outcomes",
+    "Fire times of recurring schedules handled by this scheduler: fired (a task created), skipped (overlap),"
+    " missed (older than the catch-up window). Per schedule: taskscheduler_schedule_*_total on the API.",
+    ["outcome"],
+)
 DLQ_EVENTS = Counter("taskscheduler_dlq_events", "dlq_events rows recorded.", ["reason"])
 BROKER_FAILURES = Counter(
     "taskscheduler_broker_failures",
@@ -89,6 +95,19 @@ def observe_run_time(queue: str, outcome: str, seconds: float | None) -> None:
         RUN_TIME.labels(queue=queue, outcome=outcome).observe(max(0.0, float(seconds)))
 
 
+Row = TypeVar("Row")
+
+
+def _rows_from_database(count: Callable[[], Iterable[Row]], what: str) -> list[Row] | None:
+    """The rows `count` reads, or None when the database does not answer: the collector's metric is
+    then left out of the scrape, and the rest is still served."""
+    try:
+        return list(count())
+    except Exception as exc:
+        log.warning("%s for /metrics failed: %s", what, exc, extra={"event": "metrics_failed"})
+        return None
+
+
 class TaskCountCollector(Collector):
     """`taskscheduler_tasks_current{status,queue}`: how many tasks are in each status now, from the database.
 
@@ -100,10 +119,8 @@ class TaskCountCollector(Collector):
         self._count = count
 
     def collect(self) -> Iterator[Metric]:
-        try:
-            rows = list(self._count())
-        except Exception as exc:
-            log.warning("task counts for /metrics failed: %s", exc, extra={"event": "metrics_failed"})
+        rows = _rows_from_database(self._count, "task counts")
+        if rows is None:
             return
         counts: dict[tuple[str, str], int] = {(s.value, q.value): 0 for s in TaskStatus for q in TASK_QUEUES}
         for status, queue, n in rows:
@@ -114,6 +131,31 @@ class TaskCountCollector(Collector):
         for (status, queue), n in sorted(counts.items()):
             family.add_metric([str(status), str(queue)], n)
         yield family
+
+
+class ScheduleCountCollector(Collector):
+    """`taskscheduler_schedule_{fires,skips,misses}_total{schedule}`: each schedule's counters, from the
+    database (all schedulers together). Left out of the scrape when the database does not answer."""
+
+    def __init__(self, count: Callable[[], Iterable[tuple[str, int, int, int]]]) -> None:
+        self._count = count
+
+    def collect(self) -> Iterator[Metric]:
+        rows = _rows_from_database(self._count, "schedule counts")
+        if rows is None:
+            return
+        families = [
+            CounterMetricFamily(f"taskscheduler_schedule_{kind}", help_text, labels=["schedule"])
+            for kind, help_text in (
+                ("fires", "Tasks created by the schedule."),
+                ("skips", "Fire times skipped because the schedule's previous task had not finished."),
+                ("misses", "Fire times older than the catch-up window when the scheduler got to them."),
+            )
+        ]
+        for name, *values in rows:
+            for family, value in zip(families, values, strict=True):
+                family.add_metric([name], value)
+        yield from families
 
 
 def render(*extra: Collector) -> bytes:

@@ -22,7 +22,7 @@ def test_migrate_twice_is_a_no_op(services):
     run_migrations(services.database_url)
     run_migrations(services.database_url)
     with db.database_for(services.database_url).engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0004"
+        assert MigrationContext.configure(conn).get_current_revision() == "0005"
 
 
 def test_downgrade_to_0001_and_back(server_urls):

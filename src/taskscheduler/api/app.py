@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from taskscheduler import __version__, handlers
-from taskscheduler.api import dlq, docs, explain, health, task_creation, tasks, ui
+from taskscheduler.api import dlq, docs, explain, health, schedules, task_creation, tasks, ui
 from taskscheduler.api.auth import ApiKeyAuth
 from taskscheduler.api.body_guard import BodyGuard
 from taskscheduler.api.errors import add_error_handlers
@@ -32,6 +32,7 @@ docs needs `Authorization: Bearer <key>`: press **Authorize** and enter a key.
 TAGS = [
     {"name": "tasks", "description": "Create, find, cancel and retry tasks."},
     {"name": "dlq", "description": "The dead-letter queue: tasks that ran out of retries or got stuck."},
+    {"name": "schedules", "description": "Recurring schedules: tasks created at cron or interval fire times."},
     {"name": "operations", "description": "Metrics for Prometheus."},
     {"name": "health", "description": "Probes for orchestrators; no API key needed."},
 ]
@@ -96,6 +97,7 @@ def create_app(
         tasks.router,
         explain.router,
         dlq.router,
+        schedules.router,
         health.router,
         health.public_router,
         ui.router,

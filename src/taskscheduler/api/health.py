@@ -10,7 +10,7 @@ from taskscheduler import metrics
 from taskscheduler.api.deps import DatabaseDep, SettingsDep, protected_router
 from taskscheduler.api.schemas import Health
 from taskscheduler.config import Settings, redis_client_url
-from taskscheduler.store import operations
+from taskscheduler.store import operations, schedules
 from taskscheduler.store.db import Database
 
 router = protected_router("operations")
@@ -24,15 +24,19 @@ public_router = APIRouter(tags=["health"])
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
 )
 def get_metrics(database: DatabaseDep) -> Response:
-    """Prometheus metrics of this API process, and `taskscheduler_tasks_current{status,queue}`: the number of
-    tasks in each status now, from the database. The scheduler and workers serve theirs on
-    METRICS_PORT."""
+    """Prometheus metrics of this API process, `taskscheduler_tasks_current{status,queue}`: the number of
+    tasks in each status now, and `taskscheduler_schedule_{fires,skips,misses}_total{schedule}`: each
+    schedule's counters, from the database. The scheduler and workers serve theirs on METRICS_PORT."""
 
     def count() -> list[tuple[str, str, int]]:
         with database.transaction() as conn:
             return operations.task_counts(conn)
 
-    body = metrics.render(metrics.TaskCountCollector(count))
+    def schedule_counts() -> list[tuple[str, int, int, int]]:
+        with database.transaction() as conn:
+            return schedules.schedule_counters(conn)
+
+    body = metrics.render(metrics.TaskCountCollector(count), metrics.ScheduleCountCollector(schedule_counts))
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

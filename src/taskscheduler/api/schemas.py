@@ -159,6 +159,8 @@ class _TaskBase(BaseModel):
     updated_at: datetime = Field(description="When its status last changed.")
     started_at: datetime | None = Field(description="When its current or last attempt started.")
     finished_at: datetime | None = Field(description="When it reached SUCCEEDED, DEAD or CANCELLED.")
+    schedule_id: uuid.UUID | None = Field(None, description="The schedule that created it, if one did.")
+    scheduled_for: datetime | None = Field(None, description="The schedule's fire time it was created for.")
 
 
 class TaskOut(_TaskBase):

@@ -14,7 +14,7 @@ from fastapi import Header, Request, Response, status
 
 from taskscheduler import handlers
 from taskscheduler.api.deps import protected_router
-from taskscheduler.api.errors import field_error, validation_error
+from taskscheduler.api.errors import field_error, unknown_task, validation_error
 from taskscheduler.api.schemas import IDEMPOTENCY_KEY_MAX, NoNul, TaskBatchCreate, TaskBatchOut, TaskCreate, TaskOut
 from taskscheduler.config import Settings
 from taskscheduler.lifecycle import MAX_PRIORITY, MIN_PRIORITY, queue_for_priority
@@ -29,8 +29,7 @@ def check_new_task(body: TaskCreate, settings: Settings, loc: list[str | int]) -
     """What the schema cannot check about a task to create: a registered name, a run_at not in the past."""
     errors = []
     if handlers.get_handler(body.name) is None:
-        known = ", ".join(handlers.registered_names())
-        errors.append(field_error([*loc, "name"], f"unknown task name {body.name!r}; registered: {known}"))
+        errors.append(unknown_task([*loc, "name"], body.name))
     if body.run_at is not None:
         earliest = datetime.now(UTC) - timedelta(seconds=settings.run_at_grace_sec)
         if body.run_at < earliest:

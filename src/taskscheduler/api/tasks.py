@@ -71,6 +71,7 @@ def list_tasks(
     created_before: Annotated[
         IsoDatetime | None, Query(description="Only tasks created before this time (ISO 8601 with offset).")
     ] = None,
+    schedule_id: Annotated[uuid.UUID | None, Query(description="Only tasks created by this schedule.")] = None,
     limit: Annotated[int, Query(ge=1, le=500, description="Tasks per page.")] = 100,
     cursor: Annotated[
         str | None, Query(max_length=200, description="The `next_cursor` of the previous page; omit for the first.")
@@ -89,6 +90,7 @@ def list_tasks(
         queue=queue,
         created_after=created_after,
         created_before=created_before,
+        schedule_id=schedule_id,
     )
     rows = operations.list_tasks(conn, where, limit=limit + 1, after=after)
     page = rows[:limit]

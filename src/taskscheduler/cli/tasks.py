@@ -43,7 +43,9 @@ def _task_id(value: str) -> str:
         fail(f"{value!r} is not a task id (a UUID such as 6f1c2d3e-...)", EXIT_USAGE)
 
 
-def _call(url: str, api_key: str | None, action: Callable[[ApiClient], Any]) -> Any:
+def call_api(url: str, api_key: str | None, action: Callable[[ApiClient], Any]) -> Any:
+    """`action(client)` on an ApiClient of `url`; an unreachable API or an error answer ends the command
+    with one line."""
     from taskscheduler.client import ApiClient, ClientError, Unreachable
 
     try:
@@ -83,14 +85,7 @@ def submit(
     api_key: ApiKeyOption = None,
 ) -> None:
     """Create a task: prints its id (and its details on stderr)."""
-    import json
-
-    try:
-        body_payload = json.loads(payload)
-    except json.JSONDecodeError as exc:
-        fail(f"--payload is not valid JSON: {exc}", EXIT_USAGE)
-    if not isinstance(body_payload, dict):
-        fail('--payload must be a JSON object, e.g. \'{"msg": "hi"}\'', EXIT_USAGE)
+    body_payload = parse_payload(payload)
     if in_ is not None and at is not None:
         fail("give --in or --at, not both", EXIT_USAGE)
     body: dict[str, Any] = {"name": name, "payload": body_payload, "priority": priority}
@@ -102,9 +97,22 @@ def submit(
         body["max_retries"] = max_retries
     if timeout is not None:
         body["timeout_sec"] = timeout
-    task = _call(url, api_key, lambda client: client.submit(body, idempotency_key))
+    task = call_api(url, api_key, lambda client: client.submit(body, idempotency_key))
     typer.echo(task["id"])
     typer.secho(f"{task['name']} {task['status']} on {task['queue']}, run_at {render.when(task['run_at'])}", err=True)
+
+
+def parse_payload(payload: str) -> dict[str, Any]:
+    """`--payload`: a JSON object."""
+    import json
+
+    try:
+        value = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        fail(f"--payload is not valid JSON: {exc}", EXIT_USAGE)
+    if not isinstance(value, dict):
+        fail('--payload must be a JSON object, e.g. \'{"msg": "hi"}\'', EXIT_USAGE)
+    return value
 
 
 def _run_in(delay: str) -> str:
@@ -140,7 +148,7 @@ def status(
 ) -> None:
     """Show a task and every transition it went through."""
     task_id = _task_id(task_id)
-    task, events = _call(url, api_key, lambda client: (client.get(task_id), client.events(task_id)))
+    task, events = call_api(url, api_key, lambda client: (client.get(task_id), client.events(task_id)))
     render.print_task(task)
     render.print_events(events)
 
@@ -169,7 +177,7 @@ def list_(
     for key, value in (("name", name), ("queue", queue), ("cursor", cursor)):
         if value is not None:
             params[key] = value
-    render.print_task_page(_call(url, api_key, lambda client: client.list(params)))
+    render.print_task_page(call_api(url, api_key, lambda client: client.list(params)))
 
 
 @app.command(rich_help_panel=PANEL)
@@ -195,5 +203,5 @@ def cancel(
 def _act(task_id: str, url: str, api_key: str | None, action: Callable[[ApiClient, str], Any]) -> None:
     """An operator action on one task: prints the task's id and its new status."""
     task_id = _task_id(task_id)
-    task = _call(url, api_key, lambda client: action(client, task_id))
+    task = call_api(url, api_key, lambda client: action(client, task_id))
     typer.echo(f"{task['id']} {task['status']}")

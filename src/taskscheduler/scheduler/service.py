@@ -23,6 +23,7 @@ from taskscheduler.config import Settings
 from taskscheduler.liveness import ProcessHeartbeat
 from taskscheduler.scheduler import dispatch, rescue, retention
 from taskscheduler.scheduler.publisher import BrokerHealth, BrokerQueues, BrokerUnavailable, CeleryPublisher, Publisher
+from taskscheduler.scheduler.schedules import ScheduleStep
 from taskscheduler.scheduler.wakeup import Wakeup
 from taskscheduler.store.db import Database
 
@@ -67,6 +68,7 @@ class SchedulerService:
         self._database_lost = True
         self._failed_ticks = 0
         self._failure_logged_at = float("-inf")
+        self.schedules = ScheduleStep(settings, self.database)
 
     def stop(self) -> None:
         """Ask the loop to exit after the batch in hand (SIGTERM, Ctrl-C)."""
@@ -89,6 +91,8 @@ class SchedulerService:
 
     def tick(self) -> int:
         self._note_reconnection()
+        # First: a task of a schedule due now is dispatched in this same tick.
+        self.schedules.tick(self.stopping.is_set)
         dispatched = 0
         try:
             for _ in range(MAX_BATCHES_PER_TICK):

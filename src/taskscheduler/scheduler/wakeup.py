@@ -1,8 +1,9 @@
 """How long the scheduler sleeps between ticks, and what wakes it early.
 
-It sleeps until the earliest PENDING/FAILED task is due (never longer than POLL_INTERVAL_SEC), and
-a NOTIFY on the due channel (sent when a task due now is created) wakes it at once. Polling stays
-the fallback: if the listening connection breaks, the scheduler just sleeps and listens again later.
+It sleeps until the earliest PENDING/FAILED task is due or the earliest schedule fires (never longer
+than POLL_INTERVAL_SEC), and a NOTIFY on the due channel (sent when a task due now is created) wakes
+it at once. Polling stays the fallback: if the listening connection breaks, the scheduler just
+sleeps and listens again later.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 import psycopg
 
 from taskscheduler.config import Settings
-from taskscheduler.store import creation, sweeps
+from taskscheduler.store import creation, schedules, sweeps
 from taskscheduler.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,11 @@ log = logging.getLogger(__name__)
 MIN_GAP_SEC = 0.005
 # When tasks are due but held back (their queue is full), look again this soon.
 HELD_BACK_SEC = 0.05
+
+
+def _earliest(*seconds: float | None) -> float | None:
+    known = [s for s in seconds if s is not None]
+    return min(known) if known else None
 
 
 class Wakeup:
@@ -56,7 +62,7 @@ class Wakeup:
         poll = self.settings.poll_interval_sec
         try:
             with self.database.transaction() as conn:
-                due_in = sweeps.seconds_until_next_due(conn)
+                due_in = _earliest(sweeps.seconds_until_next_due(conn), schedules.seconds_until_next_fire(conn))
         except Exception:  # the tick that follows reports database trouble
             return poll
         if due_in is None:

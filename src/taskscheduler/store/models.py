@@ -64,6 +64,10 @@ tasks = Table(
     # Idempotent creation: the client's key, and a hash of the canonical request it first came with.
     Column("idempotency_key", Text, nullable=True),
     Column("request_hash", Text, nullable=True),
+    # Set for the tasks a schedule creates: which schedule, and the fire time (before jitter). No
+    # foreign key: a deleted schedule's tasks stay, findable by it.
+    Column("schedule_id", UUID(as_uuid=True), nullable=True),
+    Column("scheduled_for", DateTime(timezone=True), nullable=True),
     CheckConstraint(f"status IN ({_STATUSES})", name="tasks_status_valid"),
     CheckConstraint("priority BETWEEN 1 AND 10", name="tasks_priority_range"),
     CheckConstraint("max_retries >= 0", name="tasks_max_retries_nonnegative"),
@@ -96,6 +100,29 @@ tasks = Table(
         "idempotency_key",
         unique=True,
         postgresql_where=text("idempotency_key IS NOT NULL"),
+    ),
+    # One task per schedule and fire time, whatever races (two schedulers, a crash, a backfill):
+    # the scheduler's INSERT ... ON CONFLICT relies on it.
+    Index(
+        "tasks_schedule_fire_idx",
+        "schedule_id",
+        "scheduled_for",
+        unique=True,
+        postgresql_where=text("schedule_id IS NOT NULL"),
+    ),
+    # GET /tasks?schedule_id=, newest first.
+    Index(
+        "tasks_schedule_created_idx",
+        "schedule_id",
+        "created_at",
+        "id",
+        postgresql_where=text("schedule_id IS NOT NULL"),
+    ),
+    # The overlap check: has this schedule a task not finished? A few rows, whatever the history.
+    Index(
+        "tasks_schedule_unfinished_idx",
+        "schedule_id",
+        postgresql_where=text("schedule_id IS NOT NULL AND status NOT IN ('SUCCEEDED', 'DEAD', 'CANCELLED')"),
     ),
 )
 
@@ -141,4 +168,52 @@ process_heartbeats = Table(
     Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("seen_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("process_heartbeats_role_idx", "role", "hostname", "seen_at"),
+)
+
+# Recurring schedules (see schedule_spec.py and scheduler/schedules.py).
+schedules = Table(
+    "schedules",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("task", Text, nullable=False),
+    Column("payload", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("priority", SmallInteger, nullable=False),
+    Column("max_retries", Integer, nullable=False),
+    Column("timeout_sec", Double, nullable=True),
+    Column("cron", Text, nullable=True),
+    Column("every_sec", Integer, nullable=True),
+    Column("timezone", Text, nullable=False, server_default=text("'UTC'")),
+    Column("start_at", DateTime(timezone=True), nullable=True),
+    Column("end_at", DateTime(timezone=True), nullable=True),
+    Column("jitter_sec", Double, nullable=False, server_default=text("0")),
+    Column("overlap", Text, nullable=False, server_default=text("'skip'")),
+    Column("catchup_window_sec", Double, nullable=False, server_default=text("300")),
+    Column("paused", Boolean, nullable=False, server_default=text("false")),
+    Column("note", Text, nullable=True),
+    Column("source", Text, nullable=False, server_default=text("'api'")),
+    # The earliest fire time not yet handled; NULL once the schedule has ended (end_at).
+    Column("next_fire_at", DateTime(timezone=True), nullable=True),
+    # overlap=buffer_one: the fire time waiting for the running task to finish.
+    Column("buffered_for", DateTime(timezone=True), nullable=True),
+    Column("last_fire_at", DateTime(timezone=True), nullable=True),
+    Column("fires", BigInteger, nullable=False, server_default=text("0")),
+    Column("skips", BigInteger, nullable=False, server_default=text("0")),
+    Column("misses", BigInteger, nullable=False, server_default=text("0")),
+    Column("last_skipped_at", DateTime(timezone=True), nullable=True),
+    Column("last_skip_reason", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    UniqueConstraint("name", name="schedules_name_key"),
+    CheckConstraint("(cron IS NULL) <> (every_sec IS NULL)", name="schedules_cron_xor_every"),
+    CheckConstraint("every_sec >= 1", name="schedules_every_sec_positive"),
+    CheckConstraint("priority BETWEEN 1 AND 10", name="schedules_priority_range"),
+    CheckConstraint("max_retries >= 0", name="schedules_max_retries_nonnegative"),
+    CheckConstraint("overlap IN ('skip', 'allow', 'buffer_one')", name="schedules_overlap_valid"),
+    CheckConstraint("source IN ('api', 'code')", name="schedules_source_valid"),
+    CheckConstraint("end_at > start_at", name="schedules_end_after_start"),
+    CheckConstraint("jitter_sec >= 0 AND catchup_window_sec >= 0", name="schedules_windows_nonnegative"),
+    # The tick's batch: due schedules by fire time.
+    Index("schedules_due_idx", "next_fire_at", postgresql_where=text("NOT paused")),
+    Index("schedules_buffered_idx", "buffered_for", postgresql_where=text("buffered_for IS NOT NULL AND NOT paused")),
 )

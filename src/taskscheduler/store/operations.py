@@ -35,13 +35,14 @@ class TaskFilter:
     queue: str | None = None
     created_after: datetime | None = None  # inclusive
     created_before: datetime | None = None  # exclusive
+    schedule_id: uuid.UUID | None = None
 
 
 # The one statement written per call: a page of tasks, with a WHERE of the filters given (each
 # combination gets a plan of its own, where `param IS NULL OR ...` would get one poor plan for all).
 LIST_TASKS = """
     SELECT id, name, priority, queue, status, run_at, attempt, max_retries, timeout_sec, last_error, dead_reason,
-           idempotency_key, created_at, updated_at, started_at, finished_at
+           idempotency_key, created_at, updated_at, started_at, finished_at, schedule_id, scheduled_for
     FROM tasks {where}
     ORDER BY created_at DESC, id DESC LIMIT %(limit)s
     """
@@ -52,6 +53,7 @@ LIST_TASKS_FILTERS = {
     "queue": "queue = %(queue)s",
     "created_after": "created_at >= %(created_after)s",
     "created_before": "created_at < %(created_before)s",
+    "schedule_id": "schedule_id = %(schedule_id)s",
 }
 # Keyset pagination: after the (created_at, id) of the previous page's last task.
 LIST_TASKS_AFTER = "(created_at, id) < (%(after_created_at)s, %(after_id)s)"
@@ -79,6 +81,7 @@ def list_tasks(
         "queue": where.queue,
         "created_after": where.created_after,
         "created_before": where.created_before,
+        "schedule_id": where.schedule_id,
     }
     params: dict[str, Any] = {key: value for key, value in filters.items() if value is not None}
     clauses = [LIST_TASKS_FILTERS[key] for key in params]
