@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
+
+import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy.exc import DBAPIError
+from tests.harness import private_database
 
-from taskscheduler.migrations import run_migrations
+from taskscheduler.migrations import alembic_config, run_migrations
 from taskscheduler.store import db
 from taskscheduler.store.db import Database
 from taskscheduler.store.models import metadata
@@ -22,7 +28,7 @@ def test_migrate_twice_is_a_no_op(services):
     run_migrations(services.database_url)
     run_migrations(services.database_url)
     with db.database_for(services.database_url).engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0005"
+        assert MigrationContext.configure(conn).get_current_revision() == "0006"
 
 
 def test_downgrade_to_0001_and_back(server_urls):
@@ -57,3 +63,34 @@ def test_downgrade_to_0001_and_back(server_urls):
         scratch.dispose()
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_the_name_index_is_built_again_over_an_interrupted_build(server_urls):
+    """0006 builds its index CONCURRENTLY (outside a transaction), so a failed or killed build leaves
+    an INVALID index of that name behind: migrating again replaces it with a valid one."""
+    index_state = """
+        SELECT i.indisvalid, pg_get_indexdef(i.indexrelid)
+        FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = 'tasks_name_created_idx'
+        """
+    with private_database(server_urls[0], f"taskscheduler_0006_{uuid.uuid4().hex[:8]}") as url:
+        scratch = Database(url)
+        try:
+            command.downgrade(alembic_config(url), "0005")
+            with scratch.engine.connect() as conn:
+                assert conn.exec_driver_sql(index_state).one_or_none() is None
+                conn.exec_driver_sql("INSERT INTO tasks (id, name, priority, queue, status, run_at, max_retries)"
+                                     " SELECT gen_random_uuid(), 'twin', 5, 'default', 'PENDING', now(), 3"
+                                     " FROM generate_series(1, 2)")  # fmt: skip
+                conn.commit()
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+                # A unique build over two equal names fails, and leaves the index INVALID, as a kill would.
+                with pytest.raises(DBAPIError):
+                    conn.exec_driver_sql("CREATE UNIQUE INDEX CONCURRENTLY tasks_name_created_idx ON tasks (name)")
+                assert conn.exec_driver_sql(index_state).one()[0] is False
+            run_migrations(url)
+            with scratch.engine.connect() as conn:
+                valid, definition = conn.exec_driver_sql(index_state).one()
+            assert valid is True
+            assert definition.endswith("USING btree (name, created_at DESC, id DESC)")
+        finally:
+            scratch.dispose()

@@ -92,6 +92,8 @@ tasks = Table(
     # Newest-first listing with keyset pagination on (created_at, id), unfiltered or by status.
     Index("tasks_created_id_idx", "created_at", "id"),
     Index("tasks_status_created_idx", "status", "created_at", "id"),
+    # By name, newest first (migration 0006 builds it CONCURRENTLY).
+    Index("tasks_name_created_idx", "name", text("created_at DESC"), text("id DESC")),
     # Retention: finished tasks by age.
     Index("tasks_finished_idx", "finished_at", postgresql_where=text(_TERMINAL_SQL)),
     # One task per idempotency key; INSERT ... ON CONFLICT relies on it under concurrent requests.
