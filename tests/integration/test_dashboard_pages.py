@@ -19,10 +19,12 @@ from taskscheduler.api import create_app
 from taskscheduler.api.ui.session import COOKIE_NAME, NONCE_COOKIE_NAME
 from taskscheduler.config import Settings
 from taskscheduler.lifecycle import DlqReason
+from taskscheduler.scheduler import schedules as schedule_step
 from taskscheduler.store import db, transitions, views
+from taskscheduler.store import schedules as schedule_store
 
 KEY = "dashboard-test-key-0123456789"
-PAGES = ["/ui/", "/ui/tasks", "/ui/dlq", "/ui/processes", "/ui/overview/live"]
+PAGES = ["/ui/", "/ui/tasks", "/ui/dlq", "/ui/schedules", "/ui/processes", "/ui/overview/live"]
 
 
 def csrf(html: str) -> str:
@@ -68,6 +70,7 @@ def empty_pages(client: TestClient) -> None:
     assert "nothing finished in this hour" in client.get("/ui/").text
     assert "No task matches" in client.get("/ui/tasks").text
     assert "No dead letters" in client.get("/ui/dlq").text
+    assert "No schedule yet" in client.get("/ui/schedules").text
     assert "No process has recorded a heartbeat" in client.get("/ui/processes").text
 
 
@@ -258,7 +261,8 @@ def test_every_dashboard_route_is_behind_the_login(secured: TestClient) -> None:
         for path in _paths(route):
             if not path.startswith("/ui") or path in public:
                 continue
-            concrete = path.replace("{task_id}", str(uuid.uuid4())).replace("{action}", "cancel")
+            concrete = path.replace("{task_id}", str(uuid.uuid4())).replace("{ref}", "nightly")
+            concrete = concrete.replace("{action}", "cancel" if "/tasks/" in path else "pause")
             assert secured.get(concrete).status_code == 303, path
 
 
@@ -313,6 +317,140 @@ def test_an_altered_cookie_is_no_session(secured: TestClient) -> None:
     secured.cookies.clear()
     secured.cookies.set(COOKIE_NAME, cookie[:-3] + "AAA", path="/ui/")
     assert secured.get("/ui/tasks").status_code == 303
+
+
+# --- schedules ----------------------------------------------------------------------------------------------------
+
+T0 = datetime(2025, 1, 6, 12, 0, tzinfo=UTC)  # in the past, on the minute: the step's ticks are injected
+
+
+def stored_schedule(conn_now: datetime, **fields: Any) -> dict[str, Any]:
+    fields = {"task": "demo_ok", "priority": 5, "max_retries": 0} | fields
+    with db.transaction() as conn:
+        return dict(schedule_store.create_schedule(conn, fields, now=conn_now))
+
+
+def tick(settings: Settings, now: datetime) -> None:
+    schedule_step.run_once(database=db.database_for(), settings=settings, now=now)
+
+
+def schedule_row(name: str) -> dict[str, Any]:
+    with db.transaction() as conn:
+        row = schedule_store.get_schedule(conn, name)
+    assert row is not None
+    return dict(row)
+
+
+def row_html(html: str, name: str) -> str:
+    match = re.search(rf'<tr data-name="{re.escape(name)}".*?</tr>', html, re.S)
+    assert match, html[-3000:]
+    return match.group(0)
+
+
+def test_the_schedules_page_shows_spec_zone_policies_next_fire_times_and_counts(
+    client: TestClient, settings: Settings
+) -> None:
+    created = client.post(
+        "/schedules",
+        json={"name": "nightly-berlin", "task": "demo_ok", "cron": "30 2 * * *", "timezone": "Europe/Berlin",
+              "overlap": "buffer_one", "catchup_window_sec": 600, "jitter_sec": 30},
+    )  # fmt: skip
+    assert created.status_code == 201, created.text
+    # A minute schedule with a 5-minute window misses 5 each time the ticks leave a 10-minute gap (twice);
+    # one whose task has not finished when it fires again skips.
+    stored_schedule(T0 - timedelta(seconds=1), name="every-minute", every_sec=60, catchup_window_sec=300,
+                    overlap="allow")  # fmt: skip
+    stored_schedule(T0 + timedelta(minutes=20), name="no-overlap", cron="* * * * *", overlap="skip")
+    for minutes in (1, 11.5, 21, 22):
+        tick(settings, T0 + timedelta(minutes=minutes))
+    html = client.get("/ui/schedules").text
+    assert re.findall(r'<tr data-name="([^"]+)"', html) == ["every-minute", "nightly-berlin", "no-overlap"]
+    for name in ("every-minute", "nightly-berlin", "no-overlap"):
+        row = schedule_row(name)
+        cells = row_html(html, name)
+        assert f'<td class="num skips">{row["skips"]}</td>' in cells, name
+        assert f'<td class="num misses">{row["misses"]}</td>' in cells, name
+    assert (schedule_row("every-minute")["misses"], schedule_row("no-overlap")["skips"]) == (10, 1)
+    berlin = row_html(html, "nightly-berlin")
+    assert "cron <code>30 2 * * *</code>" in berlin and "<td>Europe/Berlin</td>" in berlin
+    assert "overlap buffer_one" in berlin and "catch-up 10 min" in berlin and "jitter 30 s" in berlin
+    fires = created.json()["next_fire_times"]
+    assert re.findall(r'<time datetime="([^"]+)"', berlin.split('class="fire-times"')[1]) == [
+        datetime.fromisoformat(t).isoformat() for t in fires[:3]
+    ]
+    assert "every 60 s" in row_html(html, "every-minute")
+
+    page = client.get(f"/ui/schedules/{created.json()['id']}").text
+    local = re.findall(r"<td>(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (CET|CEST)</td>", page)
+    assert len(local) == 5 and all(t.endswith("02:30:00") for t, _ in local)
+    assert 'id="state">active<' in page and 'id="no-tasks"' in page
+    by_name = client.get("/ui/schedules/nightly-berlin")  # a name serves in place of the id
+    assert by_name.status_code == 200 and f"<code>{created.json()['id']}</code>" in by_name.text
+
+
+def test_pause_resume_and_trigger_need_a_confirmation_and_a_csrf_token(client: TestClient) -> None:
+    created = client.post("/schedules", json={"name": "hourly", "task": "demo_ok", "every_sec": 3600}).json()
+    schedule_id = created["id"]
+    confirm = client.get("/ui/schedules/hourly/pause")
+    assert confirm.status_code == 200 and "Yes, pause it" in confirm.text and 'name="note"' in confirm.text
+    assert schedule_row("hourly")["paused"] is False  # showing the confirmation changes nothing
+    token = csrf(confirm.text)
+    assert client.post(f"/ui/schedules/{schedule_id}/pause", data={"note": "x"}).status_code == 403
+    assert schedule_row("hourly")["paused"] is False
+    done = client.post(f"/ui/schedules/{schedule_id}/pause", data={"csrf": token, "note": "<b>db migration</b>"},
+                       follow_redirects=False)  # fmt: skip
+    assert done.status_code == 303 and done.headers["location"] == f"/ui/schedules/{schedule_id}?done=paused"
+    row = schedule_row("hourly")
+    assert row["paused"] is True and row["note"] == "<b>db migration</b>"
+    page = client.get(done.headers["location"]).text
+    assert 'id="state">paused<' in page and "Schedule paused." in page and "&lt;b&gt;db migration" in page
+    assert "paused already" in client.get(f"/ui/schedules/{schedule_id}/pause").text
+    again = client.post(f"/ui/schedules/{schedule_id}/pause", data={"csrf": token})
+    assert again.status_code == 409 and "paused already" in again.text
+
+    assert "not made up" in client.get(f"/ui/schedules/{schedule_id}/resume").text
+    resumed = client.post(f"/ui/schedules/{schedule_id}/resume", data={"csrf": token}, follow_redirects=False)
+    assert resumed.status_code == 303 and schedule_row("hourly")["paused"] is False
+    assert client.post(f"/ui/schedules/{schedule_id}/resume", data={"csrf": token}).status_code == 409
+
+    assert "Yes, create the task" in client.get(f"/ui/schedules/{schedule_id}/trigger").text
+    triggered = client.post(f"/ui/schedules/{schedule_id}/trigger", data={"csrf": token}, follow_redirects=False)
+    assert triggered.status_code == 303
+    task_id = uuid.UUID(re.search(r"task=([0-9a-f-]+)", triggered.headers["location"]).group(1))  # type: ignore[union-attr]
+    task = task_row(task_id)
+    assert (str(task["schedule_id"]), task["status"]) == (schedule_id, "PENDING")
+    assert schedule_row("hourly")["fires"] == 1
+    page = client.get(triggered.headers["location"]).text
+    assert f'href="/ui/tasks/{task_id}"' in page and f'<tr data-id="{task_id}">' in page
+    assert client.get("/ui/schedules/nope").status_code == 404
+    assert client.get(f"/ui/schedules/{schedule_id}/delete").status_code == 404
+    assert client.post(f"/ui/schedules/{uuid.uuid4()}/trigger", data={"csrf": token}).status_code == 404
+
+
+def test_the_tasks_page_filters_by_schedule_and_a_task_shows_its_schedule(client: TestClient) -> None:
+    ids = {}
+    for name in ("a-schedule", "b-schedule"):
+        ids[name] = client.post("/schedules", json={"name": name, "task": "demo_ok", "every_sec": 3600}).json()["id"]
+    a_tasks = {client.post("/schedules/a-schedule/trigger").json()["id"] for _ in range(2)}
+    b_task = client.post("/schedules/b-schedule/trigger").json()["id"]
+    plain = new_task()
+
+    def listed(query: str) -> set[str]:
+        response = client.get(f"/ui/tasks?{query}")
+        assert response.status_code == 200, response.text
+        return set(re.findall(r'data-id="([0-9a-f-]+)"', response.text))
+
+    assert listed("schedule=a-schedule") == listed(f"schedule={ids['a-schedule']}") == a_tasks
+    assert listed("schedule=b-schedule") == {b_task} and str(plain) in listed("")
+    assert 'value="a-schedule"' in client.get("/ui/tasks?schedule=a-schedule").text
+    refused = client.get("/ui/tasks?schedule=no-such-schedule")
+    assert refused.status_code == 400 and "no schedule named" in refused.text
+    page = client.get(f"/ui/tasks/{b_task}").text
+    assert re.search(rf'id="schedule"><a href="/ui/schedules/{ids["b-schedule"]}">b-schedule</a>, fire time', page)
+    assert 'id="schedule">—<' in client.get(f"/ui/tasks/{plain}").text
+    assert client.delete("/schedules/b-schedule").status_code == 204
+    assert listed(f"schedule={ids['b-schedule']}") == {b_task}  # its tasks stay, and keep its id
+    assert f"{ids['b-schedule']}</code> (deleted)" in client.get(f"/ui/tasks/{b_task}").text
 
 
 # --- explain over the API -----------------------------------------------------------------------------------------

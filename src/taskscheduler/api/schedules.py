@@ -34,6 +34,8 @@ router = protected_router("schedules")
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No schedule with this id or name."}}
 NAME_TAKEN: dict[int | str, dict[str, Any]] = {409: {"description": "Another schedule has this name."}}
+# Two triggers in the same microsecond: the second finds that fire time taken.
+TRIGGER_CONFLICT = "a task for this very moment exists already, try again"
 ScheduleRef = Annotated[str, Path(min_length=1, max_length=200, description="The schedule's id or its name.")]
 
 
@@ -53,10 +55,8 @@ def _check(fields: Mapping[Any, Any]) -> None:
 
 
 def _out(row: Mapping[Any, Any]) -> ScheduleOut:
-    spec = schedule_store.spec_of(row)
-    # A paused schedule shows when it would fire if resumed now.
-    first = spec.next_fire_time(datetime.now(UTC)) if row["paused"] else row["next_fire_at"]
-    return ScheduleOut.model_validate({**row, "next_fire_times": spec.next_fire_times(first)})
+    next_fire_times = schedule_store.next_fire_times(row, now=datetime.now(UTC))
+    return ScheduleOut.model_validate({**row, "next_fire_times": next_fire_times})
 
 
 def _found(conn: Connection, ref: str, *, lock: bool = False) -> Mapping[Any, Any]:
@@ -182,14 +182,10 @@ def resume_schedule(schedule: ScheduleRef, conn: LockingConnDep) -> ScheduleOut:
 )
 def trigger_schedule(schedule: ScheduleRef, conn: LockingConnDep) -> TaskOut:
     """One task now, as a fire at this moment would make it (paused or not, whatever the overlap)."""
-    row = _found(conn, schedule, lock=True)
-    now = schedule_store.database_now(conn)
-    fire = schedule_store.Fire(schedule_id=row["id"], scheduled_for=now, run_at=now, priority=row["priority"])
-    created = schedule_store.create_fired_tasks(conn, [fire])
-    if not created:
-        raise HTTPException(status.HTTP_409_CONFLICT, detail="a task for this very moment exists already, try again")
-    schedule_store.count_fires(conn, row["id"], 1)
-    task = operations.get_task(conn, created[0].id)
+    created = schedule_store.trigger(conn, _found(conn, schedule, lock=True))
+    if created is None:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=TRIGGER_CONFLICT)
+    task = operations.get_task(conn, created.id)
     assert task is not None
     return TaskOut.model_validate(dict(task))
 

@@ -211,6 +211,13 @@ def spec_of(row: Mapping[Any, Any]) -> Spec:
     )
 
 
+def next_fire_times(row: Mapping[Any, Any], *, now: datetime) -> list[datetime]:
+    """The schedule's next fire times (NEXT_FIRE_TIMES of them): from its `next_fire_at`, or, paused,
+    from the first after `now` (when it would fire if it were resumed now)."""
+    spec = spec_of(row)
+    return spec.next_fire_times(spec.next_fire_time(now) if row["paused"] else row["next_fire_at"])
+
+
 # What a schedule created without these fields gets (as the API documents them).
 DEFAULTS: dict[str, Any] = {
     "payload": {},
@@ -408,6 +415,17 @@ def advance(conn: Connection, advances: Sequence[Advance]) -> None:
 def count_fires(conn: Connection, schedule_id: uuid.UUID, n: int) -> None:
     if n:
         _run(conn, COUNT_FIRES, {"id": schedule_id, "n": n})
+
+
+def trigger(conn: Connection, row: Mapping[Any, Any]) -> Created | None:
+    """One task of the schedule `row` (locked by the caller) due now, as a fire at this moment would
+    make it (paused or not, whatever the overlap), counted as a fire. None when a task for this very
+    moment exists already."""
+    now = database_now(conn)
+    fire = Fire(schedule_id=row["id"], scheduled_for=now, run_at=now, priority=row["priority"])
+    created = create_fired_tasks(conn, [fire])
+    count_fires(conn, row["id"], len(created))
+    return created[0] if created else None
 
 
 def fired_among(conn: Connection, schedule_id: uuid.UUID, times: Sequence[datetime]) -> set[datetime]:

@@ -15,7 +15,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 
-from taskscheduler.api.ui import actions, pages
+from taskscheduler.api.ui import actions, pages, schedules
 from taskscheduler.api.ui.access import PREFIX, CsrfRefused, LoginRequired, base_url, page, see_other
 from taskscheduler.api.ui.render import STATIC_DIR
 from taskscheduler.api.ui.session import Sessions
@@ -24,7 +24,7 @@ from taskscheduler.config import Settings
 __all__ = ["PREFIX", "install", "router"]
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
-for routes in (actions.public_router, pages.router, actions.router):
+for routes in (actions.public_router, pages.router, actions.router, schedules.router):
     router.include_router(routes)
 
 

@@ -1,5 +1,6 @@
-"""The dashboard's pages (GET): overview, tasks, task, dead letters, processes. Every read goes through
-`store` (the API's own functions where the API has one, `store.views` for the rest)."""
+"""The dashboard's pages (GET): overview, tasks, task, dead letters, processes (the schedules' are in
+`schedules`). Every read goes through `store` (the API's own functions where the API has one,
+`store.views` for the rest)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from taskscheduler.api.ui.render import Series, line_chart
 from taskscheduler.config import Settings
 from taskscheduler.lifecycle import CANCELLABLE, RETRYABLE, TASK_QUEUES, TERMINAL, DlqReason, TaskStatus
 from taskscheduler.store import operations, views
+from taskscheduler.store import schedules as schedule_store
 
 router = APIRouter(dependencies=[Depends(require_login)], include_in_schema=False)
 
@@ -46,7 +48,7 @@ def _time(value: str | None, what: str) -> datetime | None:
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
-def _task_id(value: str) -> uuid.UUID | None:
+def _uuid(value: str) -> uuid.UUID | None:
     try:
         return uuid.UUID(value.strip())
     except ValueError:
@@ -130,7 +132,7 @@ def tasks(request: Request, conn: ConnDep) -> Response:
     query = request.query_params
     search = (query.get("q") or "").strip()
     if search:
-        found = _task_id(search)
+        found = _uuid(search)
         if found is None:
             raise BadInput(f"search takes a task id (a UUID such as {uuid.UUID(int=0)}); {search[:60]!r} is not one")
         return redirect(request, f"/tasks/{found}")
@@ -141,12 +143,14 @@ def tasks(request: Request, conn: ConnDep) -> Response:
     queue = query.get("queue") or None
     if queue is not None and queue not in QUEUES:
         raise BadInput(f"unknown queue {queue[:40]!r}")
+    schedule = (query.get("schedule") or "").strip()
     where = operations.TaskFilter(
         statuses=[TaskStatus(s) for s in statuses],
         name=(query.get("name") or "").strip() or None,
         queue=queue,
         created_after=_time(query.get("created_after"), "created after"),
         created_before=_time(query.get("created_before"), "created before"),
+        schedule_id=_schedule_id(conn, schedule) if schedule else None,
     )
     cursor = query.get("cursor") or None
     try:
@@ -163,6 +167,7 @@ def tasks(request: Request, conn: ConnDep) -> Response:
         "queue": queue or "",
         "created_after": query.get("created_after") or "",
         "created_before": query.get("created_before") or "",
+        "schedule": schedule,
     }
     return page(
         request,
@@ -177,9 +182,22 @@ def tasks(request: Request, conn: ConnDep) -> Response:
     )
 
 
+def _schedule_id(conn: Connection, ref: str) -> uuid.UUID:
+    """The schedule a filter names, by id or name. An id needs no schedule: a deleted schedule's
+    tasks keep its id."""
+    found = _uuid(ref)
+    if found is not None:
+        return found
+    row = schedule_store.get_schedule(conn, ref)
+    if row is None:
+        raise BadInput(f"there is no schedule named {ref[:200]!r}")
+    schedule_id: uuid.UUID = row["id"]
+    return schedule_id
+
+
 @router.get("/tasks/{task_id}")
 def task(request: Request, task_id: str, conn: ConnDep, settings: SettingsDep) -> Response:
-    parsed = _task_id(task_id)
+    parsed = _uuid(task_id)
     row = operations.get_task(conn, parsed) if parsed is not None else None
     if row is None:
         return page(request, "error.html", status_code=404, title="No such task",
@@ -195,6 +213,7 @@ def task(request: Request, task_id: str, conn: ConnDep, settings: SettingsDep) -
         timeline=timeline(events, now=now, finished=row["status"] in TERMINAL),
         attempts=attempts(events),
         reasons=reasons_for(conn, row, settings),
+        schedule=schedule_store.get_schedule(conn, row["schedule_id"]) if row["schedule_id"] else None,
         can_cancel=row["status"] in CANCELLABLE,
         can_retry=row["status"] in RETRYABLE,
         done=request.query_params.get("done"),

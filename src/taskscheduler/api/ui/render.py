@@ -15,6 +15,7 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from taskscheduler.explain import duration
+from taskscheduler.schedule_spec import zone
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 STATIC_DIR = Path(__file__).parent / "static"
@@ -32,6 +33,13 @@ def when_ms(value: datetime | None) -> str:
     if value is None:
         return ""
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
+
+
+def when_in(value: datetime | None, timezone: str) -> str:
+    """A moment in a schedule's time zone, with its abbreviation (CET, CEST): how its cron reads it."""
+    if value is None:
+        return ""
+    return value.astimezone(zone(timezone)).strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def iso(value: datetime | None) -> str:
@@ -66,6 +74,7 @@ def environment() -> Environment:
     env.filters.update(
         when=when,
         when_ms=when_ms,
+        when_in=when_in,
         iso=iso,
         pretty_json=pretty_json,
         seconds=seconds,
