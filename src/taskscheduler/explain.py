@@ -57,7 +57,7 @@ class Reason:
 
 
 def duration(seconds: float) -> str:
-    """`2 h 5 min`, `3 min 20 s`, `4.2 s`, `250 ms`: a span in words for people, to the precision that matters."""
+    """`2 h 5 min`, `3 min 20 s`, `5 min`, `4.2 s`, `250 ms`: a span in words for people, to the precision that matters."""
     seconds = max(0.0, seconds)
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"
@@ -67,12 +67,14 @@ def duration(seconds: float) -> str:
     days, rest = divmod(whole, 86_400)
     hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days} d {hours} h"
-    if hours:
-        return f"{hours} h {minutes} min"
-    if minutes:
-        return f"{minutes} min {secs} s"
+    for big, big_unit, small, small_unit in (
+        (days, "d", hours, "h"),
+        (hours, "h", minutes, "min"),
+        (minutes, "min", secs, "s"),
+    ):
+        if big:
+            # A whole number of the larger unit says it alone (`5 min`, not `5 min 0 s`).
+            return f"{big} {big_unit} {small} {small_unit}" if small else f"{big} {big_unit}"
     return f"{secs} s"
 
 

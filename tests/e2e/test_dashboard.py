@@ -143,6 +143,10 @@ def test_every_page_renders_readably_in_light_and_dark(
     api: Cluster, open_page: Callable[..., Any], screenshots: Path, scheme: str
 ) -> None:
     ids = one_of_each_status()
+    for name, every_sec in (("hourly-report", 3600), ("nightly-export", 86400)):
+        body = {"name": name, "task": "demo_ok", "every_sec": every_sec, "timezone": "Europe/Berlin"}
+        assert httpx.post(f"{api.url}/schedules", json=body).status_code == 201
+    assert httpx.post(f"{api.url}/schedules/nightly-export/pause", json={"note": "until the move"}).status_code == 200
     page = open_page(api.url, scheme=scheme)
     pages = {
         "overview": "/ui/",
@@ -152,6 +156,8 @@ def test_every_page_renders_readably_in_light_and_dark(
         "dead-letters": "/ui/dlq",
         "processes": "/ui/processes",
         "confirm-retry": "/ui/dlq/retry?name=demo_fail",
+        "schedules": "/ui/schedules",
+        "schedule-paused": "/ui/schedules/nightly-export",
     }
     for name, path in pages.items():
         response = page.goto(path)
@@ -318,6 +324,62 @@ def test_retry_dead_tasks_by_filter_after_seeing_how_many(api: Cluster, open_pag
     expect()(page.locator("#done")).to_have_text("Retried 3 tasks.")
     assert [task_row(t)["status"] for t in matching] == ["PENDING"] * 3
     assert task_row(other)["status"] == "DEAD"
+
+
+# --- schedules ----------------------------------------------------------------------------------------------------
+
+
+def test_pause_trigger_and_resume_a_schedule_and_see_its_task_run(
+    cluster_factory: type[Cluster], open_page: Callable[..., Any], screenshots: Path
+) -> None:
+    cluster = cluster_factory()
+    cluster.start_api()
+    cluster.start("scheduler")
+    cluster.start_worker("default")
+    # Daily, from now: it does not fire by itself during the test.
+    body = {"name": "daily-report", "task": "demo_ok", "payload": {"report": "daily"}, "every_sec": 86400}
+    assert httpx.post(f"{cluster.url}/schedules", json=body).status_code == 201
+    page = open_page(cluster.url)
+    page.goto("/ui/schedules")
+    row = page.locator('#schedules tr[data-name="daily-report"]')
+    expect()(row).to_contain_text("every 86,400 s")
+    page.screenshot(path=str(screenshots / "schedules-light.png"), full_page=True)
+
+    row.get_by_role("link", name="Pause schedule daily-report").click()
+    page.get_by_label("Note (why it is paused; optional)").fill("until the quarter closes")
+    page.get_by_role("button", name="Yes, pause it").click()
+    expect()(page.locator("#done")).to_have_text("Schedule paused.")
+    expect()(page.locator("#state")).to_have_text("paused")
+    expect()(page.locator("#note")).to_contain_text("until the quarter closes")
+
+    page.locator("#trigger").focus()
+    page.keyboard.press("Enter")
+    expect()(page.locator("#confirm-message")).to_contain_text("Create one task of schedule daily-report")
+    page.keyboard.press("Enter")  # the confirmation's button has the focus
+    expect()(page.locator("#done")).to_contain_text("It created task")
+    page.screenshot(path=str(screenshots / "schedule-light.png"), full_page=True)
+    page.locator("#done a").click()
+    task_id = uuid.UUID(page.url.rsplit("/", 1)[1])
+    expect()(page.locator("#schedule")).to_contain_text("daily-report")
+    wait_until(lambda: task_row(task_id)["status"] == "SUCCEEDED", timeout=60, what="the triggered task")
+    page.reload()
+    expect()(page.locator("#status")).to_have_text("SUCCEEDED")
+    expect()(page.locator("#result")).to_contain_text('"report": "daily"')
+
+    page.locator("#schedule a").click()
+    expect()(page.locator("#fires")).to_have_text("1")
+    page.get_by_role("link", name="Resume…").click()
+    page.get_by_role("button", name="Yes, resume it").click()
+    expect()(page.locator("#state")).to_have_text("active")
+    page.locator("#its-tasks").click()
+    expect()(page.get_by_label("Schedule (name or id)")).not_to_have_value("")
+    expect()(page.locator("#tasks tbody tr")).to_have_count(1)
+    new_task()  # not the schedule's: the filter leaves it out
+    page.goto("/ui/tasks")
+    page.get_by_label("Schedule (name or id)").fill("daily-report")
+    page.get_by_role("button", name="Filter").click()
+    expect()(page.locator("#tasks tbody tr")).to_have_count(1)
+    assert page.locator("#tasks tbody tr").get_attribute("data-id") == str(task_id)
 
 
 # --- access -------------------------------------------------------------------------------------------------------

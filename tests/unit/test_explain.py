@@ -141,6 +141,7 @@ def test_durations_read_as_people_say_them() -> None:
         "2 h 5 min",
         "2 d 7 h",
     ]
+    assert [duration(s) for s in (60, 300, 3600, 86_400)] == ["1 min", "5 min", "1 h", "1 d"]
 
 
 def test_refill_at_is_a_quarter_of_the_queue_bounded_by_a_batch() -> None:
