@@ -6,7 +6,8 @@
 Builds the scale benchmark's data (`benchmarks.scale.build`: finished tasks over the last 7 days with
 their events and DLQ rows, future PENDING tasks), then moves `--recent` of the finished tasks into the
 last hour (so the overview's charts have something to read, beyond their cap), adds `--due` PENDING
-tasks due now (a backlog for the explanation to count) and the heartbeats of six processes. Each
+tasks due now (a backlog for the explanation to count), the heartbeats of six processes and
+`--schedules` schedules, the first of which made 1% of the finished tasks. Each
 page is then requested `--runs` times in-process (the app from `create_app`, through Starlette's test
 client: ASGI without a network, so the time is the server's: routing, the reads, the template);
 median, p95 and max per page.
@@ -22,8 +23,10 @@ from typing import Any
 
 from benchmarks import common, scale
 
-SMOKE = {"pending": 2_000, "finished": 10_000, "recent": 500, "due": 100, "runs": 3}
+SMOKE = {"pending": 2_000, "finished": 10_000, "recent": 500, "due": 100, "schedules": 100, "runs": 3}
 TARGET_MS = 50.0
+# Of the finished tasks, how many the first schedule made (its page and the tasks filtered by it).
+SCHEDULED_SHARE = 0.01
 
 
 def add_recent_and_due(pdb: common.PrivateDatabase, *, recent: int, due: int) -> dict[str, float]:
@@ -53,9 +56,42 @@ def add_recent_and_due(pdb: common.PrivateDatabase, *, recent: int, due: int) ->
                          ('worker', 'low', 5), ('worker', 'dlq', 6)) AS p(r, q, n)
             """
         )
-        conn.execute("VACUUM (ANALYZE) tasks, process_heartbeats")
-        timings["due, heartbeats, vacuum analyze"] = time.perf_counter() - t
+        timings["due, heartbeats"] = time.perf_counter() - t
     return timings
+
+
+def add_schedules(pdb: common.PrivateDatabase, *, n: int) -> dict[str, float]:
+    """`n` schedules (half cron in Europe/Berlin, half every_sec), and SCHEDULED_SHARE of the finished
+    tasks made by the first of them, a fire time each."""
+    t = time.perf_counter()
+    with pdb.connect(autocommit=True) as conn:
+        conn.execute(
+            """
+            INSERT INTO schedules (id, name, task, priority, max_retries, cron, every_sec, timezone, next_fire_at)
+            SELECT gen_random_uuid(), 'schedule-' || lpad(i::text, 6, '0'), 'demo_ok', 5, 3,
+                   CASE WHEN i %% 2 = 0 THEN '*/5 * * * *' END, CASE WHEN i %% 2 = 1 THEN 60 + i END,
+                   CASE WHEN i %% 2 = 0 THEN 'Europe/Berlin' ELSE 'UTC' END,
+                   date_trunc('hour', now()) + interval '1 hour'
+            FROM generate_series(1, %(n)s) AS i
+            """,
+            {"n": n},
+        )
+        conn.execute(
+            """
+            WITH first AS (SELECT id FROM schedules ORDER BY name LIMIT 1),
+                 picked AS (SELECT id FROM tasks WHERE status = 'SUCCEEDED' ORDER BY random() LIMIT %(k)s)
+            UPDATE tasks t SET schedule_id = first.id, scheduled_for = t.created_at FROM first, picked
+            WHERE t.id = picked.id
+            """,
+            {"k": max(1, int(_finished(conn) * SCHEDULED_SHARE))},
+        )
+        conn.execute("VACUUM (ANALYZE) tasks, process_heartbeats, schedules")
+    return {"schedules, vacuum analyze": time.perf_counter() - t}
+
+
+def _finished(conn: Any) -> int:
+    row = conn.execute("SELECT count(*) FROM tasks WHERE status = 'SUCCEEDED'").fetchone()
+    return int(row[0])
 
 
 def sample_ids(pdb: common.PrivateDatabase) -> dict[str, str]:
@@ -71,6 +107,7 @@ def sample_ids(pdb: common.PrivateDatabase) -> dict[str, str]:
             "dead": one("SELECT id FROM tasks WHERE status = 'DEAD' ORDER BY created_at DESC LIMIT 1"),
             "future": one("SELECT id FROM tasks WHERE status = 'PENDING' ORDER BY run_at DESC LIMIT 1"),
             "due": one("SELECT id FROM tasks WHERE status = 'PENDING' AND priority = 1 ORDER BY run_at DESC LIMIT 1"),
+            "schedule": one("SELECT id FROM schedules ORDER BY name LIMIT 1"),
         }
 
 
@@ -107,16 +144,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--finished", type=int, default=1_000_000, help="finished tasks")
     parser.add_argument("--recent", type=int, default=60_000, help="of the finished, how many in the last hour")
     parser.add_argument("--due", type=int, default=1_000, help="PENDING tasks due now (a backlog)")
+    parser.add_argument("--schedules", type=int, default=1_000, help="schedules")
     parser.add_argument("--runs", type=int, default=20, help="requests per page; median, p95 and max reported")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.pending, args.finished, args.recent, args.due, args.runs = (
-            SMOKE["pending"],
-            SMOKE["finished"],
-            SMOKE["recent"],
-            SMOKE["due"],
-            SMOKE["runs"],
-        )
+        for name, value in SMOKE.items():
+            setattr(args, name, value)
     from fastapi.testclient import TestClient
 
     from taskscheduler.api import create_app
@@ -127,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"building {args.pending:,} future PENDING + {args.finished:,} finished tasks ...", flush=True)
         build_seconds = scale.build(pdb, pending=args.pending, finished=args.finished)
         build_seconds |= add_recent_and_due(pdb, recent=args.recent, due=args.due)
+        build_seconds |= add_schedules(pdb, n=args.schedules)
         size = scale.sizes(pdb)
         ids = sample_ids(pdb)
         settings = Settings(database_url=pdb.url, redis_url=args.redis_url)
@@ -150,6 +184,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "dead letters": "/ui/dlq",
                 "dead letters, page 2": next_link(client.get("/ui/dlq").text),
                 "dead letters, retry-by-filter count": "/ui/dlq/retry?reason=max_retries_exceeded",
+                "schedules": "/ui/schedules",
+                "schedules, page 2": next_link(client.get("/ui/schedules").text),
+                f"schedule (its {SCHEDULED_SHARE:.0%} of the finished)": f"/ui/schedules/{ids['schedule']}",
+                "tasks, schedule": f"/ui/tasks?schedule={ids['schedule']}",
                 "processes": "/ui/processes",
                 "GET /tasks/{id}/explain (due)": f"/tasks/{ids['due']}/explain",
             }
@@ -160,14 +198,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     common.print_table(
         f"Dashboard pages at {args.finished:,} finished ({args.recent:,} in the last hour) + {args.pending:,} future"
-        f" and {args.due:,} due PENDING tasks (in-process, {args.runs} requests each; ms)",
+        f" and {args.due:,} due PENDING tasks, {args.schedules:,} schedules"
+        f" (in-process, {args.runs} requests each; ms)",
         ["page", "median", "p95", "max", "KiB"],
         [(k, r["median_ms"], r["p95_ms"], r["max_ms"], r["bytes"] / 1024) for k, r in results.items()],
     )
     targets = {f"{label} < {TARGET_MS:g} ms (median)": r["median_ms"] < TARGET_MS for label, r in results.items()}
     common.print_table("Targets (issue 13)", ["target", "met"], list(targets.items()))
-    params = {"pending": args.pending, "finished": args.finished, "recent": args.recent, "due": args.due,
-              "runs": args.runs}  # fmt: skip
+    params = {name: getattr(args, name) for name in SMOKE}
     size_shown = {k: size[k] for k in ("tasks", "by_status", "task_events", "database_bytes")}
     return run.write(params, build_seconds=build_seconds, size=size_shown, pages=results, targets=targets)
 
