@@ -57,7 +57,8 @@ class Reason:
 
 
 def duration(seconds: float) -> str:
-    """`2 h 5 min`, `3 min 20 s`, `5 min`, `4.2 s`, `250 ms`: a span in words for people, to the precision that matters."""
+    """`2 h 5 min`, `3 min 20 s`, `5 min`, `4.2 s`, `250 ms`: a span in words for people, to the precision
+    that matters."""
     seconds = max(0.0, seconds)
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"
