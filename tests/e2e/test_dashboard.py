@@ -122,6 +122,16 @@ def api(cluster_factory: type[Cluster]) -> Cluster:
     return cluster
 
 
+@pytest.fixture
+def running(cluster_factory: type[Cluster]) -> Cluster:
+    """The api, a scheduler and a worker of the default queue: tasks run."""
+    cluster = cluster_factory()
+    cluster.start_api()
+    cluster.start("scheduler")
+    cluster.start_worker("default")
+    return cluster
+
+
 def expect() -> Any:
     from playwright.sync_api import expect as playwright_expect
 
@@ -229,12 +239,9 @@ def test_filter_the_task_list_and_follow_its_pages(api: Cluster, open_page: Call
 
 
 def test_a_task_shows_its_events_in_order_with_the_worker_of_each_attempt(
-    cluster_factory: type[Cluster], open_page: Callable[..., Any], screenshots: Path
+    running: Cluster, open_page: Callable[..., Any], screenshots: Path
 ) -> None:
-    cluster = cluster_factory()
-    cluster.start_api()
-    cluster.start("scheduler")
-    cluster.start_worker("default")
+    cluster = running
     created = httpx.post(
         f"{cluster.url}/tasks", json={"name": "demo_flaky", "payload": {"failures": 1}, "max_retries": 2}
     ).json()
@@ -330,12 +337,9 @@ def test_retry_dead_tasks_by_filter_after_seeing_how_many(api: Cluster, open_pag
 
 
 def test_pause_trigger_and_resume_a_schedule_and_see_its_task_run(
-    cluster_factory: type[Cluster], open_page: Callable[..., Any], screenshots: Path
+    running: Cluster, open_page: Callable[..., Any], screenshots: Path
 ) -> None:
-    cluster = cluster_factory()
-    cluster.start_api()
-    cluster.start("scheduler")
-    cluster.start_worker("default")
+    cluster = running
     # Daily, from now: it does not fire by itself during the test.
     body = {"name": "daily-report", "task": "demo_ok", "payload": {"report": "daily"}, "every_sec": 86400}
     assert httpx.post(f"{cluster.url}/schedules", json=body).status_code == 201
