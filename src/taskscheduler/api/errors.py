@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from taskscheduler.store import db
 from taskscheduler.store.creation import IdempotencyConflict, IdempotencyKeyInFlux
+from taskscheduler.submission import field_error as field_error  # the routes import it from here
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +21,6 @@ RETRY_AFTER = {"Retry-After": "1"}
 
 def validation_error(errors: list[dict[str, Any]]) -> HTTPException:
     return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=errors)
-
-
-def field_error(loc: list[str | int], message: str) -> dict[str, Any]:
-    return {"loc": loc, "msg": message, "type": "value_error"}
 
 
 def _first_line(exc: BaseException) -> str:
