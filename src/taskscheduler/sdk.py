@@ -167,14 +167,20 @@ class Client:
             self.database.dispose()
 
     async def aclose(self) -> None:
-        """Close the connections of the event loop (and `close()` the others)."""
-        if self._async_http is not None:
-            await self._async_http.aclose()
-            self._async_http = None
-        if self.database is not None:
-            await self.database.close_statement_pool()
-        self._loop = None
+        """Close the connections of the event loop they were made on (and `close()` the others)."""
+        if self._loop is asyncio.get_running_loop():
+            if self._async_http is not None:
+                await self._async_http.aclose()
+            if self.database is not None:
+                await self.database.close_statement_pool()
+        self._forget_loop()
         self.close()
+
+    def _forget_loop(self) -> None:
+        # Connections of a loop that is gone cannot be closed from another: they are dropped.
+        self._loop, self._async_http = None, None
+        if self.database is not None:
+            self.database.statement_pool = None
 
     # --- submitting ----------------------------------------------------------------------------------------------
 
@@ -226,14 +232,18 @@ class Client:
         request = prepare(task, payload, options, self.settings, local=self.database is not None)
         on_loop = await self._on_this_loop()
         if self.database is None:
-            api = self._async_api() if on_loop else None
-            if api is None:
-                from taskscheduler.client import AsyncApiClient
+            if on_loop:
+                return _task_out(await _over_http_async(request, self._async_api()))
+            from taskscheduler.client import AsyncApiClient
 
-                async with _closing(AsyncApiClient(self._require_url(), self.api_key, timeout=self.timeout)) as own:
-                    return _task_out(await _over_http_async(request, own))
-            return _task_out(await _over_http_async(request, api))
-        return _task_out(await _create_in_async(self.database, request))
+            async with _closing(AsyncApiClient(self._require_url(), self.api_key, timeout=self.timeout)) as own:
+                return _task_out(await _over_http_async(request, own))
+        if on_loop:
+            return _task_out(await _create_in_async(self.database, request))
+        from taskscheduler.store.db import Database
+
+        # Without a pool: a connection of its own per statement.
+        return _task_out(await _create_in_async(Database(self.database.url), request))
 
     # --- connections ----------------------------------------------------------------------------------------------
 
@@ -257,10 +267,11 @@ class Client:
 
     async def _on_this_loop(self) -> bool:
         """Whether this event loop may use the client's loop-bound connections: those are made on
-        the first loop that submits, and another loop (after `asyncio.run` returned, say) opens
-        connections of its own per call instead."""
+        the first loop that submits (again once that loop has closed, as after `asyncio.run`); a
+        second loop running meanwhile opens connections of its own per call instead."""
         loop = asyncio.get_running_loop()
-        if self._loop is None:
+        if self._loop is None or self._loop.is_closed():  # the first loop, or one after the last has ended
+            self._forget_loop()
             self._loop = loop
             if self.database is not None:
                 await self.database.open_statement_pool(size=self.database.pool_size)
