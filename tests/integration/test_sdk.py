@@ -325,6 +325,31 @@ def test_submit_async_in_a_transaction_commits_and_rolls_back_with_it(
     assert task_row(kept.id)["payload"] == {"to": "kept@x", "subject": "hello", "send_after": None}
 
 
+def test_submit_on_django_s_connection_in_an_atomic_block(typed_tasks: ModuleType, services: Services) -> None:
+    import django
+    from django.conf import settings as django_settings
+    from sqlalchemy.engine import make_url
+
+    url = make_url(services.database_url)
+    database = {"ENGINE": "django.db.backends.postgresql", "NAME": url.database, "USER": url.username,
+                "PASSWORD": url.password or "", "HOST": url.host, "PORT": str(url.port or 5432)}  # fmt: skip
+    if not django_settings.configured:
+        django_settings.configure(DATABASES={"default": database}, INSTALLED_APPS=[], USE_TZ=True)
+        django.setup()
+    from django.db import connection, transaction
+
+    assert connection.settings_dict["NAME"] == url.database
+    try:
+        with pytest.raises(RuntimeError), transaction.atomic():
+            typed_tasks.send_email.submit({"to": "rolled@back"}, connection=connection)
+            raise RuntimeError("the order could not be saved")
+        with transaction.atomic():
+            kept = typed_tasks.send_email.submit({"to": "kept@x"}, connection=connection)
+    finally:
+        connection.close()
+    assert _count() == 1 and task_row(kept.id)["payload"]["to"] == "kept@x"
+
+
 def test_a_connection_of_the_wrong_kind_is_refused_before_anything(typed_tasks: ModuleType) -> None:
     with pytest.raises(TypeError, match=r"cannot submit on a builtins\.object"):
         typed_tasks.send_email.submit({"to": "a@b.c"}, connection=object())
