@@ -20,6 +20,7 @@ default client reads TASKSCHEDULER_URL (and TASKSCHEDULER_API_KEY), else DATABAS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -236,7 +237,9 @@ class Client:
                 return _task_out(await _over_http_async(request, self._async_api()))
             from taskscheduler.client import AsyncApiClient
 
-            async with _closing(AsyncApiClient(self._require_url(), self.api_key, timeout=self.timeout)) as own:
+            async with contextlib.aclosing(
+                AsyncApiClient(self._require_url(), self.api_key, timeout=self.timeout)
+            ) as own:
                 return _task_out(await _over_http_async(request, own))
         if on_loop:
             return _task_out(await _create_in_async(self.database, request))
@@ -383,17 +386,6 @@ async def _over_http_async(request: _Request, api: AsyncApiClient) -> Any:
         return await api.submit(request.body)
     except ClientError as exc:
         raise _refused(exc, request) from None
-
-
-class _closing:
-    def __init__(self, api: AsyncApiClient) -> None:
-        self.api = api
-
-    async def __aenter__(self) -> AsyncApiClient:
-        return self.api
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.api.aclose()
 
 
 # --- the default client -----------------------------------------------------------------------------------------
