@@ -187,6 +187,35 @@ def test_a_replayed_key_returns_its_task_even_after_its_run_at_passed(direct: Cl
     assert _count() == 1
 
 
+def test_a_direct_submit_sent_again_after_a_lost_reply_creates_one_task(services: Services) -> None:
+    class SentTwice(db.Database):
+        """As `run_statement` does after a connection died once the statement had committed."""
+
+        def run_statement(self, statement: Callable[[Any], Any]) -> Any:
+            with self.autocommit_engine.connect() as conn:
+                statement(conn)
+                return statement(conn)
+
+    database = SentTwice(services.database_url)
+    try:
+        spec = creation.NewTask("record_dict", {}, 5, "default", None, 3, None)
+        row = creation.create_task_autocommit(database, spec)
+    finally:
+        database.dispose()
+    assert _count() == 1 and task_row(row["id"])["status"] == "PENDING"
+
+
+def test_a_direct_submit_survives_a_database_restart(direct: Client) -> None:
+    direct.submit("record_dict", {})
+    with db.transaction() as conn:  # every other connection to the database dies, as in a restart
+        conn.exec_driver_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    direct.submit("record_dict", {})
+    assert _count() == 2
+
+
 def test_the_async_variants(services: Services, live_api: LiveApi, typed_tasks: ModuleType) -> None:
     async def submit_all(direct: Client, over_http: Client) -> list[Any]:
         return [
