@@ -11,12 +11,14 @@ TASKSCHEDULER_REQUIRE_SERVICES=1, which makes that a failure.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import psycopg
 import pytest
@@ -109,6 +111,21 @@ def settings(clean_db: Services, monkeypatch: pytest.MonkeyPatch) -> Iterator[Se
     get_settings.cache_clear()
     yield get_settings()
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def typed_tasks() -> Iterator[ModuleType]:
+    """The typed tasks of tests/typed_tasks.py, registered for one test only: registered for good,
+    they would change what every later test sees (the schema's task names, say)."""
+    from taskscheduler import handlers
+
+    saved = dict(handlers._registry)
+    module = importlib.import_module("tests.typed_tasks")
+    for registered in module.TASKS:
+        handlers._registry[registered.name] = registered  # imported before: registered no more
+    yield module
+    handlers._registry.clear()
+    handlers._registry.update(saved)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ API_KEY = "fuzz-key"
 
 
 @pytest.fixture
-def api_schema(settings):  # type: ignore[no-untyped-def]
+def api_schema(settings, typed_tasks):  # type: ignore[no-untyped-def]
     # With a key set, so the schema's security scheme is enforced and its checks are meaningful.
     app = create_app(settings.model_copy(update={"api_keys": API_KEY}), process_heartbeat=False)
     return schemathesis.openapi.from_asgi("/openapi.json", app)

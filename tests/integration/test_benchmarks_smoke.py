@@ -88,6 +88,21 @@ def test_api_smoke(services: Services, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
+def test_submit_smoke(services: Services, tmp_path: Path) -> None:
+    data = run_benchmark("submit", services, tmp_path)
+    n, warm_up = data["params"]["submits"], data["params"]["warm_up"]
+    runs = data["runs"]
+    assert set(runs) == {"direct", "transaction", "http"}
+    for result in runs.values():
+        assert result["submits"] == n
+        assert positive(result["submits_per_sec"]) and 0 < result["p50_ms"] <= result["p99_ms"]
+        assert result["cpu_seconds_per_1000"]["caller"] > 0
+    assert runs["http"]["cpu_seconds_per_1000"]["api"] > 0
+    assert data["created"] == 3 * (n + warm_up)
+    assert positive(data["http_over_direct_p50"])
+
+
+@pytest.mark.timeout(300)
 def test_scale_smoke(services: Services, tmp_path: Path) -> None:
     data = run_benchmark("scale", services, tmp_path)
     params = data["params"]

@@ -10,6 +10,8 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 
 from taskscheduler import handlers
 
@@ -77,8 +79,8 @@ _FASTAPI_SCHEMA_DESCRIPTIONS = {
 
 def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     """The schema, with `name` limited to the registered handlers (Swagger then offers them in a
-    list, and a client generated from the schema cannot send a name the API would refuse) and
-    every property described."""
+    list, and a client generated from the schema cannot send a name the API would refuse), each
+    typed task's payload schema, and every property described."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -86,6 +88,7 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
             schema = build()  # FastAPI's own builder caches it in app.openapi_schema
             components = schema["components"]["schemas"]
             components["TaskCreate"]["properties"]["name"]["enum"] = handlers.registered_names()
+            add_payload_schemas(components)
             for model, descriptions in _FASTAPI_SCHEMA_DESCRIPTIONS.items():
                 properties = components.get(model, {}).get("properties", {})
                 for prop, description in descriptions.items():
@@ -94,3 +97,39 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
         return app.openapi_schema  # type: ignore[return-value]
 
     return openapi
+
+
+def add_payload_schemas(components: dict[str, Any]) -> None:
+    """Each typed task's payload model as a schema of its own, and in `TaskCreate` (so in a batch's
+    tasks too) one `if name is X then payload is its model` per typed task: Swagger lists the
+    models, and a client generated from the schema sends payloads the API takes."""
+    typed: dict[str, type[BaseModel]] = {}
+    for name in handlers.registered_names():
+        handler = handlers.get_handler(name)
+        if isinstance(handler, handlers.Task) and handler.payload_model is not None:
+            typed[name] = handler.payload_model
+    if not typed:
+        return
+    models = sorted(set(typed.values()), key=lambda model: (model.__name__, model.__module__))
+    template = "#/components/schemas/{model}"
+    refs, definitions = models_json_schema([(m, "validation") for m in models], ref_template=template)
+    # A model named like one of the API's own schemas (or two models of one name) must not replace it.
+    if any(n in components and components[n] != d for n, d in definitions.get("$defs", {}).items()):
+        template = "#/components/schemas/payload.{model}"
+        refs, definitions = models_json_schema([(m, "validation") for m in models], ref_template=template)
+    prefix = template.rsplit("/", 1)[1].removesuffix("{model}")
+    for name, definition in definitions.get("$defs", {}).items():
+        components[prefix + name] = definition
+    create = components["TaskCreate"]
+    create["allOf"] = [
+        {
+            "if": {"properties": {"name": {"const": name}}, "required": ["name"]},
+            "then": {"properties": {"payload": refs[(model, "validation")]}},
+        }
+        for name, model in typed.items()
+    ]
+    takes = ", ".join(
+        f"`{name}` takes `{refs[(model, 'validation')]['$ref'].rsplit('/', 1)[1]}`" for name, model in typed.items()
+    )
+    payload = create["properties"]["payload"]
+    payload["description"] = f"{payload.get('description', '')} Typed tasks: {takes}.".strip()

@@ -9,9 +9,10 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 
-from taskscheduler import handlers
 from taskscheduler.store import db
 from taskscheduler.store.creation import IdempotencyConflict, IdempotencyKeyInFlux
+from taskscheduler.submission import field_error as field_error  # the routes import these from here
+from taskscheduler.submission import unknown_task as unknown_task
 
 log = logging.getLogger(__name__)
 
@@ -21,15 +22,6 @@ RETRY_AFTER = {"Retry-After": "1"}
 
 def validation_error(errors: list[dict[str, Any]]) -> HTTPException:
     return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=errors)
-
-
-def field_error(loc: list[str | int], message: str) -> dict[str, Any]:
-    return {"loc": loc, "msg": message, "type": "value_error"}
-
-
-def unknown_task(loc: list[str | int], name: str) -> dict[str, Any]:
-    """The error of a task name no handler is registered under (a task's `name`, a schedule's `task`)."""
-    return field_error(loc, f"unknown task name {name!r}; registered: {', '.join(handlers.registered_names())}")
 
 
 def _first_line(exc: BaseException) -> str:

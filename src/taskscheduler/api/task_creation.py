@@ -7,53 +7,20 @@ sync route costs a thread hop for each sync dependency, the endpoint and the res
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import Header, Request, Response, status
 
-from taskscheduler import handlers
 from taskscheduler.api.deps import protected_router
-from taskscheduler.api.errors import field_error, unknown_task, validation_error
+from taskscheduler.api.errors import field_error, validation_error
 from taskscheduler.api.schemas import IDEMPOTENCY_KEY_MAX, NoNul, TaskBatchCreate, TaskBatchOut, TaskCreate, TaskOut
 from taskscheduler.config import Settings
-from taskscheduler.lifecycle import MAX_PRIORITY, MIN_PRIORITY, queue_for_priority
 from taskscheduler.store import creation
 from taskscheduler.store.db import Database
 from taskscheduler.store.statement_pool import AsyncConn
+from taskscheduler.submission import check_new_task, new_task_spec
 
 router = protected_router("tasks")
-
-
-def check_new_task(body: TaskCreate, settings: Settings, loc: list[str | int]) -> list[dict[str, Any]]:
-    """What the schema cannot check about a task to create: a registered name, a run_at not in the past."""
-    errors = []
-    if handlers.get_handler(body.name) is None:
-        errors.append(unknown_task([*loc, "name"], body.name))
-    if body.run_at is not None:
-        earliest = datetime.now(UTC) - timedelta(seconds=settings.run_at_grace_sec)
-        if body.run_at < earliest:
-            message = f"run_at is in the past (more than {settings.run_at_grace_sec:g}s ago)"
-            errors.append(field_error([*loc, "run_at"], message))
-    return errors
-
-
-# The schema has checked the range; a lookup per task instead of an enum's `.value`.
-_QUEUE_OF_PRIORITY = {p: queue_for_priority(p).value for p in range(MIN_PRIORITY, MAX_PRIORITY + 1)}
-
-
-def new_task_spec(body: TaskCreate, idempotency_key: str | None) -> creation.NewTask:
-    return creation.NewTask(
-        name=body.name,
-        payload=body.payload,
-        priority=body.priority,
-        queue=_QUEUE_OF_PRIORITY[body.priority],
-        run_at=body.run_at,
-        max_retries=body.max_retries,
-        timeout_sec=body.timeout_sec,
-        idempotency_key=idempotency_key,
-        request_hash=None if idempotency_key is None else body.request_hash(),
-    )
 
 
 IdempotencyKeyHeader = Annotated[
@@ -107,8 +74,9 @@ async def create_task(
         message = "the Idempotency-Key header and the body's idempotency_key differ"
         raise validation_error([field_error(["header", "Idempotency-Key"], message)])
     key = idempotency_key or body.idempotency_key
+    # Before the key's lookup: a typed task's payload (and so the request's hash) takes its model's form.
+    errors = check_new_task(body, settings, ["body"])
     if key is None:
-        errors = check_new_task(body, settings, ["body"])
         if errors:
             raise validation_error(errors)
         # One statement with nothing to be atomic with: autocommit, one round trip.
@@ -120,7 +88,6 @@ async def create_task(
         existing = (await creation.find_replays_async(conn, [(key, body.request_hash())])).get(key)
         if existing is not None:
             return existing, False
-        errors = check_new_task(body, settings, ["body"])
         if errors:
             raise validation_error(errors)
         (result,) = await creation.create_tasks_async(conn, [new_task_spec(body, key)])

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import psycopg
+import pydantic_core
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection, RowMapping
+from sqlalchemy.exc import IntegrityError
 
 from taskscheduler import metrics
 from taskscheduler.store.db import Database
 from taskscheduler.store.operations import GET_TASK
 from taskscheduler.store.statement_pool import AsyncConn
+
+Row = TypeVar("Row", bound=Mapping[Any, Any])
 
 
 # Not frozen: a frozen dataclass's __init__ costs several times more, a cost paid per task of a batch.
@@ -46,9 +50,9 @@ class CreateResult:
 class IdempotencyConflict(Exception):
     """An idempotency key already names a task created from a different request."""
 
-    def __init__(self, key: str, task_id: uuid.UUID | None) -> None:
+    def __init__(self, key: str, task_id: uuid.UUID | None, *, message: str | None = None) -> None:
         where = f" (task {task_id})" if task_id else " in this batch"
-        super().__init__(f"idempotency key {key!r} was already used for a different request{where}")
+        super().__init__(message or f"idempotency key {key!r} was already used for a different request{where}")
         self.key = key
         self.task_id = task_id
 
@@ -224,6 +228,19 @@ async def find_replays_async(conn: AsyncConn, requests: Iterable[tuple[str, str 
     earlier request with another hash used is an IdempotencyConflict."""
     requests = list(requests)
     existing = await get_by_idempotency_keys_async(conn, sorted({key for key, _ in requests}))
+    return check_replays(requests, existing)
+
+
+def find_replays(conn: Connection, requests: Iterable[tuple[str, str | None]]) -> dict[str, RowMapping]:
+    """`find_replays_async` on a SQLAlchemy connection."""
+    requests = list(requests)
+    keys = sorted({key for key, _ in requests})
+    found = conn.exec_driver_sql(TASKS_BY_IDEMPOTENCY_KEYS, {"keys": keys}).mappings()
+    return check_replays(requests, {row["idempotency_key"]: row for row in found})
+
+
+def check_replays(requests: Iterable[tuple[str, str | None]], existing: dict[str, Row]) -> dict[str, Row]:
+    """`existing` (the tasks found by key), once each was found made from the same request."""
     for key, request_hash in requests:
         found = existing.get(key)
         if found is not None and found["request_hash"] != request_hash:
@@ -255,6 +272,75 @@ async def create_task_async(database: Database, spec: NewTask) -> dict[str, Any]
 
     created = await database.run_statement_async(insert)
     assert created is not None
+    _count_created([created])
+    return created
+
+
+# Runs a statement (with `%(name)s` parameters, JSON values given as JSON text) on a connection the
+# caller owns, and returns its rows as dicts: see `store.caller`.
+RunStatement = Callable[[str, dict[str, Any]], list[dict[str, Any]]]
+RunStatementAsync = Callable[[str, dict[str, Any]], Awaitable[list[dict[str, Any]]]]
+
+
+def _json_rows(rows: list[dict[str, Any]]) -> str:
+    # JSON text, not Jsonb: every driver passes a string on for jsonb_to_recordset to read.
+    return pydantic_core.to_json(rows).decode()
+
+
+def create_tasks_with(run: RunStatement, specs: Sequence[NewTask]) -> list[CreateResult]:
+    """`create_tasks` through `run`, on the caller's connection and in its transaction: the tasks
+    exist, and the scheduler is notified, only once that transaction commits."""
+    rows, ids, first_with_key = _plan(specs)
+    inserted = {str(row["id"]): row for row in run(CREATE_TASKS, {"rows": _json_rows(rows)})} if rows else {}
+    taken = _not_inserted(ids, first_with_key, inserted)
+    existing = {row["idempotency_key"]: row for row in run(TASKS_BY_IDEMPOTENCY_KEYS, {"keys": taken})} if taken else {}
+    return _results(specs, ids, first_with_key, inserted, existing)
+
+
+async def create_tasks_with_async(run: RunStatementAsync, specs: Sequence[NewTask]) -> list[CreateResult]:
+    """`create_tasks_with` for an async connection of the caller."""
+    rows, ids, first_with_key = _plan(specs)
+    inserted = {str(row["id"]): row for row in await run(CREATE_TASKS, {"rows": _json_rows(rows)})} if rows else {}
+    taken = _not_inserted(ids, first_with_key, inserted)
+    found = await run(TASKS_BY_IDEMPOTENCY_KEYS, {"keys": taken}) if taken else []
+    return _results(specs, ids, first_with_key, inserted, {row["idempotency_key"]: row for row in found})
+
+
+def find_replays_with(run: RunStatement, requests: Iterable[tuple[str, str | None]]) -> dict[str, dict[str, Any]]:
+    """`find_replays` through `run`, on the caller's connection."""
+    requests = list(requests)
+    found = run(TASKS_BY_IDEMPOTENCY_KEYS, {"keys": sorted({key for key, _ in requests})})
+    return check_replays(requests, {row["idempotency_key"]: row for row in found})
+
+
+async def find_replays_with_async(
+    run: RunStatementAsync, requests: Iterable[tuple[str, str | None]]
+) -> dict[str, dict[str, Any]]:
+    """`find_replays_with` for an async connection of the caller."""
+    requests = list(requests)
+    found = await run(TASKS_BY_IDEMPOTENCY_KEYS, {"keys": sorted({key for key, _ in requests})})
+    return check_replays(requests, {row["idempotency_key"]: row for row in found})
+
+
+def create_task_autocommit(database: Database, spec: NewTask) -> RowMapping:
+    """`create_task_async` for a thread (the SDK's direct submit): one autocommit statement, sent
+    once more with the same id after a dead connection."""
+    if spec.idempotency_key is not None:
+        raise ValueError("a task with an idempotency key needs create_tasks, in a transaction")
+    task_id = str(uuid.uuid4())
+    params = {"rows": Jsonb([_insert_row(task_id, spec, 0)])}
+
+    def insert(conn: Connection) -> RowMapping:
+        try:
+            return conn.exec_driver_sql(CREATE_TASKS, params).mappings().one()
+        except IntegrityError as exc:
+            if not (
+                isinstance(exc.orig, psycopg.errors.UniqueViolation) and exc.orig.diag.constraint_name == "tasks_pkey"
+            ):
+                raise
+            return conn.exec_driver_sql(GET_TASK, {"id": task_id}).mappings().one()
+
+    created = database.run_statement(insert)
     _count_created([created])
     return created
 

@@ -39,3 +39,9 @@ def in_list(statuses: Iterable[TaskStatus]) -> str:
 def parameters(statement: str) -> list[str]:
     """The names of a statement's parameters, each once, in the order they first appear."""
     return list(dict.fromkeys(_PARAMETER.findall(statement)))
+
+
+def named_style(statement: str) -> str:
+    """`statement` with `:name` parameters, for SQLAlchemy's `text()`: the same statement for a
+    caller's connection of any driver (psycopg, psycopg2, asyncpg), each in its own style."""
+    return _PARAMETER.sub(r":\1", statement)

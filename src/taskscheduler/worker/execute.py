@@ -71,7 +71,7 @@ def run_attempt(
             with time_limit(timeout):
                 if handler is None:
                     raise handlers.HandlerError(f"no handler registered for {claimed.name!r} (check TASK_MODULES)")
-                result = storable_result(handler(claimed.payload), max_bytes=settings.max_result_bytes)
+                result = storable_result(handlers.run(handler, claimed.payload), max_bytes=settings.max_result_bytes)
         except AttemptTimedOut:
             timed_out = True
             error = f"timed out after {timeout:g}s"
