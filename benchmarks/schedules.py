@@ -24,7 +24,7 @@ from typing import Any
 from benchmarks import common
 from taskscheduler.config import Settings
 from taskscheduler.scheduler import schedules as step
-from taskscheduler.store import schedules as schedule_store
+from taskscheduler.store import fires
 from taskscheduler.store.db import Database
 
 SMOKE_SCHEDULES = 300
@@ -96,7 +96,7 @@ def measure(database: Database, pdb: common.PrivateDatabase, *, count: int, repe
 
     def next_fire() -> float | None:
         with database.transaction() as conn:
-            return schedule_store.seconds_until_next_fire(conn, now=base)
+            return fires.seconds_until_next_fire(conn, now=base)
 
     runs: dict[str, list[dict[str, float]]] = {"idle": [], "wakeup_query": [], "steady_second": [], "burst": []}
     for _ in range(repeat):
@@ -115,7 +115,7 @@ def measure(database: Database, pdb: common.PrivateDatabase, *, count: int, repe
             name: "\n".join(
                 r[0]
                 for r in conn.exec_driver_sql(
-                    "EXPLAIN " + getattr(schedule_store, name), {"now": base, "limit": step.BATCH_SIZE}
+                    "EXPLAIN " + getattr(fires, name), {"now": base, "limit": step.BATCH_SIZE}
                 )
             )
             for name in ("LOCK_DUE", "LOCK_BUFFERED_READY")

@@ -27,7 +27,7 @@ from taskscheduler.api.schedule_schemas import (
 )
 from taskscheduler.api.schemas import TaskOut
 from taskscheduler.schedule_spec import Spec
-from taskscheduler.store import operations
+from taskscheduler.store import fires, operations
 from taskscheduler.store import schedules as schedule_store
 
 router = protected_router("schedules")
@@ -182,7 +182,7 @@ def resume_schedule(schedule: ScheduleRef, conn: LockingConnDep) -> ScheduleOut:
 )
 def trigger_schedule(schedule: ScheduleRef, conn: LockingConnDep) -> TaskOut:
     """One task now, as a fire at this moment would make it (paused or not, whatever the overlap)."""
-    created = schedule_store.trigger(conn, _found(conn, schedule, lock=True))
+    created = fires.trigger(conn, _found(conn, schedule, lock=True))
     if created is None:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=TRIGGER_CONFLICT)
     task = operations.get_task(conn, created.id)
@@ -210,8 +210,8 @@ def backfill_schedule(schedule: ScheduleRef, body: BackfillBody, conn: LockingCo
         times.append(t)
         if len(times) > MAX_BACKFILL_FIRES:
             raise _invalid(["end"], f"the range holds more than {MAX_BACKFILL_FIRES} fire times: backfill it in parts")
-    missing = sorted(set(times) - schedule_store.fired_among(conn, row["id"], times))
-    fires = [schedule_store.fire_of(row, t) for t in missing]
-    created = len(schedule_store.create_fired_tasks(conn, fires))
-    schedule_store.count_fires(conn, row["id"], created)
+    missing = sorted(set(times) - fires.fired_among(conn, row["id"], times))
+    to_fire = [fires.fire_of(row, t) for t in missing]
+    created = len(fires.create_fired_tasks(conn, to_fire))
+    fires.count_fires(conn, row["id"], created)
     return BackfillOut(created=created, existing=len(times) - created)

@@ -21,6 +21,7 @@ from typing import Any
 from taskscheduler import handlers, metrics
 from taskscheduler.config import Settings
 from taskscheduler.schedule_spec import Overlap, Plan, State, plan
+from taskscheduler.store import fires
 from taskscheduler.store import schedules as schedule_store
 from taskscheduler.store.db import Database
 
@@ -69,11 +70,11 @@ def run_once(
 ) -> ScheduleCounts:
     """Fire one batch of due schedules (at most `batch_size`). `now` (tests): the database clock otherwise."""
     with database.transaction() as conn:
-        rows = schedule_store.lock_due(conn, limit=batch_size, now=now)
+        rows = fires.lock_due(conn, limit=batch_size, now=now)
         if not rows:
             return ScheduleCounts()
         plans = []
-        fires: list[schedule_store.Fire] = []
+        to_fire: list[fires.Fire] = []
         for row in rows:
             try:
                 fire_plan = plan(schedule_store.spec_of(row), _state(row), row["db_now"])
@@ -84,15 +85,15 @@ def run_once(
                 log.error("schedule %r paused: %s", row["name"], exc, extra={"event": "schedule_invalid"})
                 continue
             plans.append((row, fire_plan))
-            fires += [schedule_store.fire_of(row, t) for t in fire_plan.fires]
-        created = schedule_store.create_fired_tasks(conn, fires)
+            to_fire += [fires.fire_of(row, t) for t in fire_plan.fires]
+        created = fires.create_fired_tasks(conn, to_fire)
         if settings.fault_point == FAULT_AFTER_INSERT and created:
             os.kill(os.getpid(), signal.SIGKILL)
         fired_per_schedule: dict[Any, list[datetime]] = {}
         for task in created:
             fired_per_schedule.setdefault(task.schedule_id, []).append(task.scheduled_for)
         advances = [_advance(row, fire_plan, fired_per_schedule.get(row["id"], [])) for row, fire_plan in plans]
-        schedule_store.advance(conn, advances)
+        fires.advance(conn, advances)
     counts = ScheduleCounts(
         schedules=len(rows),
         fired=len(created),
@@ -105,9 +106,9 @@ def run_once(
     return counts
 
 
-def _advance(row: Any, fire_plan: Plan, fired: list[datetime]) -> schedule_store.Advance:
+def _advance(row: Any, fire_plan: Plan, fired: list[datetime]) -> fires.Advance:
     last_skip = fire_plan.last_skip
-    return schedule_store.Advance(
+    return fires.Advance(
         id=row["id"],
         next_fire_at=fire_plan.next_fire_at,
         buffered_for=fire_plan.buffered_for,

@@ -14,7 +14,7 @@ import time
 import psycopg
 
 from taskscheduler.config import Settings
-from taskscheduler.store import creation, schedules, sweeps
+from taskscheduler.store import creation, fires, sweeps
 from taskscheduler.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class Wakeup:
         poll = self.settings.poll_interval_sec
         try:
             with self.database.transaction() as conn:
-                due_in = _earliest(sweeps.seconds_until_next_due(conn), schedules.seconds_until_next_fire(conn))
+                due_in = _earliest(sweeps.seconds_until_next_due(conn), fires.seconds_until_next_fire(conn))
         except Exception:  # the tick that follows reports database trouble
             return poll
         if due_in is None:

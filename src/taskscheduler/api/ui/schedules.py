@@ -15,7 +15,7 @@ from sqlalchemy import Connection
 from taskscheduler.api.deps import ConnDep, LockingConnDep
 from taskscheduler.api.schedules import TRIGGER_CONFLICT
 from taskscheduler.api.ui.access import CheckedFormDep, field, page, redirect, require_login
-from taskscheduler.store import operations, views
+from taskscheduler.store import fires, operations, views
 from taskscheduler.store import schedules as schedule_store
 
 router = APIRouter(dependencies=[Depends(require_login)], include_in_schema=False)
@@ -163,7 +163,7 @@ def schedule_action(request: Request, ref: str, action: str, form: CheckedFormDe
     elif action == "resume":
         schedule_store.resume(conn, row)
     else:
-        created = schedule_store.trigger(conn, row)
+        created = fires.trigger(conn, row)
         if created is None:
             return _conflict(request, verb, TRIGGER_CONFLICT, row)
         task_id = created.id
