@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # Also the 50 warm-up tasks: every PENDING task runs.
         n = api_bench.count_tasks(run.pdb)
         sizes = {"n": n, "workers": args.workers, "concurrency": args.concurrency, "timeout": max(120.0, n / 20)}
+        wal_start = current_wal_lsn(run.pdb)
         ran = throughput.run_ours(run, **sizes, insert=False)
+        wal = wal_written(run.pdb, wal_start)
         raw = throughput.run_raw(run, **sizes)
 
     per_1000 = {
@@ -84,6 +86,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows,
     )
     common.print_table(
+        f"WAL written while the {n:,} tasks ran (pg_walinspect; this database's records and their commits)",
+        ["measure", "value"],
+        [
+            ("bytes per task", wal["bytes"] / n),
+            ("of which full-page images, per task", wal["fpi_bytes"] / n),
+            ("records per task", wal["records"] / n),
+            ("whole cluster, bytes per task (shared)", wal["cluster_bytes"] / n),
+        ],
+    )
+    common.print_table(
         "What that CPU allows on this machine",
         ["measure", "value"],
         [
@@ -101,10 +113,48 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ours_total_per_1000=ours_total,
         raw_celery_cpu_seconds_per_1000=raw_per_1000,
         raw_total_per_1000=raw_total,
+        wal=wal,
+        wal_bytes_per_task=wal["bytes"] / n,
         create=create,
         run=ran,
         raw=raw,
     )
+
+
+def current_wal_lsn(pdb: common.PrivateDatabase) -> str:
+    with pdb.connect() as conn:
+        row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+# The records that touch a block of this database, and the commit records of their transactions;
+# the rest of the cluster (other databases, checkpoints) is counted apart. pg_walinspect ships with
+# PostgreSQL 15 (contrib) and needs a superuser, as the benchmarks' admin connection is.
+WAL_WRITTEN = """
+    WITH r AS (
+        SELECT xid, resource_manager, record_length, fpi_length,
+               block_ref ~ ('rel [0-9]+/' || %(db_oid)s || '/') AS ours
+        FROM pg_get_wal_records_info(CAST(%(start)s AS pg_lsn), pg_current_wal_flush_lsn())
+    ), our_xids AS (SELECT DISTINCT xid FROM r WHERE ours AND xid <> '0')
+    SELECT coalesce(sum(record_length) FILTER (WHERE mine), 0)::bigint,
+           coalesce(sum(fpi_length) FILTER (WHERE mine), 0)::bigint,
+           count(*) FILTER (WHERE mine),
+           coalesce(sum(record_length), 0)::bigint
+    FROM (SELECT r.*, (r.ours OR (r.resource_manager = 'Transaction' AND r.xid IN (SELECT xid FROM our_xids))) AS mine
+          FROM r) m
+    """
+
+
+def wal_written(pdb: common.PrivateDatabase, start_lsn: str) -> dict[str, int]:
+    """WAL bytes, full-page-image bytes and records this run's database caused since `start_lsn`."""
+    with pdb.connect(autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+        oid = conn.execute("SELECT oid FROM pg_database WHERE datname = current_database()").fetchone()
+        assert oid is not None
+        row = conn.execute(WAL_WRITTEN, {"db_oid": str(oid[0]), "start": start_lsn}).fetchone()
+    assert row is not None
+    return {"bytes": int(row[0]), "fpi_bytes": int(row[1]), "records": int(row[2]), "cluster_bytes": int(row[3])}
 
 
 def _bound(per_1000: dict[str, float], *, exclude_api: bool) -> float:

@@ -130,6 +130,9 @@ def test_cost_smoke(services: Services, tmp_path: Path) -> None:
     assert all(v >= 0 for v in per_1000.values())
     assert per_1000["api"] > 0 and per_1000["workers"] > 0
     assert positive(data["ours_total_per_1000"]) and positive(data["raw_total_per_1000"])
+    # Every task writes its transitions and events: WAL of this database, within the cluster's.
+    assert 0 < data["wal"]["bytes"] <= data["wal"]["cluster_bytes"]
+    assert data["wal"]["records"] >= data["tasks"]
 
 
 def test_profile_report_reads_collapsed_stacks(tmp_path: Path) -> None:
