@@ -8,7 +8,9 @@ transaction does). While it is held, no dead row version newer than it can be cl
 
 Printed per 30 s window (by run_at): p50/p99 of started_at - run_at, tasks done, and the cost of
 the scheduler's statements sampled in that window with EXPLAIN (ANALYZE, BUFFERS) (statements that
-write are rolled back): milliseconds and shared buffers touched. Then the held phase beside the
+write are rolled back), each scan from where the scheduler would start it (`scheduler.horizons`),
+and the dispatch also from the start of its index, as the periodic full pass runs it: milliseconds
+and shared buffers touched. Then the held phase beside the
 baseline: the ratio of their p50 lags and the slope of p50 (and of each statement's cost) per minute
 over the held phase.
 """
@@ -23,11 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.pool import NullPool
 from tests import harness
 
 from benchmarks import common
 from taskscheduler.config import Settings
 from taskscheduler.lifecycle import MAX_PRIORITY, MIN_PRIORITY
+from taskscheduler.scheduler.horizons import Horizons
 from taskscheduler.store import sweeps
 
 SMOKE_RATE = 100.0
@@ -43,23 +48,23 @@ SAMPLE_EVERY_SEC = 5.0
 
 # ------------------------------------------------------------------------------------ the statements
 
-_CURSORS: dict[str, Any] = {}
 
-
-def _statements(settings: Settings) -> dict[str, tuple[str, dict[str, Any], bool]]:
-    """Name -> (statement, parameters, writes: rolled back), with the scheduler's own parameters."""
+def _statements(settings: Settings, horizons: Horizons) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Name -> (statement, parameters) as the scheduler runs them: with its settings, and each scan
+    from where `horizons` (kept as the scheduler keeps its own) says it starts. The dispatch is also
+    measured from the start of the index (`dispatch_due_full`): the scheduler's periodic full pass."""
     priorities = list(range(MAX_PRIORITY, MIN_PRIORITY - 1, -1))
-    # Parameters a statement does not name are ignored; the scheduler's own cursors (if any) stay
-    # None here, i.e. each statement is measured as its full pass would cost.
-    base: dict[str, Any] = {"now": None, **_CURSORS}
+    base: dict[str, Any] = {"now": None}
+    batch = settings.dispatch_batch_size
     return {
         "dispatch_due": (
             sweeps.DISPATCH_DUE,
-            {**base, "priorities": priorities, "limit": settings.dispatch_batch_size},
-            True,
+            {**base, "priorities": priorities, "limit": batch, "since": sweeps.since_by_priority(horizons.due)},
         ),
-        "seconds_until_next_due": (sweeps.SECONDS_UNTIL_NEXT_DUE, base, False),
-        "enqueued_per_queue": (sweeps.ENQUEUED_PER_QUEUE, base, False),
+        "dispatch_due_full": (sweeps.DISPATCH_DUE, {**base, "priorities": priorities, "limit": batch, "since": None}),
+        "next_due": (sweeps.NEXT_DUE, {**base, "since": sweeps.since_by_priority(horizons.due)}),
+        "enqueued_per_queue": (sweeps.ENQUEUED_PER_QUEUE, {"since": horizons.enqueued}),
+        "oldest_started": (sweeps.OLDEST_STARTED, {"since": horizons.started}),
         "lock_stuck": (
             sweeps.LOCK_STUCK,
             {
@@ -67,9 +72,9 @@ def _statements(settings: Settings) -> dict[str, tuple[str, dict[str, Any], bool
                 "heartbeat_timeout_sec": settings.heartbeat_timeout_sec,
                 "default_timeout_sec": settings.stuck_after_sec,
                 "reconnected_at": None,
-                "limit": settings.dispatch_batch_size,
+                "limit": batch,
+                "since": horizons.started,
             },
-            True,
         ),
         "republish_lost_enqueued": (
             sweeps.REPUBLISH_LOST_ENQUEUED,
@@ -77,17 +82,25 @@ def _statements(settings: Settings) -> dict[str, tuple[str, dict[str, Any], bool
                 **base,
                 "queue": "default",
                 "timeout_sec": settings.enqueue_timeout_sec,
-                "limit": settings.dispatch_batch_size,
+                "limit": batch,
                 "waiting": 0,
+                "since": horizons.enqueued,
             },
-            True,
         ),
         "delete_finished": (
             sweeps.DELETE_FINISHED,
-            {**base, "older_than_sec": settings.retention_days * 86400, "limit": settings.dispatch_batch_size},
-            True,
+            {**base, "older_than_sec": settings.retention_days * 86400, "limit": batch},
         ),
     }
+
+
+def advance(engine: Engine, horizons: Horizons) -> None:
+    """Move `horizons` on as the scheduler's loop does, with the same reads."""
+    with engine.connect() as conn:
+        horizons.earliest_due(sweeps.next_due(conn, since=horizons.due).earliest)
+        horizons.oldest_enqueued(sweeps.enqueued_counts(conn, since=horizons.enqueued).oldest)
+        horizons.oldest_started(sweeps.oldest_started(conn, since=horizons.started))
+        conn.rollback()
 
 
 def _buffers(plan: dict[str, Any]) -> int:
@@ -114,8 +127,9 @@ class Sampler:
     """Runs each statement with EXPLAIN (ANALYZE, BUFFERS) every SAMPLE_EVERY_SEC in a thread."""
 
     pdb: common.PrivateDatabase
-    statements: dict[str, tuple[str, dict[str, Any], bool]]
+    settings: Settings
     every: float
+    horizons: Horizons = field(default_factory=lambda: Horizons(full_pass_every_sec=float("inf")))
     samples: list[dict[str, Any]] = field(default_factory=list)
     last_plans: dict[str, str] = field(default_factory=dict)
     first_held_plans: dict[str, str] = field(default_factory=dict)
@@ -133,10 +147,12 @@ class Sampler:
             self._thread.join()
 
     def _run(self) -> None:
+        engine = create_engine(self.pdb.url, poolclass=NullPool)
         with self.pdb.connect() as conn:
             while not self._stop.wait(self.every):
                 at = time.time()
-                for name, (statement, params, _writes) in self.statements.items():
+                advance(engine, self.horizons)
+                for name, (statement, params) in _statements(self.settings, self.horizons).items():
                     try:
                         ms, buffers, plan = explain_once(conn, statement, params)
                     except psycopg.Error as exc:
@@ -242,7 +258,7 @@ def summarize(
         for name, (a, b) in {"baseline": (t0, held_at), "held": (held_at, t1)}.items():
             r = conn.execute(_PHASE_P50, {"a": a, "b": b}).fetchone()
             phases[name] = {"p50": r[0][0], "p99": r[0][1]} if r and r[0] else {"p50": None, "p99": None}
-    names = list(sampler.statements)
+    names = list(_statements(sampler.settings, Horizons()))
     windows: list[dict[str, Any]] = []
     for w, pct, done, total in rows:
         start = t0 + w * window
@@ -333,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.time() + FEED_AHEAD_SEC + 1
         held_at, t1 = t0 + baseline_sec, t0 + baseline_sec + held_sec
         feeder = Feeder(run.pdb, rate, t0, t1)
-        sampler = Sampler(run.pdb, _statements(settings), sampler_every)
+        sampler = Sampler(run.pdb, settings, sampler_every)
         feeder.start()
         with run.pdb.connect(autocommit=True) as conn:
             conn.execute("ANALYZE tasks")
