@@ -43,7 +43,7 @@ SMOKE_WINDOW_SEC = 10.0
 # near future only (as under a real steady stream) rather than the whole run from the start.
 FEED_CHUNK_SEC = 2.0
 FEED_AHEAD_SEC = 4.0
-SAMPLE_EVERY_SEC = 5.0
+SAMPLE_EVERY_SEC = 10.0
 
 
 # ------------------------------------------------------------------------------------ the statements
@@ -52,16 +52,16 @@ SAMPLE_EVERY_SEC = 5.0
 def _statements(settings: Settings, horizons: Horizons) -> dict[str, tuple[str, dict[str, Any]]]:
     """Name -> (statement, parameters) as the scheduler runs them: with its settings, and each scan
     from where `horizons` (kept as the scheduler keeps its own) says it starts. The dispatch is also
-    measured from the start of the index (`dispatch_due_full`): the scheduler's periodic full pass."""
+    measured from the start of its index (`..._full`): the scheduler's periodic full pass, and what a
+    scheduler without horizons (before them) runs on every tick."""
     priorities = list(range(MAX_PRIORITY, MIN_PRIORITY - 1, -1))
     base: dict[str, Any] = {"now": None}
     batch = settings.dispatch_batch_size
-    return {
+    scans: dict[str, tuple[str, dict[str, Any]]] = {
         "dispatch_due": (
             sweeps.DISPATCH_DUE,
             {**base, "priorities": priorities, "limit": batch, "since": sweeps.since_by_priority(horizons.due)},
         ),
-        "dispatch_due_full": (sweeps.DISPATCH_DUE, {**base, "priorities": priorities, "limit": batch, "since": None}),
         "next_due": (sweeps.NEXT_DUE, {**base, "since": sweeps.since_by_priority(horizons.due)}),
         "enqueued_per_queue": (sweeps.ENQUEUED_PER_QUEUE, {"since": horizons.enqueued}),
         "oldest_started": (sweeps.OLDEST_STARTED, {"since": horizons.started}),
@@ -87,11 +87,17 @@ def _statements(settings: Settings, horizons: Horizons) -> dict[str, tuple[str, 
                 "since": horizons.enqueued,
             },
         ),
+    }
+    # The same from the start of their index: the full pass, and what a scheduler without horizons runs.
+    full = {f"{name}_full": (statement, {**params, "since": None}) for name, (statement, params) in scans.items()}
+    del full["oldest_started_full"]
+    retention = {
         "delete_finished": (
             sweeps.DELETE_FINISHED,
             {**base, "older_than_sec": settings.retention_days * 86400, "limit": batch},
-        ),
+        )
     }
+    return {**scans, **full, **retention}
 
 
 def advance(engine: Engine, horizons: Horizons) -> None:
@@ -367,7 +373,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             feeder.stop()
             sampler.stop()
         with run.pdb.connect(autocommit=True) as conn:
-            harness.wait_until(lambda: _settled(conn), timeout=120, interval=1, what="the last tasks due to finish")
+            # A run that fell behind is reported as it is (its windows say how far), not waited for.
+            with contextlib.suppress(TimeoutError, AssertionError):
+                harness.wait_until(lambda: _settled(conn), timeout=60, interval=1, what="the last tasks due")
             statuses = dict(conn.execute("SELECT status, count(*) FROM tasks GROUP BY status").fetchall())
         result = summarize(run.pdb, sampler, t0, held_at, t1, window)
 
