@@ -102,3 +102,30 @@ def test_the_service_keeps_its_horizons_between_ticks(settings, publisher):
     new_task(run_at=datetime.now(UTC) - timedelta(seconds=1))
     assert service.tick() == 1
     assert 5 in service.horizons.due and service.horizons.enqueued is not None
+
+
+def test_the_sweeps_full_pass_comes_every_minute_and_not_in_the_dispatchs_tick():
+    clock = Clock()
+    horizons = Horizons(clock=clock)
+    at = datetime.now(UTC)
+    horizons.begin_tick()
+    horizons.oldest_enqueued(at)
+    horizons.oldest_started(at)
+    horizons.earliest_due({5: at})
+    ticks_with_both = 0
+    for _ in range(200):  # 100 s in 0.5 s ticks
+        clock.t += 0.5
+        passes = horizons.full_passes
+        horizons.begin_tick()
+        dispatch_full = horizons.full_passes > passes
+        sweeps_full = horizons.enqueued is None
+        ticks_with_both += dispatch_full and sweeps_full
+        assert (horizons.started is None) == sweeps_full
+        if sweeps_full:
+            horizons.oldest_enqueued(at)
+            horizons.oldest_started(at)
+        if dispatch_full:
+            assert horizons.due == {}
+            horizons.earliest_due({5: at})
+    assert horizons.full_passes == 1 + 100 // 15
+    assert ticks_with_both == 0

@@ -10,8 +10,9 @@ started_at), less MARGIN_SEC.
 
 A row can commit with an older time than a bound already taken (its transaction took `now()` before
 the scan and committed after; another scheduler's dispatch rolled back). MARGIN_SEC covers the
-usual commit delay, and every FULL_PASS_EVERY_SEC the bounds are dropped, so a tick scans from the
-start: no task is left behind longer than that, whatever its time.
+usual commit delay, and every FULL_PASS_EVERY_SEC the dispatch's bounds are dropped (the sweeps'
+every SWEEPS_FULL_PASS_EVERY_SEC), so a tick scans from the start: no task is left behind longer than
+that, whatever its time.
 """
 
 from __future__ import annotations
@@ -25,12 +26,17 @@ from taskscheduler.store.sweeps import Dispatched
 
 MARGIN_SEC = 0.5
 FULL_PASS_EVERY_SEC = 15.0
+# The sweeps' full pass: a stuck or lost task found up to a minute late is still found long before
+# any timeout that matters, and the full passes of the dispatch and of the sweeps, each as slow as the
+# dead entries make it, then fall in different ticks.
+SWEEPS_FULL_PASS_EVERY_SEC = 60.0
 
 
 @dataclass
 class Horizons:
     margin: timedelta = timedelta(seconds=MARGIN_SEC)
     full_pass_every_sec: float = FULL_PASS_EVERY_SEC
+    sweeps_full_pass_every_sec: float = SWEEPS_FULL_PASS_EVERY_SEC
     # {priority: no PENDING/FAILED task of it is looked for with an earlier run_at}
     due: dict[int, datetime] = field(default_factory=dict)
     enqueued: datetime | None = None
@@ -38,16 +44,23 @@ class Horizons:
     full_passes: int = 0
     clock: Callable[[], float] = time.monotonic
     _full_pass_at: float = float("-inf")
+    _sweeps_full_pass_at: float = float("-inf")
 
     def begin_tick(self) -> None:
-        """Drop every bound if a full pass is due (the first tick's is): this tick scans from the start."""
-        if self.clock() < self._full_pass_at:
-            return
-        self._full_pass_at = self.clock() + self.full_pass_every_sec
-        self.full_passes += 1
-        self.due = {}
-        self.enqueued = None
-        self.started = None
+        """Drop the bounds whose full pass is due (the first tick's are): this tick scans from the start."""
+        now = self.clock()
+        if now >= self._full_pass_at:
+            self._full_pass_at = now + self.full_pass_every_sec
+            self.full_passes += 1
+            self.due = {}
+        if self._sweeps_full_pass_at == float("-inf"):
+            # The sweeps' bounds start empty: their first full pass is this tick's. The next ones fall
+            # half a dispatch period off the dispatch's, so that two slow passes share no tick.
+            self._sweeps_full_pass_at = now + self.full_pass_every_sec / 2
+        elif now >= self._sweeps_full_pass_at:
+            self._sweeps_full_pass_at = now + self.sweeps_full_pass_every_sec
+            self.enqueued = None
+            self.started = None
 
     def _less_margin(self, at: datetime) -> datetime:
         return at - self.margin
