@@ -274,6 +274,13 @@ class Processes:
         self.wait_ready(procs)
         return procs
 
+    def scheduler(self) -> Proc:
+        """`taskscheduler scheduler`, once it says it started (the line is not there above INFO)."""
+        proc = self.cli("scheduler", "scheduler")
+        if self.env["LOG_LEVEL"].upper() in ("DEBUG", "INFO"):
+            wait_until(lambda: "scheduler started" in proc.log(), timeout=30, what="scheduler started")
+        return proc
+
     def api(self, port: int) -> Proc:
         """`taskscheduler api` on 127.0.0.1:`port`, once its /healthz answers."""
         api = self.cli("api", "api", "--host", "127.0.0.1", "--port", str(port))

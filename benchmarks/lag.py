@@ -15,8 +15,6 @@ import contextlib
 import os
 from typing import Any
 
-from tests.harness import wait_until
-
 from benchmarks import common
 from benchmarks.throughput import republished_count
 
@@ -83,9 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     with common.run("lag", args) as run, run.processes(**extra_env) as procs:
         procs.workers(args.workers, args.concurrency)
-        scheduler = procs.cli("scheduler", "scheduler")
-        if args.log_level.upper() in ("DEBUG", "INFO"):  # the line is not there above INFO
-            wait_until(lambda: "scheduler started" in scheduler.log(), timeout=30, what="scheduler started")
+        procs.scheduler()
         common.insert_due_tasks(run.pdb, n, per_second=rate, lead_sec=args.lead)
         with run.pdb.connect(autocommit=True) as conn:
             common.wait_succeeded(conn, n, procs, timeout=args.lead + duration + 180, interval=0.5)

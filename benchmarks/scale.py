@@ -47,6 +47,7 @@ PARAMS: dict[str, Any] = {
     "reconnected_at": None,  # the stuck sweep: no reconnection, heartbeats age from themselves
     "waiting": 0,  # the republishing sweeps: the broker's list for the queue is empty
     "token": "00000000-0000-0000-0000-000000000000",  # a claim's token
+    "since": None,  # the scheduler's scans from the start (its full pass; see scheduler.horizons)
 }
 _QUEUE = "CASE WHEN p >= 8 THEN 'high' WHEN p >= 4 THEN 'default' ELSE 'low' END"
 

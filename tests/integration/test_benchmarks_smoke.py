@@ -72,6 +72,22 @@ def test_lag_smoke(services: Services, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
+def test_snapshot_smoke(services: Services, tmp_path: Path) -> None:
+    data = run_benchmark("snapshot", services, tmp_path)
+    n = data["params"]["tasks"]
+    assert data["statuses"] == {"SUCCEEDED": n}
+    phases = {w["phase"] for w in data["windows"]}
+    assert phases == {"baseline", "held"}
+    assert sum(w["done"] for w in data["windows"]) == n
+    for w in data["windows"]:
+        assert 0 <= w["p50_ms"] <= w["p99_ms"]
+    assert positive(data["ratio_p50"])
+    assert not data["sample_errors"]
+    for name, cost in data["cost"].items():
+        assert positive(cost["baseline_ms"]) and positive(cost["held_ms"]), name
+
+
+@pytest.mark.timeout(300)
 def test_api_smoke(services: Services, tmp_path: Path) -> None:
     data = run_benchmark("api", services, tmp_path)
     single = data["single"]

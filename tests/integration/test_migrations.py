@@ -28,7 +28,28 @@ def test_migrate_twice_is_a_no_op(services):
     run_migrations(services.database_url)
     run_migrations(services.database_url)
     with db.database_for(services.database_url).engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0006"
+        assert MigrationContext.configure(conn).get_current_revision() == "0007"
+
+
+def _reloptions(conn, table: str) -> set[str]:
+    from sqlalchemy import text
+
+    value = conn.execute(text("SELECT reloptions FROM pg_class WHERE oid = to_regclass(:t)"), {"t": table}).scalar()
+    return set(value or [])
+
+
+def test_the_tasks_tables_carry_their_vacuum_settings_and_downgrading_0007_removes_them(server_urls):
+    with private_database(server_urls[0], f"taskscheduler_vacuum_{uuid.uuid4().hex[:8]}") as url:
+        scratch = Database(url)
+        try:
+            with scratch.engine.connect() as conn:
+                assert {"autovacuum_vacuum_scale_factor=0.01", "fillfactor=90"} <= _reloptions(conn, "tasks")
+                assert "autovacuum_vacuum_cost_delay=0" in _reloptions(conn, "task_events")
+            command.downgrade(alembic_config(url), "0006")
+            with scratch.engine.connect() as conn:
+                assert _reloptions(conn, "tasks") == set() and _reloptions(conn, "task_events") == set()
+        finally:
+            scratch.dispose()
 
 
 def test_downgrade_to_0001_and_back(server_urls):

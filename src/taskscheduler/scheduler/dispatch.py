@@ -9,6 +9,7 @@ from datetime import datetime
 from taskscheduler import explain
 from taskscheduler.config import Settings
 from taskscheduler.lifecycle import TASK_QUEUES
+from taskscheduler.scheduler.horizons import Horizons
 from taskscheduler.scheduler.publisher import Publisher
 from taskscheduler.store import sweeps
 from taskscheduler.store.db import Database
@@ -20,7 +21,14 @@ log = logging.getLogger(__name__)
 FAULT_AFTER_COMMIT = "dispatch_after_commit"
 
 
-def run_once(*, database: Database, settings: Settings, publisher: Publisher, now: datetime | None = None) -> int:
+def run_once(
+    *,
+    database: Database,
+    settings: Settings,
+    publisher: Publisher,
+    now: datetime | None = None,
+    horizons: Horizons | None = None,
+) -> int:
     """Dispatch one batch per queue (at most DISPATCH_BATCH_SIZE each). Returns how many were dispatched.
 
     The attempt is incremented and committed before the message leaves: a crash in between leaves
@@ -31,15 +39,23 @@ def run_once(*, database: Database, settings: Settings, publisher: Publisher, no
     message never waits in the broker so long that the lost-message sweep publishes it twice. A
     full queue is topped up once a quarter of it (at most a batch) has drained, not task by task:
     under a backlog that keeps ticks few and batches large.
+
+    `horizons`: where the scans start, advanced by what they found (None: from the start).
     """
     refill_at = explain.refill_at(settings.dispatch_batch_size, settings.max_enqueued_per_queue)
     batch: list[sweeps.Dispatched] = []
     with database.transaction() as conn:
-        waiting = sweeps.enqueued_per_queue(conn)
+        enqueued = sweeps.enqueued_counts(conn, since=horizons.enqueued if horizons else None)
+        waiting = enqueued.per_queue
         for queue in TASK_QUEUES:
             room = min(settings.dispatch_batch_size, settings.max_enqueued_per_queue - waiting.get(queue, 0))
             if room >= refill_at:
-                batch += sweeps.dispatch_due(conn, queue=queue.value, limit=room, now=now)
+                batch += sweeps.dispatch_due(
+                    conn, queue=queue.value, limit=room, now=now, since=horizons.due if horizons else None
+                )
+    if horizons is not None:
+        horizons.oldest_enqueued(enqueued.oldest)
+        horizons.dispatched(batch)
     if not batch:
         return 0
     if settings.fault_point == FAULT_AFTER_COMMIT:

@@ -18,6 +18,7 @@ from taskscheduler import metrics
 from taskscheduler.broker import DeadMessage
 from taskscheduler.config import Settings
 from taskscheduler.lifecycle import TASK_QUEUES, DeadWith, Queue, failure_outcome
+from taskscheduler.scheduler.horizons import Horizons
 from taskscheduler.scheduler.publisher import BrokerHealth, BrokerQueues, BrokerUnavailable, Publisher
 from taskscheduler.store import sweeps, transitions
 from taskscheduler.store.db import Database
@@ -43,6 +44,7 @@ def rescue_stuck(
     publisher: Publisher,
     now: datetime | None = None,
     reconnected_at: datetime | None = None,
+    horizons: Horizons | None = None,
 ) -> tuple[int, int]:
     """STARTED past its heartbeat timeout or its run-time limit -> FAILED (retry) or DEAD. Returns (retried, dead).
 
@@ -52,8 +54,12 @@ def rescue_stuck(
     retried = 0
     dead: list[DeadMessage] = []
     with database.transaction() as conn:
+        since = horizons.started if horizons else None
+        if horizons is not None:
+            horizons.oldest_started(sweeps.oldest_started(conn, since=since))
         stuck = sweeps.lock_stuck(
             conn,
+            since=since,
             heartbeat_timeout_sec=settings.heartbeat_timeout_sec,
             default_timeout_sec=settings.stuck_after_sec,
             limit=settings.dispatch_batch_size,
@@ -94,7 +100,13 @@ def rescue_stuck(
 
 
 def republish_lost(
-    *, database: Database, settings: Settings, publisher: Publisher, broker: BrokerQueues, now: datetime | None = None
+    *,
+    database: Database,
+    settings: Settings,
+    publisher: Publisher,
+    broker: BrokerQueues,
+    now: datetime | None = None,
+    horizons: Horizons | None = None,
 ) -> int:
     """ENQUEUED but unclaimed for ENQUEUE_TIMEOUT_SEC: publish the same attempt again, while the
     broker holds fewer messages for the queue than it has unclaimed tasks."""
@@ -109,6 +121,7 @@ def republish_lost(
                 limit=settings.dispatch_batch_size,
                 waiting=waiting[queue.value],
                 now=now,
+                since=horizons.enqueued if horizons else None,
             )
     for item in lost:
         metrics.RESCUES.labels(reason="lost_message").inc()
@@ -155,19 +168,26 @@ def run_once(
     now: datetime | None = None,
     reconnected_at: datetime | None = None,
     broker: BrokerQueues | None = None,
+    horizons: Horizons | None = None,
 ) -> RescueCounts:
     """One sweep. `reconnected_at`: see `rescue_stuck`. `broker`: where queue lengths are read (default:
-    REDIS_URL, with failures counted apart from the service's)."""
+    REDIS_URL, with failures counted apart from the service's). `horizons`: where the stuck and
+    lost-message scans start (None: from the start)."""
     broker = broker or BrokerQueues(settings, BrokerHealth())
     retried, dead = rescue_stuck(
-        database=database, settings=settings, publisher=publisher, now=now, reconnected_at=reconnected_at
+        database=database,
+        settings=settings,
+        publisher=publisher,
+        now=now,
+        reconnected_at=reconnected_at,
+        horizons=horizons,
     )
-
-    def republish(sweep: Callable[..., int]) -> int:
-        return _unless_broker_down(
-            lambda: sweep(database=database, settings=settings, publisher=publisher, broker=broker, now=now)
+    republished = _unless_broker_down(
+        lambda: republish_lost(
+            database=database, settings=settings, publisher=publisher, broker=broker, now=now, horizons=horizons
         )
-
-    return RescueCounts(
-        retried=retried, dead=dead, republished=republish(republish_lost), dlq_republished=republish(republish_dead)
     )
+    dlq_republished = _unless_broker_down(
+        lambda: republish_dead(database=database, settings=settings, publisher=publisher, broker=broker, now=now)
+    )
+    return RescueCounts(retried=retried, dead=dead, republished=republished, dlq_republished=dlq_republished)

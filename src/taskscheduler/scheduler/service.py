@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from taskscheduler.config import Settings
 from taskscheduler.liveness import ProcessHeartbeat
 from taskscheduler.scheduler import dispatch, rescue, retention
+from taskscheduler.scheduler.horizons import Horizons
 from taskscheduler.scheduler.publisher import BrokerHealth, BrokerQueues, BrokerUnavailable, CeleryPublisher, Publisher
 from taskscheduler.scheduler.schedules import ScheduleStep
 from taskscheduler.scheduler.wakeup import Wakeup
@@ -69,6 +70,8 @@ class SchedulerService:
         self._failed_ticks = 0
         self._failure_logged_at = float("-inf")
         self.schedules = ScheduleStep(settings, self.database)
+        # Where this scheduler's scans start; each scheduler keeps its own.
+        self.horizons = Horizons()
 
     def stop(self) -> None:
         """Ask the loop to exit after the batch in hand (SIGTERM, Ctrl-C)."""
@@ -91,12 +94,15 @@ class SchedulerService:
 
     def tick(self) -> int:
         self._note_reconnection()
+        self.horizons.begin_tick()
         # First: a task of a schedule due now is dispatched in this same tick.
         self.schedules.tick(self.stopping.is_set)
         dispatched = 0
         try:
             for _ in range(MAX_BATCHES_PER_TICK):
-                n = dispatch.run_once(database=self.database, settings=self.settings, publisher=self.publisher)
+                n = dispatch.run_once(
+                    database=self.database, settings=self.settings, publisher=self.publisher, horizons=self.horizons
+                )
                 dispatched += n
                 if n < self.settings.dispatch_batch_size or self.stopping.is_set():
                     break
@@ -115,6 +121,7 @@ class SchedulerService:
                 publisher=self.publisher,
                 reconnected_at=self.reconnected_at,
                 broker=self.broker,
+                horizons=self.horizons,
             )
             if counts:
                 log.info("rescue: %s", counts, extra={"event": "rescue"})
@@ -151,7 +158,7 @@ class SchedulerService:
         if not self.broker.wait_until_reachable(self.stopping):
             self.broker.close()
             return
-        wakeup = Wakeup(self.settings, self.database)
+        wakeup = Wakeup(self.settings, self.database, self.horizons)
         while not self.stopping.is_set():
             try:
                 dispatched = self.tick()

@@ -14,6 +14,7 @@ import time
 import psycopg
 
 from taskscheduler.config import Settings
+from taskscheduler.scheduler.horizons import Horizons
 from taskscheduler.store import creation, fires, sweeps
 from taskscheduler.store.db import Database
 
@@ -31,9 +32,10 @@ def _earliest(*seconds: float | None) -> float | None:
 
 
 class Wakeup:
-    def __init__(self, settings: Settings, database: Database) -> None:
+    def __init__(self, settings: Settings, database: Database, horizons: Horizons | None = None) -> None:
         self.settings = settings
         self.database = database
+        self.horizons = horizons
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
 
     def wait(self, *, dispatched: bool = False) -> None:
@@ -62,7 +64,11 @@ class Wakeup:
         poll = self.settings.poll_interval_sec
         try:
             with self.database.transaction() as conn:
-                due_in = _earliest(sweeps.seconds_until_next_due(conn), fires.seconds_until_next_fire(conn))
+                horizons = self.horizons
+                due = sweeps.next_due(conn, since=horizons.due if horizons else None)
+                due_in = _earliest(due.seconds, fires.seconds_until_next_fire(conn))
+            if horizons is not None:
+                horizons.earliest_due(due.earliest)
         except Exception:  # the tick that follows reports database trouble
             return poll
         if due_in is None:
