@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n = api_bench.count_tasks(run.pdb)
         sizes = {"n": n, "workers": args.workers, "concurrency": args.concurrency, "timeout": max(120.0, n / 20)}
         ran = throughput.run_ours(run, **sizes, insert=False)
-        raw = throughput.run_raw(run, **sizes)
+        raw = throughput.run_raw(run, **sizes, prefilled=False, log_level=args.log_level)
 
     per_1000 = {
         "api": create["cpu_seconds_per_1000"]["api"],
