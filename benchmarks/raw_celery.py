@@ -31,8 +31,9 @@ NOOP = "rawbench.noop"
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 PREFIX = os.environ.get("REDIS_KEY_PREFIX", "")
 DONE_KEY = f"{PREFIX}rawbench:done"
-# Measured with `python -m benchmarks.throughput --skip-ours --raw-prefetch N` at 20,000 (BENCHMARKS.md).
-PREFETCH_MULTIPLIER = 16
+# The fastest of 1, 4, 16 and 64 measured with `python -m benchmarks.throughput --skip-ours --raw-prefetch N`
+# at 20,000 (BENCHMARKS.md); the issue that asked for this baseline found 4 best too.
+PREFETCH_MULTIPLIER = 4
 
 app = Celery("rawbench", set_as_current=False)
 app.conf.update(
