@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         wal_start = current_wal_lsn(run.pdb)
         ran = throughput.run_ours(run, **sizes, insert=False)
         wal = wal_written(run.pdb, wal_start)
-        raw = throughput.run_raw(run, **sizes)
+        raw = throughput.run_raw(run, **sizes, prefilled=False)
 
     per_1000 = {
         "api": create["cpu_seconds_per_1000"]["api"],

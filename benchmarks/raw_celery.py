@@ -3,10 +3,12 @@
 Worker: `python -m celery -A benchmarks.raw_celery worker --pool=prefork --concurrency=N -Q rawbench`
 Publisher: `python -m benchmarks.raw_celery publish COUNT`
 
-Configured from REDIS_URL and REDIS_KEY_PREFIX like ours, with the same serializer, prefetch and
-result settings as our Celery app, so the difference measured is our database bookkeeping, not
-Celery tuning. The no-op's only work is one Redis INCR, so the benchmark
-can tell when every message has been run (ours is told by the database).
+Configured from REDIS_URL and REDIS_KEY_PREFIX like ours, with the same serializer and result
+settings as our Celery app, but tuned for raw Celery at its best: the prefetch multiplier from
+RAW_PREFETCH_MULTIPLIER (default PREFETCH_MULTIPLIER, the fastest measured on the benchmark machine),
+prefetch on (no disable_prefetch), no time limits unless the publisher asks. The no-op's only work
+is one Redis INCR, so the benchmark can tell when every message has been run (ours is told by the
+database).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ NOOP = "rawbench.noop"
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 PREFIX = os.environ.get("REDIS_KEY_PREFIX", "")
 DONE_KEY = f"{PREFIX}rawbench:done"
+# The fastest of 1, 4, 16 and 64 measured with `python -m benchmarks.throughput --skip-ours --raw-prefetch N`
+# at 20,000 (BENCHMARKS.md); the issue that asked for this baseline found 4 best too.
+PREFETCH_MULTIPLIER = 4
 
 app = Celery("rawbench", set_as_current=False)
 app.conf.update(
@@ -42,7 +47,7 @@ app.conf.update(
     result_backend=None,
     task_queues=[KombuQueue(QUEUE, routing_key=QUEUE)],
     task_default_queue=QUEUE,
-    worker_prefetch_multiplier=1,
+    worker_prefetch_multiplier=int(os.environ.get("RAW_PREFETCH_MULTIPLIER") or PREFETCH_MULTIPLIER),
     worker_send_task_events=False,
     enable_utc=True,
 )
@@ -68,8 +73,10 @@ def noop(task_id: str, attempt: int) -> None:
 def publish(count: int, *, time_limits: bool = False) -> float:
     """Publish `count` no-op messages over one producer connection, as our scheduler does."""
     extra: dict[str, Any] = {"time_limit": 186.0} if time_limits else {}
-    started = time.perf_counter()
     with app.producer_or_acquire() as producer:
+        # The benchmark times from here: the process's start-up is not publishing.
+        print(f"publishing from {time.time()!r}", flush=True)
+        started = time.perf_counter()
         for _ in range(count):
             noop.apply_async((str(uuid.uuid4()), 1), queue=QUEUE, routing_key=QUEUE, producer=producer, **extra)
     return time.perf_counter() - started

@@ -1,14 +1,24 @@
-"""End-to-end throughput: N no-op tasks due now through our scheduler and workers, then the same N
-no-op messages through raw Celery with the same worker processes and pool; both rates and the ratio.
+"""End-to-end throughput: N no-op tasks through our scheduler and workers against N no-op messages
+through raw Celery at its best, on the same worker processes and pool, in the same run; the ratio.
 
     python -m benchmarks.throughput --tasks 20000
+    python -m benchmarks.throughput --tasks 20000 --max-tasks-per-message 1
+    python -m benchmarks.throughput --skip-ours --raw-prefetch 64     # tune the baseline
     python -m benchmarks.throughput --workers 2 --concurrency 1 --repeat 3
     python -m benchmarks.throughput --profile       # py-spy the scheduler and a worker (slower run)
 
-The tasks are inserted with one INSERT ... SELECT generate_series (not timed). Ours is timed from
-the scheduler's start to the last `finished_at`; raw Celery from the publisher's start to the last
-message run. "steady" is the rate between the 10th and the 90th percentile of completions, which
-leaves out process start-up and the tail.
+Prefilled (the headline): ours gets its N tasks inserted due now with one INSERT ... SELECT
+generate_series (not timed), and is timed from the scheduler's start to the last `finished_at`; raw
+Celery gets its N messages published first (not timed), and is timed from its worker's start to the
+last message run. Ours keeps its production settings (LOG_LEVEL INFO, prefetch 1 with
+disable_prefetch, a hard time limit per message); raw Celery runs with the prefetch multiplier and
+log level that make it fastest (`--raw-prefetch`, `--raw-log-level`) and no time limits.
+
+With submission: ours takes its N tasks through `POST /tasks/batch` (a running `taskscheduler api`,
+1,000 per request) while the scheduler and worker run, timed from the first request to the last
+`finished_at`; raw Celery publishes with `apply_async` while its worker runs, timed from the first
+publish to the last message run. "steady" is the rate between the 10th and the 90th percentile of
+completions, which leaves out process start-up and the tail.
 """
 
 from __future__ import annotations
@@ -23,15 +33,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 from tests import harness
-from tests.harness import Proc, wait_until
+from tests.harness import Proc, free_port, wait_until
 from tools import profile_report
 
 from benchmarks import common
+from benchmarks.raw_celery import PREFETCH_MULTIPLIER as RAW_PREFETCH
 from benchmarks.raw_celery import QUEUE as RAW_QUEUE
+from taskscheduler.api.schemas import MAX_BATCH
+from taskscheduler.config import Settings
 
 SMOKE_TASKS = 300
+SMOKE_BATCH = 50
+TASK_BODY = {"name": "demo_ok", "payload": {}}
+
+
+def our_settings(log_level: str, max_tasks_per_message: int | None) -> dict[str, Any]:
+    """What ours runs with: production settings, but for what the command line changed."""
+    default = Settings.model_fields["max_tasks_per_message"].default
+    return {
+        "LOG_LEVEL": log_level,
+        "MAX_TASKS_PER_MESSAGE": max_tasks_per_message or default,
+        "worker_prefetch_multiplier": 1,
+        "worker_disable_prefetch": True,
+        "time_limits": "a hard limit on each message (from the tasks' timeouts)",
+    }
+
+
+def raw_settings(prefetch: int, log_level: str, time_limits: bool) -> dict[str, Any]:
+    return {
+        "log_level": log_level,
+        "worker_prefetch_multiplier": prefetch,
+        "worker_disable_prefetch": False,
+        "time_limits": "a hard limit on each message" if time_limits else "none",
+    }
 
 
 # ---------------------------------------------------------------------------------------- database
@@ -134,8 +171,10 @@ def run_ours(
     timeout: float,
     profile_dir: Path | None = None,
     insert: bool = True,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run `n` due tasks (inserted here, or already there when `insert` is false) to SUCCEEDED."""
+    """Run `n` due tasks (inserted here, or already there when `insert` is false) to SUCCEEDED;
+    `env`: settings of ours that differ from production (MAX_TASKS_PER_MESSAGE)."""
     pdb = run.pdb
     load_before = os.getloadavg()
     if insert:
@@ -143,7 +182,7 @@ def run_ours(
             conn.execute("TRUNCATE tasks, task_events, dlq_events RESTART IDENTITY")
         common.insert_due_tasks(pdb, n)
     profilers: list[Profiler] = []
-    with run.processes() as procs:
+    with run.processes(**(env or {})) as procs:
         try:
             worker_procs = procs.workers(workers, concurrency)
             scheduler: list[Proc] = []
@@ -211,35 +250,131 @@ def run_ours(
 # ---------------------------------------------------------------------------------------- raw Celery
 
 
-def run_raw(
-    run: common.Run, *, n: int, workers: int, concurrency: int, timeout: float, time_limits: bool = False
+def run_ours_submitted(
+    run: common.Run,
+    *,
+    n: int,
+    workers: int,
+    concurrency: int,
+    timeout: float,
+    batch: int,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """`n` no-op messages through raw Celery (benchmarks/raw_celery.py) with the same pool as ours."""
+    """`n` tasks through `POST /tasks/batch` while the api, scheduler and workers run, timed from the
+    first request to the last `finished_at`. One task run first (not timed) has every process up."""
+    pdb = run.pdb
     load_before = os.getloadavg()
-    log_level = run.args.log_level
+    with pdb.connect(autocommit=True) as conn:
+        conn.execute("TRUNCATE tasks, task_events, dlq_events RESTART IDENTITY")
+    with run.processes(**(env or {})) as procs, httpx.Client(timeout=60) as http:
+        port = free_port()
+        api = procs.api(port)
+        worker_procs = procs.workers(workers, concurrency)
+        scheduler = procs.cli("scheduler", "scheduler")
+        url = f"http://127.0.0.1:{port}/tasks/batch"
+        http.post(url, json={"tasks": [TASK_BODY]}).raise_for_status()
+        with pdb.connect(autocommit=True) as conn:
+            common.wait_succeeded(conn, 1, procs, timeout=120, interval=0.1)
+            tracker = common.CpuTracker(
+                {
+                    "api": api.tree,
+                    "scheduler": scheduler.tree,
+                    "workers": lambda: _trees(worker_procs),
+                    "postgres": common.postgres_backends(pdb.name),
+                    "redis_server_shared": common.redis_server_processes,
+                }
+            )
+            tracker.start()
+            t0 = time.time()
+            left = n
+            while left:
+                size = min(batch, left)
+                http.post(url, json={"tasks": [TASK_BODY] * size}).raise_for_status()
+                left -= size
+            submitted = time.time()
+            common.wait_succeeded(conn, n + 1, procs, timeout=timeout, interval=0.25)
+            cpu = tracker.stop()
+            row = conn.execute(
+                """
+                SELECT extract(epoch FROM min(started_at)), extract(epoch FROM max(finished_at)),
+                       extract(epoch FROM percentile_disc(0.1) WITHIN GROUP (ORDER BY finished_at)),
+                       extract(epoch FROM percentile_disc(0.9) WITHIN GROUP (ORDER BY finished_at))
+                FROM tasks WHERE created_at >= to_timestamp(%s)
+                """,
+                (t0,),
+            ).fetchone()
+    assert row is not None
+    first, last, p10, p90 = (float(v) for v in row)
+    return {
+        **_rates(n, started=t0, first=first, last=last, p10=p10, p90=p90),
+        "submit_seconds": submitted - t0,
+        "batch": batch,
+        "load_avg_before": load_before,
+        "cpu_seconds": cpu,
+        "cpu_seconds_per_1000": common.per_1000(cpu, n),
+    }
+
+
+# ---------------------------------------------------------------------------------------- raw Celery
+
+
+def run_raw(
+    run: common.Run,
+    *,
+    n: int,
+    workers: int,
+    concurrency: int,
+    timeout: float,
+    prefilled: bool,
+    prefetch: int = RAW_PREFETCH,
+    log_level: str = "WARNING",
+    time_limits: bool = False,
+) -> dict[str, Any]:
+    """`n` no-op messages through raw Celery (benchmarks/raw_celery.py) with the same pool as ours.
+
+    `prefilled`: all published first (not timed), then timed from the workers' start; else the
+    workers are started first and the timing starts with the first publish."""
+    load_before = os.getloadavg()
     done_key = f"{run.prefix}rawbench:done"  # raw_celery.DONE_KEY in the worker's environment
-    with harness.redis_client(run.redis_url) as client, run.processes() as procs:
+    publish_argv = [sys.executable, "-m", "benchmarks.raw_celery", "publish", str(n)]
+    publish_argv += ["--time-limits"] if time_limits else []
+    with (
+        harness.redis_client(run.redis_url) as client,
+        run.processes(RAW_PREFETCH_MULTIPLIER=str(prefetch)) as procs,
+    ):
         client.delete(done_key)
         worker_argv = [sys.executable, "-m", "celery", "-A", "benchmarks.raw_celery", "worker", f"--queues={RAW_QUEUE}",
                        f"--concurrency={concurrency}", "--pool=prefork", f"--loglevel={log_level}",
                        "--without-gossip", "--without-mingle", "--without-heartbeat"]  # fmt: skip
-        worker_procs = [
-            procs.start(f"raw-worker{i}", [*worker_argv, f"--hostname=raw{i}-{common.run_id()}@%h"])
-            for i in range(workers)
-        ]
-        procs.wait_ready(worker_procs)
         publisher: list[Proc] = []
+        worker_procs: list[Proc] = []
+        if prefilled:
+            publisher.append(procs.start("publisher", publish_argv))
+            if publisher[0].popen.wait(timeout) != 0:
+                raise RuntimeError(f"the raw publisher failed:\n{publisher[0].log()[-3000:]}")
         tracker = common.CpuTracker(
             {
-                "publisher": lambda: _trees(publisher),
+                "publisher": lambda: _trees(publisher) if not prefilled else [],
                 "workers": lambda: _trees(worker_procs),
                 "redis_server_shared": common.redis_server_processes,
             }
         )
+        if not prefilled:
+            worker_procs += [
+                procs.start(f"raw-worker{i}", [*worker_argv, f"--hostname=raw{i}-{common.run_id()}@%h"])
+                for i in range(workers)
+            ]
+            for proc in worker_procs:
+                harness.wait_worker_ready(proc, timeout=60, log_level=log_level)
         tracker.start()
-        argv = [sys.executable, "-m", "benchmarks.raw_celery", "publish", str(n)]
-        publisher.append(procs.start("publisher", argv + (["--time-limits"] if time_limits else [])))
-        t0 = publisher[0].started_at
+        if prefilled:
+            worker_procs += [
+                procs.start(f"raw-worker{i}", [*worker_argv, f"--hostname=raw{i}-{common.run_id()}@%h"])
+                for i in range(workers)
+            ]
+            t0 = worker_procs[0].started_at
+        else:
+            publisher.append(procs.start("publisher", publish_argv))
         samples: list[tuple[float, int]] = []
 
         def all_done() -> bool:
@@ -250,7 +385,9 @@ def run_raw(
 
         wait_until(all_done, timeout=timeout, interval=0.01, what=f"{n} raw Celery messages run")
         cpu = tracker.stop()
-        publisher[0].popen.wait(30)
+        if not prefilled:
+            publisher[0].popen.wait(30)
+            t0 = _publish_started(publisher[0])
         client.delete(done_key)
     t_end = samples[-1][0]
     first = next(t for t, c in samples if c > 0)
@@ -259,10 +396,19 @@ def run_raw(
     return {
         **_rates(n, started=t0, first=first, last=t_end, p10=t10, p90=t90),
         "load_avg_before": load_before,
-        "time_limits": time_limits,
+        "prefilled": prefilled,
+        "settings": raw_settings(prefetch, log_level, time_limits),
         "cpu_seconds": cpu,
         "cpu_seconds_per_1000": common.per_1000(cpu, n),
     }
+
+
+def _publish_started(publisher: Proc) -> float:
+    """When the publisher sent its first message (it prints it), after its own start-up."""
+    for line in publisher.log().splitlines():
+        if line.startswith("publishing from "):
+            return float(line.split()[-1])
+    raise RuntimeError(f"the raw publisher did not say when it started:\n{publisher.log()[-3000:]}")
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -276,78 +422,118 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each; the median is reported")
     parser.add_argument("--timeout", type=float, default=0.0, help="give up after this long (default: from N)")
     parser.add_argument("--profile", action="store_true", help="record py-spy profiles of the scheduler and a worker")
+    parser.add_argument(
+        "--max-tasks-per-message", type=int, default=None, help="MAX_TASKS_PER_MESSAGE of ours (default: production)"
+    )
+    parser.add_argument(
+        "--raw-prefetch", type=int, default=RAW_PREFETCH, help=f"raw Celery's prefetch multiplier ({RAW_PREFETCH})"
+    )
+    parser.add_argument("--raw-log-level", default="WARNING", help="raw Celery worker's log level (WARNING)")
     parser.add_argument("--raw-time-limits", action="store_true", help="raw messages carry a hard limit, as ours")
     parser.add_argument("--skip-raw", action="store_true", help="only ours (no ratio)")
     parser.add_argument("--skip-ours", action="store_true", help="only raw Celery (no ratio)")
+    parser.add_argument(
+        "--skip-submitted", action="store_true", help="only the prefilled runs, not those with submission included"
+    )
     args = parser.parse_args(argv)
     n = SMOKE_TASKS if args.smoke else args.tasks
     timeout = args.timeout or max(120.0, n / 50)
     sizes = {"n": n, "workers": args.workers, "concurrency": args.concurrency, "timeout": timeout}
-    ours_runs: list[dict[str, Any]] = []
-    raw_runs: list[dict[str, Any]] = []
+    env = {"MAX_TASKS_PER_MESSAGE": str(args.max_tasks_per_message)} if args.max_tasks_per_message else {}
+    raw_options = {"prefetch": args.raw_prefetch, "log_level": args.raw_log_level, "time_limits": args.raw_time_limits}
+    batch = SMOKE_BATCH if args.smoke else MAX_BATCH
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "raw": [], "ours_submitted": [], "raw_submitted": []}
     profile_dir = args.results_dir / f"profiles-{common.run_id()}" if args.profile else None
     with common.run("throughput", args) as run:
         for i in range(args.repeat):
             if args.wait_quiet and i:
                 common.wait_quiet(args.wait_quiet)
             if not args.skip_raw:
-                raw_runs.append(run_raw(run, **sizes, time_limits=args.raw_time_limits))
-                print(f"run {i + 1}: raw Celery {raw_runs[-1]['rate']:,.0f} tasks/s", flush=True)
+                runs["raw"].append(run_raw(run, **sizes, prefilled=True, **raw_options))
+                print(f"run {i + 1}: raw Celery, prefilled {runs['raw'][-1]['rate']:,.0f} tasks/s", flush=True)
             if not args.skip_ours:
-                ours_runs.append(run_ours(run, **sizes, profile_dir=profile_dir if i == 0 else None))
-                print(f"run {i + 1}: ours {ours_runs[-1]['rate']:,.0f} tasks/s", flush=True)
+                runs["ours"].append(run_ours(run, **sizes, profile_dir=profile_dir if i == 0 else None, env=env))
+                print(f"run {i + 1}: ours, prefilled {runs['ours'][-1]['rate']:,.0f} tasks/s", flush=True)
+            if args.skip_submitted:
+                continue
+            if not args.skip_raw:
+                runs["raw_submitted"].append(run_raw(run, **sizes, prefilled=False, **raw_options))
+                rate = runs["raw_submitted"][-1]["rate"]
+                print(f"run {i + 1}: raw Celery, with apply_async {rate:,.0f} tasks/s", flush=True)
+            if not args.skip_ours:
+                runs["ours_submitted"].append(run_ours_submitted(run, **sizes, batch=batch, env=env))
+                rate = runs["ours_submitted"][-1]["rate"]
+                print(f"run {i + 1}: ours, with POST /tasks/batch {rate:,.0f} tasks/s", flush=True)
 
-    def med(runs: list[dict[str, Any]], key: str) -> float:
-        return common.median([r[key] for r in runs]) if runs else float("nan")
+    def med(key: str, measure: str) -> float:
+        return common.median([r[measure] for r in runs[key]]) if runs[key] else float("nan")
 
+    def ratio(measure: str, ours: str = "ours", raw: str = "raw") -> float:
+        return med(ours, measure) / med(raw, measure) if runs[ours] and runs[raw] else float("nan")
+
+    ours_settings = our_settings(args.log_level, args.max_tasks_per_message)
+    raw_celery_settings = raw_settings(args.raw_prefetch, args.raw_log_level, args.raw_time_limits)
+    print(f"ours: {ours_settings}\nraw Celery: {raw_celery_settings}\n")
     measures = ("seconds", "rate", "rate_from_first_dispatch", "steady_rate", "startup_seconds")
-    rows = [
-        (label, n, *(med(runs, m) for m in measures))
-        for label, runs in (("ours", ours_runs), ("raw Celery", raw_runs))
-        if runs
-    ]
-    both = bool(raw_runs and ours_runs)
-    ratio = med(ours_runs, "rate") / med(raw_runs, "rate") if both else float("nan")
-    ratio_steady = med(ours_runs, "steady_rate") / med(raw_runs, "steady_rate") if both else float("nan")
+    labels = {
+        "ours": "ours, prefilled",
+        "raw": "raw Celery, prefilled",
+        "ours_submitted": "ours, POST /tasks/batch",
+        "raw_submitted": "raw Celery, apply_async",
+    }
+    rows = [(labels[key], n, *(med(key, m) for m in measures)) for key in labels if runs[key]]
     title = (
         f"Throughput: {n:,} no-op tasks, {args.workers} worker(s) x prefork {args.concurrency}, "
         f"median of {args.repeat}{' (PROFILED: py-spy running)' if args.profile else ''}"
     )
     common.print_table(
-        title, ["system", "tasks", "seconds", "tasks/s", "from 1st dispatch", "steady tasks/s", "startup s"], rows
+        title, ["system", "tasks", "seconds", "tasks/s", "from 1st start", "steady tasks/s", "startup s"], rows
     )
-    common.print_table(
-        "Ratio ours / raw Celery", ["measure", "ratio"], [("tasks/s", ratio), ("steady tasks/s", ratio_steady)]
-    )
+    ratios = {
+        "prefilled": ratio("rate"),
+        "prefilled_steady": ratio("steady_rate"),
+        "with_submission": ratio("rate", "ours_submitted", "raw_submitted"),
+        "with_submission_steady": ratio("steady_rate", "ours_submitted", "raw_submitted"),
+    }
+    common.print_table("Ratio ours / raw Celery at its best", ["measure", "ratio"], list(ratios.items()))
     cpu_rows = []
-    for label, runs in (("ours", ours_runs), ("raw Celery", raw_runs)):
-        for role in runs[0]["cpu_seconds_per_1000"] if runs else []:
-            values = [r["cpu_seconds_per_1000"][role] for r in runs]
-            cpu_rows.append((label, role, common.median(values)))
+    for key, label in labels.items():
+        for role in runs[key][0]["cpu_seconds_per_1000"] if runs[key] else []:
+            cpu_rows.append((label, role, common.median([r["cpu_seconds_per_1000"][role] for r in runs[key]])))
     common.print_table("CPU seconds per 1,000 tasks", ["system", "process", "cpu s / 1000"], cpu_rows)
+    ours_runs = runs["ours"]
     if ours_runs:
         print(
             "ours: tasks published twice by the lost-message sweep (ENQUEUED longer than ENQUEUE_TIMEOUT_SEC): "
             f"{ours_runs[-1]['republished_by_lost_message_sweep']:,} of {n:,}\n"
         )
         per_task = ours_runs[-1]["db_per_task"]
-        common.print_table("PostgreSQL work per task (ours)", ["counter", "per task"], list(per_task.items()))
+        common.print_table("PostgreSQL work per task (ours, prefilled)", ["counter", "per task"], [*per_task.items()])
     for ours in ours_runs:
         for name, summary in ours.get("profile_summary", {}).items():
             profile_report.print_report(name, summary)
 
     params = {"tasks": n, "workers": args.workers, "concurrency": args.concurrency, "pool": "prefork",
-              "repeat": args.repeat, "raw_time_limits": args.raw_time_limits}  # fmt: skip
+              "repeat": args.repeat, "max_tasks_per_message": args.max_tasks_per_message,
+              "raw_prefetch": args.raw_prefetch, "raw_log_level": args.raw_log_level,
+              "raw_time_limits": args.raw_time_limits}  # fmt: skip
+
+    def summary(key: str) -> dict[str, Any]:
+        return {"median_rate": med(key, "rate"), "median_steady_rate": med(key, "steady_rate"), "runs": runs[key]}
+
     return run.write(
         params,
         profiled=args.profile,
-        ours={"median_rate": med(ours_runs, "rate"), "median_steady_rate": med(ours_runs, "steady_rate"),
-              "runs": ours_runs},
-        raw_celery={"median_rate": med(raw_runs, "rate"), "median_steady_rate": med(raw_runs, "steady_rate"),
-                    "runs": raw_runs},
-        ratio=ratio,
-        ratio_steady=ratio_steady,
-    )  # fmt: skip
+        settings={"ours": ours_settings, "raw_celery": raw_celery_settings},
+        ours=summary("ours"),
+        raw_celery=summary("raw"),
+        ours_submitted=summary("ours_submitted"),
+        raw_celery_submitted=summary("raw_submitted"),
+        ratio=ratios["prefilled"],
+        ratio_steady=ratios["prefilled_steady"],
+        ratio_with_submission=ratios["with_submission"],
+        ratio_with_submission_steady=ratios["with_submission_steady"],
+    )
 
 
 if __name__ == "__main__":

@@ -55,6 +55,31 @@ def test_throughput_smoke(services: Services, tmp_path: Path) -> None:
     assert positive(data["ratio"])
     assert all(v >= 0 for v in ours["cpu_seconds"].values())
     assert ours["cpu_seconds"]["workers"] > 0 and ours["cpu_seconds"]["scheduler"] > 0
+    # Raw Celery drained a prefilled queue, with the settings the result names.
+    assert raw["prefilled"] is True
+    assert data["settings"]["raw_celery"]["worker_prefetch_multiplier"] == data["params"]["raw_prefetch"]
+    assert data["settings"]["ours"]["LOG_LEVEL"] == "INFO"
+    # And both again with submission included.
+    (ours_submitted,) = data["ours_submitted"]["runs"]
+    (raw_submitted,) = data["raw_celery_submitted"]["runs"]
+    assert ours_submitted["tasks"] == n and raw_submitted["tasks"] == n and raw_submitted["prefilled"] is False
+    assert positive(ours_submitted["rate"]) and positive(raw_submitted["rate"])
+    assert ours_submitted["cpu_seconds"]["api"] > 0
+    assert positive(data["ratio_with_submission"])
+
+
+@pytest.mark.timeout(300)
+def test_throughput_smoke_with_one_task_per_message(services: Services, tmp_path: Path) -> None:
+    data = run_benchmark(
+        "throughput", services, tmp_path, "--max-tasks-per-message", "1", "--skip-raw", "--skip-submitted"
+    )
+    n = data["params"]["tasks"]
+    (ours,) = data["ours"]["runs"]
+    assert ours["statuses"] == {"SUCCEEDED": n}
+    assert data["settings"]["ours"]["MAX_TASKS_PER_MESSAGE"] == 1
+    assert data["raw_celery"]["runs"] == [] and data["ours_submitted"]["runs"] == []
+    # One commit per task at least: the claim of a message's only attempt is not shared.
+    assert ours["db_per_task"]["xact_commit"] >= 2
 
 
 @pytest.mark.timeout(300)

@@ -301,3 +301,142 @@ def test_the_hard_limit_leaves_room_to_write_the_outcome_while_the_database_is_a
     hard, _soft = json.loads(raw)["headers"]["timelimit"]
     assert hard >= 20 + 77
     get_settings.cache_clear()
+
+
+# --- the success of one attempt and the claim of the next, in one statement --------------------------------------
+
+
+def _started_and_enqueued() -> tuple[tuple[uuid.UUID, int], tuple[uuid.UUID, int]]:
+    """One attempt STARTED and another ENQUEUED, as in a message of two once the first runs."""
+    done_id, next_id = new_task(), new_task()
+    attempts = {item.id: item.attempt for item in dispatch_all()}
+    with db.transaction() as conn:
+        assert transitions.claim(conn, task_id=done_id, attempt=attempts[done_id]) is not None
+    return (done_id, attempts[done_id]), (next_id, attempts[next_id])
+
+
+def _succeed_and_claim(done: tuple[uuid.UUID, int], following: tuple[uuid.UUID, int], token: uuid.UUID) -> Any:
+    with db.transaction() as conn:
+        return transitions.succeed_and_claim(
+            conn, task_id=done[0], attempt=done[1], result={"n": 1},
+            next_id=following[0], next_attempt=following[1], worker="w1", token=token,
+        )  # fmt: skip
+
+
+def test_the_success_and_the_next_claim_are_written_by_one_statement() -> None:
+    done, following = _started_and_enqueued()
+    written, claimed = _succeed_and_claim(done, following, uuid.uuid4())
+    assert written and claimed is not None and claimed.name == "demo_ok"
+    assert task_row(done[0])["status"] == "SUCCEEDED" and task_row(done[0])["result"] == {"n": 1}
+    assert events(done[0])[-1] == ("STARTED", "SUCCEEDED", done[1])
+    assert task_row(following[0])["status"] == "STARTED"
+    assert events(following[0])[-1] == ("ENQUEUED", "STARTED", following[1])
+
+
+def test_a_stale_success_still_claims_the_next_attempt_and_changes_nothing_else() -> None:
+    done, following = _started_and_enqueued()
+    # Another attempt's outcome (the task was retried meanwhile): no row matches it.
+    written, claimed = _succeed_and_claim((done[0], done[1] + 1), following, uuid.uuid4())
+    assert not written and claimed is not None
+    assert task_row(done[0])["status"] == "STARTED" and events(done[0])[-1] == ("ENQUEUED", "STARTED", done[1])
+    assert task_row(following[0])["status"] == "STARTED"
+    # The attempt is no longer STARTED (the stuck sweep failed it, or it already succeeded).
+    other, after = _started_and_enqueued()
+    with db.transaction() as conn:
+        assert transitions.succeed(conn, task_id=other[0], attempt=other[1], result=None)
+    written, claimed = _succeed_and_claim(other, after, uuid.uuid4())
+    assert not written and claimed is not None
+    assert [to for _, to, _ in events(other[0])].count("SUCCEEDED") == 1
+    assert task_row(other[0])["result"] is None
+    assert task_row(after[0])["status"] == "STARTED"
+
+
+def test_a_stale_next_attempt_is_not_claimed_and_the_success_is_still_written() -> None:
+    done, following = _started_and_enqueued()
+    written, claimed = _succeed_and_claim(done, (following[0], following[1] + 1), uuid.uuid4())
+    assert written and claimed is None
+    assert task_row(following[0])["status"] == "ENQUEUED"
+    assert "STARTED" not in [to for _, to, _ in events(following[0])]
+    # The next attempt claimed by someone else (a duplicate message): refused, and left as it is.
+    other, after = _started_and_enqueued()
+    with db.transaction() as conn:
+        assert transitions.claim(conn, task_id=after[0], attempt=after[1]) is not None
+    written, claimed = _succeed_and_claim(other, after, uuid.uuid4())
+    assert written and claimed is None
+    assert [to for _, to, _ in events(after[0])].count("STARTED") == 1
+
+
+def test_the_combined_statement_sent_again_after_a_lost_reply_finds_its_own_claim() -> None:
+    done, following = _started_and_enqueued()
+    token = uuid.uuid4()
+    assert _succeed_and_claim(done, following, token)[0]
+    written, claimed = _succeed_and_claim(done, following, token)  # the same statement again
+    assert not written and claimed is not None and claimed.name == "demo_ok"
+    assert [to for _, to, _ in events(done[0])].count("SUCCEEDED") == 1
+    assert [to for _, to, _ in events(following[0])].count("STARTED") == 1
+    # Another token (another worker's claim) is still refused.
+    assert _succeed_and_claim(done, following, uuid.uuid4()) == (False, None)
+
+
+def test_the_outcome_and_the_claim_must_be_of_different_tasks() -> None:
+    done, _ = _started_and_enqueued()
+    with pytest.raises(ValueError), db.transaction() as conn:
+        transitions.succeed_and_claim(
+            conn, task_id=done[0], attempt=done[1], result=None,
+            next_id=done[0], next_attempt=done[1], worker=None, token=uuid.uuid4(),
+        )  # fmt: skip
+
+
+def test_a_message_writes_each_next_claim_with_the_success_before_it() -> None:
+    items = _dispatched(3)
+    statements: list[str] = []
+    engine = db.database_for().autocommit_engine
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "after_cursor_execute", record)
+    try:
+        assert worker.run_attempts(items) == ["succeeded"] * 3
+    finally:
+        event.remove(engine, "after_cursor_execute", record)
+    writes = [s for s in statements if s != "SELECT 1"]
+    assert writes == [transitions.CLAIM, transitions.SUCCEED_AND_CLAIM, transitions.SUCCEED_AND_CLAIM,
+                      transitions.SUCCEED]  # fmt: skip
+    for task_id, attempt in items:
+        assert events(task_id)[-2:] == [("ENQUEUED", "STARTED", attempt), ("STARTED", "SUCCEEDED", attempt)]
+
+
+def test_a_message_whose_combined_statement_lost_its_reply_runs_every_attempt_once() -> None:
+    items = _dispatched(2)
+    engine = db.database_for().autocommit_engine
+    lost: list[str] = []
+
+    def lose_the_reply(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement == transitions.SUCCEED_AND_CLAIM and not lost:
+            lost.append(statement)
+            cursor.connection.close()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    event.listen(engine, "after_cursor_execute", lose_the_reply)
+    try:
+        # The first success committed before its reply was lost: sent again, it matches no row
+        # ("fenced", as SUCCEED alone sent again does), while the claim finds its own.
+        outcomes_ = worker.run_attempts(items)
+    finally:
+        event.remove(engine, "after_cursor_execute", lose_the_reply)
+    assert lost, "the combined statement was not intercepted"
+    assert outcomes_ == ["fenced", "succeeded"]
+    for task_id, attempt in items:
+        assert task_row(task_id)["status"] == "SUCCEEDED"
+        assert events(task_id)[-2:] == [("ENQUEUED", "STARTED", attempt), ("STARTED", "SUCCEEDED", attempt)]
+
+
+def test_a_refused_result_is_recorded_apart_and_the_next_attempt_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    items = _dispatched(2)
+    # A result PostgreSQL refuses (a lone surrogate in jsonb) fails the combined statement as a whole.
+    results = iter(["caf\udce9", "ok"])
+    monkeypatch.setattr(execute, "storable_result", lambda value, max_bytes: next(results))
+    assert worker.run_attempts(items) == ["failed", "succeeded"]
+    assert task_row(items[0][0])["status"] == "FAILED"
+    assert task_row(items[1][0])["status"] == "SUCCEEDED"

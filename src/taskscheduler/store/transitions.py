@@ -68,8 +68,8 @@ _CLAIMED_COLUMNS = "t.id, t.name, t.payload, t.timeout_sec, t.max_retries, t.ret
 # ENQUEUED -> STARTED, or the row this very claim (same token) already moved: the claim is sent again
 # when its reply was lost, and must then find its own claim rather than drop the task. Both parts
 # read the snapshot taken before the update, so at most one of them returns the row.
-CLAIM = f"""
-    WITH moved AS (
+_CLAIM_PARTS = f"""
+    moved AS (
         UPDATE tasks t SET status = 'STARTED', updated_at = now(), started_at = now(), heartbeat_at = now(),
                            claim_token = %(token)s
         WHERE t.id = %(id)s AND t.attempt = %(attempt)s AND {status_guard("t.status", TaskStatus.ENQUEUED)}
@@ -81,8 +81,34 @@ CLAIM = f"""
         SELECT {_CLAIMED_COLUMNS}, 0::float8 AS lag_sec, false AS fresh FROM tasks t
         WHERE t.id = %(id)s AND t.attempt = %(attempt)s AND {status_guard("t.status", TaskStatus.STARTED)}
           AND t.claim_token = %(token)s
-    )
+    )"""
+CLAIM = f"""
+    WITH {_CLAIM_PARTS}
     SELECT * FROM moved UNION ALL SELECT * FROM mine
+    """
+
+# One attempt's STARTED -> SUCCEEDED (SUCCEED's guard, on %(done_id)s / %(done_attempt)s) and the
+# claim of the next attempt of the same message (CLAIM, unchanged) in one round trip and one commit.
+# The two parts are independent: each guard decides for its own row, so a stale outcome (no longer
+# STARTED, another attempt) still lets the next attempt be claimed, and a next attempt taken by
+# someone else still lets the outcome be written. Sent again after a lost reply, the outcome part
+# matches no row (as SUCCEED alone does) and the claim part finds its own claim by its token.
+# Always one row: the claim's columns are NULL when nothing was claimed; `done` says whether the
+# outcome was written.
+SUCCEED_AND_CLAIM = f"""
+    WITH succeeded AS (
+        UPDATE tasks t SET status = 'SUCCEEDED', updated_at = now(), result = %(result)s, last_error = NULL,
+                           finished_at = now()
+        WHERE t.id = %(done_id)s AND t.attempt = %(done_attempt)s AND {status_guard("t.status", TaskStatus.STARTED)}
+        RETURNING {_OUTCOME}
+    ), succeeded_event AS (
+        INSERT INTO task_events (task_id, from_status, to_status, attempt, detail)
+        SELECT id, 'STARTED', 'SUCCEEDED', %(done_attempt)s, NULL FROM succeeded
+    ), {_CLAIM_PARTS}
+    SELECT c.*, s.id IS NOT NULL AS done, s.queue AS done_queue, s.run_sec AS done_run_sec
+    FROM (SELECT 1) one
+    LEFT JOIN (SELECT * FROM moved UNION ALL SELECT * FROM mine) c ON true
+    LEFT JOIN succeeded s ON true
     """
 
 
@@ -100,17 +126,16 @@ def claim(
     returns the task it already started instead of None. Without one, a fresh token.
     """
     params = {"id": task_id, "attempt": attempt, "detail": worker, "token": token or uuid.uuid4()}
-    row = conn.exec_driver_sql(CLAIM, params).one_or_none()
-    if row is None:
+    return _claimed(conn.exec_driver_sql(CLAIM, params).one_or_none())
+
+
+def _claimed(row: Row[Any] | None) -> Claimed | None:
+    """The claim a CLAIM row says was made (counted in the metrics when it is new), or None."""
+    if row is None or row.id is None:
         return None
-    if not row.fresh:
-        return _claimed(row)
-    metrics.transition(TaskStatus.ENQUEUED, TaskStatus.STARTED, row.queue)
-    metrics.DISPATCH_LAG.labels(queue=row.queue).observe(max(0.0, row.lag_sec))
-    return _claimed(row)
-
-
-def _claimed(row: Row[Any]) -> Claimed:
+    if row.fresh:
+        metrics.transition(TaskStatus.ENQUEUED, TaskStatus.STARTED, row.queue)
+        metrics.DISPATCH_LAG.labels(queue=row.queue).observe(max(0.0, row.lag_sec))
     return Claimed(
         name=row.name,
         payload=row.payload,
@@ -140,6 +165,41 @@ def succeed(conn: Connection, *, task_id: uuid.UUID, attempt: int, result: Any) 
     # A None result is SQL NULL, not the JSON null.
     params = {"id": task_id, "attempt": attempt, "result": None if result is None else Jsonb(result), "detail": None}
     return _counted(conn.exec_driver_sql(SUCCEED, params).first(), TaskStatus.STARTED, TaskStatus.SUCCEEDED)
+
+
+def succeed_and_claim(
+    conn: Connection,
+    *,
+    task_id: uuid.UUID,
+    attempt: int,
+    result: Any,
+    next_id: uuid.UUID,
+    next_attempt: int,
+    worker: str | None,
+    token: uuid.UUID,
+) -> tuple[bool, Claimed | None]:
+    """`succeed` of (task_id, attempt) and `claim` of (next_id, next_attempt) as one statement:
+    whether the success was written, and the next attempt's claim (None: stale, as `claim` says).
+
+    The two must be different tasks: one statement cannot change one row twice.
+    """
+    if next_id == task_id:
+        raise ValueError("the outcome and the claim must be of different tasks")
+    params = {
+        "done_id": task_id,
+        "done_attempt": attempt,
+        "result": None if result is None else Jsonb(result),
+        "id": next_id,
+        "attempt": next_attempt,
+        "detail": worker,
+        "token": token,
+    }
+    row = conn.exec_driver_sql(SUCCEED_AND_CLAIM, params).one()
+    done = bool(row.done)
+    if done:
+        metrics.transition(TaskStatus.STARTED, TaskStatus.SUCCEEDED, row.done_queue)
+        metrics.observe_run_time(row.done_queue, TaskStatus.SUCCEEDED.lower(), row.done_run_sec)
+    return done, _claimed(row)
 
 
 def _counted(row: Row[Any] | None, src: TaskStatus, dst: TaskStatus) -> bool:

@@ -22,11 +22,16 @@ from taskscheduler.worker import process
 from taskscheduler.worker.db_retry import persistently
 from taskscheduler.worker.heartbeats import process_heartbeats
 from taskscheduler.worker.limits import AttemptTimedOut, time_limit
-from taskscheduler.worker.outcomes import record_outcome
+from taskscheduler.worker.outcomes import NextClaim, record_outcome, record_success_and_claim
 from taskscheduler.worker.results import error_text, storable_result
 from taskscheduler.worker.slicing import MessageSlice, process_slicer
 
 log = logging.getLogger(__name__)
+
+
+# What running one attempt leaves for the loop over a message: its outcome, the next attempt of the
+# message if this one took it, and that attempt's claim if it was written together with the outcome.
+_Step = tuple[str, Attempt | None, NextClaim | None]
 
 
 def run_attempt(
@@ -40,21 +45,38 @@ def run_attempt(
     (or STARTED without a heartbeat), and the sweeps take it from there. `database`: default, this
     worker process's (`process.database()`).
     """
+    return _step((task_id, attempt), None, worker=worker, database=database or process.database(), take=None)[0]
+
+
+def _step(
+    item: Attempt,
+    claim: NextClaim | None,
+    *,
+    worker: str | None,
+    database: Database,
+    take: Callable[[], Attempt | None] | None,
+) -> _Step:
+    """Run `item` (claiming it first unless `claim` says it was claimed). With `take` (the message's
+    next attempt, if any), a success is written together with the next attempt's claim: one round
+    trip and one commit instead of two."""
+    task_id, attempt = item
     settings = get_settings()
-    database = database or process.database()
     fields: dict[str, Any] = {"task_id": str(task_id), "attempt": attempt}
-    # Names this claim, so that sending it again after a lost reply finds the claim it made.
-    claim_token = uuid.uuid4()
-    claimed = persistently(
-        database,
-        lambda conn: transitions.claim(conn, task_id=task_id, attempt=attempt, worker=worker, token=claim_token),
-        within_sec=settings.worker_db_retry_sec,
-        what="claim the attempt",
-        fields=fields,
-    )
+    if claim is None:
+        # Names this claim, so that sending it again after a lost reply finds the claim it made.
+        claim_token = uuid.uuid4()
+        claimed = persistently(
+            database,
+            lambda conn: transitions.claim(conn, task_id=task_id, attempt=attempt, worker=worker, token=claim_token),
+            within_sec=settings.worker_db_retry_sec,
+            what="claim the attempt",
+            fields=fields,
+        )
+    else:
+        claimed = claim.claimed
     if claimed is None:
         log.info("stale message dropped", extra={**fields, "event": "dropped"})
-        return "dropped"
+        return "dropped", take() if take else None, None
     log.info("ENQUEUED -> STARTED", extra={**fields, "event": "started", "task_name": claimed.name})
 
     handler = handlers.get_handler(claimed.name)
@@ -79,10 +101,22 @@ def run_attempt(
             error = error_text(exc)
         finally:
             handlers.current_attempt.reset(token)
-        return record_outcome(
+        following = take() if take is not None and error is None else None
+        if following is not None and following[0] != task_id:
+            together = record_success_and_claim(
+                database, task_id, attempt, result,
+                following=following, worker=worker, heartbeats=heartbeats, settings=settings,
+            )  # fmt: skip
+            if together is not None:
+                outcome, next_claim = together
+                return outcome, following, next_claim
+        outcome = record_outcome(
             database, task_id, attempt, claimed,
             result=result, error=error, timed_out=timed_out, heartbeats=heartbeats, settings=settings,
         )  # fmt: skip
+    if following is None and take is not None:
+        following = take()
+    return outcome, following, None
 
 
 def run_attempts(
@@ -92,7 +126,8 @@ def run_attempts(
     send_back: Callable[[Sequence[Attempt]], None] | None = None,
     database: Database | None = None,
 ) -> list[str]:
-    """Run the attempts of one message in turn, each claimed only as it starts.
+    """Run the attempts of one message in turn, each claimed only as it starts: the first on its
+    own, each next one together with the success of the one before (`SUCCEED_AND_CLAIM`).
 
     MESSAGE_SLICE_SEC after the message starts, the attempts not yet started are handed to
     `send_back` (a new message on the same queue), even while an attempt runs, so that a slow task
@@ -101,10 +136,18 @@ def run_attempts(
     """
     database = database or process.database()
     if send_back is None or len(items) < 2:
-        return [run_attempt(task_id, attempt, worker=worker, database=database) for task_id, attempt in items]
+        message = MessageSlice(items, deadline=float("inf"), send_back=lambda rest: None)
+        return _run_message(message, worker=worker, database=database)
     message = MessageSlice(items, deadline=time.monotonic() + broker.MESSAGE_SLICE_SEC, send_back=send_back)
-    outcomes: list[str] = []
     with process_slicer().watching(message):
-        while (item := message.take()) is not None:
-            outcomes.append(run_attempt(*item, worker=worker, database=database))
+        return _run_message(message, worker=worker, database=database)
+
+
+def _run_message(message: MessageSlice, *, worker: str | None, database: Database) -> list[str]:
+    outcomes: list[str] = []
+    item = message.take()
+    claim: NextClaim | None = None
+    while item is not None:
+        outcome, item, claim = _step(item, claim, worker=worker, database=database, take=message.take)
+        outcomes.append(outcome)
     return outcomes

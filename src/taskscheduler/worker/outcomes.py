@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from taskscheduler.broker import DeadMessage, publish_dead
+from taskscheduler.broker import Attempt, DeadMessage, publish_dead
 from taskscheduler.config import Settings
 from taskscheduler.lifecycle import DeadWith, RetryAfter, failure_outcome
 from taskscheduler.store import transitions
@@ -57,6 +59,61 @@ def record_outcome(
             backoff_max_sec=settings.retry_backoff_max_sec,
         )
         return record_failure(database, task_id, attempt, error=error, outcome=outcome, settings=settings)
+
+
+@dataclass(frozen=True)
+class NextClaim:
+    """The claim of a message's next attempt, written together with the outcome of the one before:
+    what it returned (None: the next attempt was stale, as `transitions.claim` says)."""
+
+    claimed: transitions.Claimed | None
+
+
+def record_success_and_claim(
+    database: Database,
+    task_id: uuid.UUID,
+    attempt: int,
+    result: Any,
+    *,
+    following: Attempt,
+    worker: str | None,
+    heartbeats: Heartbeats,
+    settings: Settings,
+) -> tuple[str, NextClaim | None] | None:
+    """STARTED -> SUCCEEDED of this attempt and the claim of `following` (the message's next) in one
+    statement (`transitions.succeed_and_claim`), inside the attempt's `beating` block.
+
+    Returns the outcome ("succeeded", "fenced", "unrecorded") and the next attempt's claim, None
+    when that claim was not made (the database stayed away: the caller claims it on its own). None
+    instead of both when the database refused the result: nothing was written, and the caller
+    records this outcome (`record_outcome`) and claims the next attempt each on its own.
+    """
+    fields: dict[str, Any] = {"task_id": str(task_id), "attempt": attempt}
+    next_id, next_attempt = following
+    # Names the claim, so that the statement sent again after a lost reply finds the claim it made.
+    token = uuid.uuid4()
+
+    def write(conn: Connection) -> tuple[bool, transitions.Claimed | None]:
+        return transitions.succeed_and_claim(
+            conn, task_id=task_id, attempt=attempt, result=result,
+            next_id=next_id, next_attempt=next_attempt, worker=worker, token=token,
+        )  # fmt: skip
+
+    with heartbeats.recording(task_id, attempt):
+        try:
+            done, claimed = persistently(
+                database,
+                write,
+                within_sec=settings.worker_db_retry_sec,
+                what="record the success and claim the next attempt",
+                fields=fields,
+            )
+        except GaveUp as exc:
+            return _gave_up(exc, "SUCCEEDED", fields), None
+        except SQLAlchemyError as exc:
+            log.info("success and next claim refused together (%s); writing them apart", describe(exc), extra=fields)
+            return None
+    return _logged(done, "STARTED -> SUCCEEDED", "succeeded", fields), NextClaim(claimed)
 
 
 def _record_success(
