@@ -129,3 +129,42 @@ def test_the_sweeps_full_pass_comes_every_minute_and_not_in_the_dispatchs_tick()
             horizons.earliest_due({5: at})
     assert horizons.full_passes == 1 + 100 // 15
     assert ticks_with_both == 0
+
+
+def test_a_task_committed_behind_the_horizon_is_dispatched_at_once_because_its_notification_says_when(
+    settings, publisher
+):
+    # An application's transaction took now() a minute ago and commits only now: its task is due far
+    # behind the dispatch horizon. The notification it sends at commit carries that run_at, and the
+    # next dispatch (no full pass: the clock has not moved) looks from there.
+    clock = Clock()
+    horizons = Horizons(clock=clock, full_pass_every_sec=15)
+    wakeup = Wakeup(settings.model_copy(update={"poll_interval_sec": 5.0}), db.database_for(), horizons)
+    try:
+        wakeup._listening()
+        assert _dispatch(settings, publisher, horizons) == 0
+        new_task(run_at=datetime.now(UTC) - timedelta(seconds=1))
+        wakeup.wait()
+        assert _dispatch(settings, publisher, horizons) == 1
+        passes = horizons.full_passes
+        behind = new_task(run_at=datetime.now(UTC) - timedelta(seconds=60))
+        wakeup.wait()
+        assert horizons.due[5] <= task_row(behind)["run_at"] - timedelta(seconds=MARGIN_SEC)
+        assert _dispatch(settings, publisher, horizons) == 1
+        assert task_row(behind)["status"] == "ENQUEUED"
+        assert horizons.full_passes == passes
+    finally:
+        wakeup.close()
+
+
+def test_a_notification_without_a_time_drops_the_dispatch_bounds():
+    # From a sender that predates the run_at in the payload: the next dispatch scans from the start.
+    horizons = Horizons()
+    at = datetime.now(UTC)
+    horizons.earliest_due({5: at, 7: at})
+    horizons.due_notified(at - timedelta(seconds=10))
+    assert horizons.due == dict.fromkeys((5, 7), at - timedelta(seconds=10 + MARGIN_SEC))
+    horizons.due_notified(at)  # later than the bounds: they stay
+    assert horizons.due[5] == at - timedelta(seconds=10 + MARGIN_SEC)
+    horizons.due_notified(None)
+    assert horizons.due == {}

@@ -242,9 +242,11 @@ def test_creating_a_task_due_now_notifies_the_scheduler(settings, services):
         listener.execute(f"LISTEN {creation.DUE_CHANNEL}")
         new_task(run_at=datetime.now(UTC) + timedelta(hours=1))  # not due: no notification
         assert list(listener.notifies(timeout=0.5)) == []
-        new_task()
+        task = new_task()
         (note,) = list(listener.notifies(timeout=5, stop_after=1))
         assert note.channel == creation.DUE_CHANNEL
+        # It says when the task is due (the scheduler's dispatch horizon moves back to it).
+        assert creation.notified_due_at(note.payload) == task_row(task)["run_at"]
 
 
 def test_the_scheduler_wakes_for_a_task_due_now_instead_of_sleeping_its_poll_interval(settings, monkeypatch):

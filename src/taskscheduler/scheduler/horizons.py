@@ -9,8 +9,10 @@ began last time (the earliest PENDING run_at, the oldest ENQUEUED published_at, 
 started_at), less MARGIN_SEC.
 
 A row can commit with an older time than a bound already taken (its transaction took `now()` before
-the scan and committed after; another scheduler's dispatch rolled back). MARGIN_SEC covers the
-usual commit delay, and every FULL_PASS_EVERY_SEC the dispatch's bounds are dropped (the sweeps'
+the scan and committed after; another scheduler's dispatch rolled back). A task created due now
+says so at commit (`creation.NOTIFY_DUE` carries its run_at), and the bounds move back to it: a task
+submitted in an application's long transaction is dispatched as soon as it commits. MARGIN_SEC
+covers the usual commit delay of the rest, and every FULL_PASS_EVERY_SEC the dispatch's bounds are dropped (the sweeps'
 every SWEEPS_FULL_PASS_EVERY_SEC), so a tick scans from the start: no task is left behind longer than
 that, whatever its time.
 """
@@ -74,6 +76,15 @@ class Horizons:
             known = self.due.get(item.priority)
             if known is None or bound > known:
                 self.due[item.priority] = bound
+
+    def due_notified(self, at: datetime | None) -> None:
+        """A task due at `at` committed (a NOTIFY says so), maybe behind the bounds: move them back to it.
+        None (a notification without a time): drop the bounds, the next dispatch scans from the start."""
+        if at is None:
+            self.due = {}
+            return
+        bound = self._less_margin(at)
+        self.due = {priority: min(known, bound) for priority, known in self.due.items()}
 
     def earliest_due(self, earliest: dict[int, datetime]) -> None:
         """Per priority, the earliest PENDING/FAILED run_at, or the database's now if that is earlier or

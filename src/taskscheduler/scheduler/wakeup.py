@@ -50,15 +50,20 @@ class Wakeup:
             time.sleep(timeout)
             return
         try:
-            for _ in conn.notifies(timeout=timeout, stop_after=1):
-                pass
+            for note in conn.notifies(timeout=timeout, stop_after=1):
+                self._due_notified(note.payload)
             # Several notifications may be queued: one tick takes care of all of them.
-            for _ in conn.notifies(timeout=0):
-                pass
+            for note in conn.notifies(timeout=0):
+                self._due_notified(note.payload)
         except psycopg.Error as exc:
             log.warning("lost the notification connection, polling: %s", exc)
             self.close()
             time.sleep(timeout)
+
+    def _due_notified(self, payload: str) -> None:
+        """A task due at the notified run_at committed: the next dispatch looks from there on."""
+        if self.horizons is not None:
+            self.horizons.due_notified(creation.notified_due_at(payload))
 
     def _timeout(self, *, dispatched: bool) -> float:
         poll = self.settings.poll_interval_sec

@@ -6,7 +6,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 import psycopg
@@ -68,6 +68,21 @@ class IdempotencyKeyInFlux(Exception):
 # that sent it commits, so a task due now is dispatched at once instead of at the next poll.
 DUE_CHANNEL = "taskscheduler_due"
 
+# One notification per statement that created a task due now, carrying the earliest such run_at (epoch
+# seconds): a transaction that committed long after it took `now()` created a task due further back
+# than the scheduler's dispatch horizon (scheduler.horizons), which the scheduler then moves back.
+# A CTE over `created` (the rows inserted, with run_at and created_at).
+NOTIFY_DUE = f"""SELECT pg_notify('{DUE_CHANNEL}', extract(epoch FROM min(run_at))::text)
+        FROM created WHERE run_at <= created_at HAVING count(*) > 0"""
+
+
+def notified_due_at(payload: str) -> datetime | None:
+    """The earliest run_at a NOTIFY_DUE notification carries; None for one without (an older sender)."""
+    try:
+        return datetime.fromtimestamp(float(payload), UTC)
+    except (ValueError, OverflowError):
+        return None
+
 # Many tasks in one statement. A task whose idempotency key exists already is skipped (ON CONFLICT DO
 # NOTHING waits for a concurrent insert of the same key to commit or roll back, then decides), and
 # only the rows inserted get their 'created' event. The NOTIFY for a task due now rides in the same
@@ -90,7 +105,7 @@ CREATE_TASKS = f"""
         INSERT INTO task_events (task_id, from_status, to_status, attempt, detail)
         SELECT id, NULL, 'PENDING', 0, 'created' FROM created
     ), due AS (
-        SELECT pg_notify('{DUE_CHANNEL}', '') FROM created WHERE run_at <= created_at LIMIT 1
+        {NOTIFY_DUE}
     )
     SELECT created.* FROM created LEFT JOIN due ON true
     """

@@ -21,7 +21,7 @@ from sqlalchemy import Connection, RowMapping
 from taskscheduler import metrics
 from taskscheduler.lifecycle import queue_for_priority
 from taskscheduler.schedule_spec import jitter_sec
-from taskscheduler.store.creation import DUE_CHANNEL
+from taskscheduler.store.creation import NOTIFY_DUE
 from taskscheduler.store.schedules import UNFINISHED, database_now, run
 from taskscheduler.store.sql import NOW
 
@@ -70,7 +70,7 @@ CREATE_FIRED_TASKS = f"""
         INSERT INTO task_events (task_id, from_status, to_status, attempt, detail)
         SELECT id, NULL, 'PENDING', 0, 'created by schedule' FROM created
     ), due AS (
-        SELECT pg_notify('{DUE_CHANNEL}', '') FROM created WHERE run_at <= created_at LIMIT 1
+        {NOTIFY_DUE}
     )
     SELECT created.id, created.schedule_id, created.scheduled_for, created.queue
     FROM created LEFT JOIN due ON true
