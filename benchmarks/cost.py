@@ -96,6 +96,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ],
     )
     common.print_table(
+        "WAL per task by relation (a record counts for the relation of its first block)",
+        ["relation", "bytes / task", "records / task"],
+        [(rel, v["bytes"] / n, v["records"] / n) for rel, v in list(wal["by_relation"].items())[:14]],
+    )
+    common.print_table(
         "What that CPU allows on this machine",
         ["measure", "value"],
         [
@@ -122,39 +127,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def current_wal_lsn(pdb: common.PrivateDatabase) -> str:
-    with pdb.connect() as conn:
+    with pdb.connect(autocommit=True) as conn:
+        # Created before the start, so that its own catalog rows are not counted.
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
         row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
     assert row is not None
     return str(row[0])
 
 
-# The records that touch a block of this database, and the commit records of their transactions;
-# the rest of the cluster (other databases, checkpoints) is counted apart. pg_walinspect ships with
-# PostgreSQL 15 (contrib) and needs a superuser, as the benchmarks' admin connection is.
-WAL_WRITTEN = """
+# The records that touch a block of this database, by the relation of their first block, and the
+# commit records of their transactions; the rest of the cluster (other databases, checkpoints) is
+# counted apart. pg_walinspect ships with PostgreSQL 15 (contrib) and needs a superuser, as the
+# benchmarks' admin connection is.
+WAL_BY_RELATION = """
     WITH r AS (
         SELECT xid, resource_manager, record_length, fpi_length,
-               block_ref ~ ('rel [0-9]+/' || %(db_oid)s || '/') AS ours
+               (regexp_match(block_ref, 'rel [0-9]+/' || %(db_oid)s || '/([0-9]+)'))[1]::oid AS relfilenode
         FROM pg_get_wal_records_info(CAST(%(start)s AS pg_lsn), pg_current_wal_flush_lsn())
-    ), our_xids AS (SELECT DISTINCT xid FROM r WHERE ours AND xid <> '0')
-    SELECT coalesce(sum(record_length) FILTER (WHERE mine), 0)::bigint,
-           coalesce(sum(fpi_length) FILTER (WHERE mine), 0)::bigint,
-           count(*) FILTER (WHERE mine),
-           coalesce(sum(record_length), 0)::bigint
-    FROM (SELECT r.*, (r.ours OR (r.resource_manager = 'Transaction' AND r.xid IN (SELECT xid FROM our_xids))) AS mine
-          FROM r) m
+    ), our_xids AS (SELECT DISTINCT xid FROM r WHERE relfilenode IS NOT NULL AND xid <> '0'),
+    mine AS (
+        SELECT CASE WHEN r.relfilenode IS NULL THEN '(commits)'
+                    ELSE coalesce(c.relname, '(other: ' || r.relfilenode || ')') END AS relation,
+               r.record_length, r.fpi_length
+        FROM r LEFT JOIN pg_class c ON c.relfilenode = r.relfilenode
+        WHERE r.relfilenode IS NOT NULL OR (r.resource_manager = 'Transaction' AND r.xid IN (SELECT xid FROM our_xids))
+    )
+    SELECT relation, sum(record_length)::bigint, sum(fpi_length)::bigint, count(*),
+           (SELECT sum(record_length) FROM r)::bigint
+    FROM mine GROUP BY relation ORDER BY 2 DESC
     """
 
 
-def wal_written(pdb: common.PrivateDatabase, start_lsn: str) -> dict[str, int]:
-    """WAL bytes, full-page-image bytes and records this run's database caused since `start_lsn`."""
+def wal_written(pdb: common.PrivateDatabase, start_lsn: str) -> dict[str, Any]:
+    """WAL bytes, full-page-image bytes and records this run's database caused since `start_lsn`, in
+    all and by relation (a table, an index, or the commits)."""
     with pdb.connect(autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
         oid = conn.execute("SELECT oid FROM pg_database WHERE datname = current_database()").fetchone()
         assert oid is not None
-        row = conn.execute(WAL_WRITTEN, {"db_oid": str(oid[0]), "start": start_lsn}).fetchone()
-    assert row is not None
-    return {"bytes": int(row[0]), "fpi_bytes": int(row[1]), "records": int(row[2]), "cluster_bytes": int(row[3])}
+        rows = conn.execute(WAL_BY_RELATION, {"db_oid": str(oid[0]), "start": start_lsn}).fetchall()
+    by_relation = {str(r[0]): {"bytes": int(r[1]), "fpi_bytes": int(r[2]), "records": int(r[3])} for r in rows}
+    return {
+        "bytes": sum(v["bytes"] for v in by_relation.values()),
+        "fpi_bytes": sum(v["fpi_bytes"] for v in by_relation.values()),
+        "records": sum(v["records"] for v in by_relation.values()),
+        "cluster_bytes": int(rows[0][4]) if rows else 0,
+        "by_relation": by_relation,
+    }
 
 
 def _bound(per_1000: dict[str, float], *, exclude_api: bool) -> float:
