@@ -11,7 +11,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy.exc import DBAPIError
 from tests.harness import private_database
 
-from taskscheduler.migrations import alembic_config, run_migrations
+from taskscheduler.migrations import alembic_config, include_name, run_migrations
 from taskscheduler.store import db
 from taskscheduler.store.db import Database
 from taskscheduler.store.models import metadata
@@ -19,7 +19,9 @@ from taskscheduler.store.models import metadata
 
 def test_migrated_database_matches_the_models(services):
     with db.database_for(services.database_url).engine.connect() as conn:
-        context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": False})
+        context = MigrationContext.configure(
+            conn, opts={"compare_type": True, "compare_server_default": False, "include_name": include_name}
+        )
         diff = compare_metadata(context, metadata)
     assert diff == []
 
@@ -28,7 +30,7 @@ def test_migrate_twice_is_a_no_op(services):
     run_migrations(services.database_url)
     run_migrations(services.database_url)
     with db.database_for(services.database_url).engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0006"
+        assert MigrationContext.configure(conn).get_current_revision() == "0008"
 
 
 def test_downgrade_to_0001_and_back(server_urls):
@@ -57,7 +59,8 @@ def test_downgrade_to_0001_and_back(server_urls):
             assert "idempotency_key" not in {c["name"] for c in inspect(conn).get_columns("tasks")}
         run_migrations(url)
         with scratch.engine.connect() as conn:
-            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+            opts = {"compare_type": True, "include_name": include_name}
+            diff = compare_metadata(MigrationContext.configure(conn, opts=opts), metadata)
         assert diff == []
     finally:
         scratch.dispose()
