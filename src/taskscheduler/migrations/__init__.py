@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,6 @@ def run_migrations(database_url: str, revision: str = "head") -> None:
 _EVENT_PARTITIONS = ("task_events_default", "task_events_p")
 
 
-def include_name(name: str | None, type_: str, parent_names: Mapping[str, Any]) -> bool:
+def include_name(name: str | None, type_: str, parent_names: MutableMapping[Any, str | None]) -> bool:
     """Alembic's `include_name`: every object but the partitions of task_events."""
     return not (type_ == "table" and name is not None and name.startswith(_EVENT_PARTITIONS))

@@ -24,9 +24,8 @@ from datetime import datetime
 
 from taskscheduler.config import Settings
 from taskscheduler.store import dlq as dlq_store
-from taskscheduler.store import partitions
+from taskscheduler.store import partitions, sweeps
 from taskscheduler.store import processes as process_store
-from taskscheduler.store import sweeps
 from taskscheduler.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -54,9 +53,7 @@ class RetentionCounts:
     more: bool = False
 
     def __bool__(self) -> bool:
-        return any(
-            (self.tasks, self.dlq_events, self.processes, self.partitions_created, self.partitions_dropped)
-        )
+        return any((self.tasks, self.dlq_events, self.processes, self.partitions_created, self.partitions_dropped))
 
 
 def run_once(
@@ -64,17 +61,19 @@ def run_once(
     database: Database,
     settings: Settings,
     now: datetime | None = None,
-    batch_size: int = BATCH_SIZE,
+    batch_size: int | None = None,
     max_batches: int | None = None,
-    budget_sec: float = BUDGET_SEC,
+    budget_sec: float | None = None,
     clock: Callable[[], float] = time.monotonic,
     maintain_partitions: bool = True,
 ) -> RetentionCounts:
     """One retention pass: batches of `batch_size` rows per table while they come back full, for at most
-    `budget_sec` of `clock` (and `max_batches` per table, if given). 0 days keeps all.
+    `budget_sec` of `clock` (and `max_batches` per table, if given); defaults BATCH_SIZE and BUDGET_SEC.
+    0 days keeps all.
 
     `maintain_partitions=False` skips the partitions of task_events (a run continued at the next tick)."""
-    deadline = clock() + budget_sec
+    batch_size = batch_size or BATCH_SIZE
+    deadline = clock() + (BUDGET_SEC if budget_sec is None else budget_sec)
     more = False
 
     def delete_older_than(days: float, delete_batch: Callable[..., int]) -> int:

@@ -122,11 +122,11 @@ class SchedulerService:
         if time.monotonic() >= self._retention_due and not self.stopping.is_set():
             # A run that stopped on its time budget with work left goes on at the next tick (its
             # partitions already seen to); otherwise the next one is RETENTION_INTERVAL_SEC away.
-            counts = retention.run_once(
+            kept = retention.run_once(
                 database=self.database, settings=self.settings, maintain_partitions=not self._retention_continues
             )
-            self._retention_continues = counts.more
-            self._retention_due = time.monotonic() + (0.0 if counts.more else self.settings.retention_interval_sec)
+            self._retention_continues = kept.more
+            self._retention_due = time.monotonic() + (0.0 if kept.more else self.settings.retention_interval_sec)
         if self.heartbeat is not None:
             self.heartbeat.beat_if_due()
         return dispatched
