@@ -97,3 +97,43 @@ def test_the_name_index_is_built_again_over_an_interrupted_build(server_urls):
             assert definition.endswith("USING btree (name, created_at DESC, id DESC)")
         finally:
             scratch.dispose()
+
+
+def test_0008_moves_the_events_into_partitions_and_back(server_urls):
+    """0008 keeps every event (id, time) in daily partitions of the days they span; its downgrade puts
+    them back under the foreign key, less those whose task is gone."""
+    events_query = "SELECT id, task_id, at, to_status FROM task_events ORDER BY id"
+    with private_database(server_urls[0], f"taskscheduler_0008_{uuid.uuid4().hex[:8]}") as url:
+        scratch = Database(url)
+        try:
+            command.downgrade(alembic_config(url), "0006")
+            with scratch.engine.begin() as conn:
+                conn.exec_driver_sql("INSERT INTO tasks (id, name, priority, queue, status, run_at, max_retries)"
+                                     " SELECT gen_random_uuid(), 'old', 5, 'default', 'PENDING', now(), 3"
+                                     " FROM generate_series(1, 3)")  # fmt: skip
+                conn.exec_driver_sql(
+                    "INSERT INTO task_events (task_id, at, to_status, attempt)"
+                    " SELECT id, now() - make_interval(days => d), 'PENDING', 0"
+                    " FROM tasks CROSS JOIN generate_series(0, 2) AS d"
+                )
+                before = conn.exec_driver_sql(events_query).all()
+            run_migrations(url)
+            with scratch.engine.begin() as conn:
+                assert conn.exec_driver_sql(events_query).all() == before
+                homes = conn.exec_driver_sql("SELECT DISTINCT tableoid::regclass::text FROM task_events").scalars()
+                assert len(set(homes)) == 3 and not {"task_events_default"} & set(homes)
+                fks = "SELECT count(*) FROM pg_constraint WHERE conrelid = 'task_events'::regclass AND contype = 'f'"
+                assert conn.exec_driver_sql(fks).scalar_one() == 0
+                # A task deleted: its events stay in the partitioned table until their partition goes.
+                gone = before[0].task_id
+                conn.exec_driver_sql("DELETE FROM tasks WHERE id = %(id)s", {"id": gone})
+                conn.exec_driver_sql("INSERT INTO task_events (task_id, to_status, attempt) VALUES"
+                                     " (%(id)s, 'PENDING', 0)", {"id": before[1].task_id})  # fmt: skip
+            command.downgrade(alembic_config(url), "0006")
+            with scratch.engine.begin() as conn:
+                after = conn.exec_driver_sql(events_query).all()
+                assert after[: len(before) - 3] == [e for e in before if e.task_id != gone]
+                assert len(after) == len(before) - 3 + 1
+                assert conn.exec_driver_sql(fks).scalar_one() == 1
+        finally:
+            scratch.dispose()
