@@ -174,3 +174,13 @@ def test_soak_smoke(services: Services, tmp_path: Path) -> None:
         assert w["lag_p50_ms"] <= w["lag_p99_ms"] or w["finished"] == 0
         assert w["tasks_table_bytes"] > 0 and w["events_partitions"] >= 1
     assert data["params"]["RETENTION_DAYS"] and data["params"]["EVENTS_PARTITION_SEC"]
+
+
+@pytest.mark.timeout(300)
+def test_retention_smoke(services: Services, tmp_path: Path) -> None:
+    data = run_benchmark("retention", services, tmp_path)
+    n = data["params"]["tasks"]
+    assert data["cascade"]["deleted"] == data["partitions"]["deleted"] == n
+    assert data["cascade"]["partitions_dropped"] == 0
+    assert data["partitions"]["partitions_dropped"] == 1 and data["partitions"]["events_kept"] == 0
+    assert all(v >= 0 for r in (data["cascade"], data["partitions"]) for v in r["total"].values())
