@@ -11,8 +11,10 @@ retention step (scheduler/retention.py) calls `maintain`, which
   partition at a time. A task's audit trail must not lose events while the task exists (PENDING for
   60 days, retried for weeks), so before the drop the events of tasks that still exist are moved
   into the DEFAULT partition, with their id and `at` unchanged (a partition on `at` cannot hold them
-  elsewhere: the partition of a row is decided by its `at`). The partition is detached first, so that
-  no range partition covers those times any more and the rows land in the DEFAULT one;
+  elsewhere: the partition of a row is decided by its `at`). They are found first, reading the old
+  partition alone with no lock on task_events; then the partition is detached, so that no range
+  partition covers those times any more, they are inserted (landing in the DEFAULT partition), and
+  the partition is dropped, all under one short lock;
 - deletes, in the DEFAULT partition only (small: the events of long-lived tasks, and of times no
   range partition covered), the events whose task is gone.
 
@@ -49,6 +51,8 @@ LOCK_TIMEOUT_MS = 1000
 ORPHAN_BATCH = 10_000
 
 TRY_LOCK = f"SELECT pg_try_advisory_xact_lock({PARTITIONS_LOCK_ID})"
+TRY_SESSION_LOCK = f"SELECT pg_try_advisory_lock({PARTITIONS_LOCK_ID})"
+UNLOCK_SESSION = f"SELECT pg_advisory_unlock({PARTITIONS_LOCK_ID})"
 SET_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', %(ms)s, true)"
 DATABASE_NOW = "SELECT COALESCE(CAST(%(now)s AS timestamptz), now())"
 
@@ -67,14 +71,18 @@ RANGE_PARTITIONS = r"""
 # (PostgreSQL refuses a partition whose range holds rows of the DEFAULT one).
 LATEST_DEFAULT_FROM = f"SELECT max(at) FROM {DEFAULT_PARTITION} WHERE at >= %(start)s"
 
-# Survivors of a dropped partition: the events of tasks that still exist, into the DEFAULT partition
-# (the partition is detached first). Columns by name: a partition attached from an older table may
-# order them differently.
+# Survivors of a dropped partition: the events of tasks that still exist. Found first, with no lock
+# on task_events (the partition alone, read in full: a day of events), into a temporary table; then,
+# under the short lock of the detach, moved into the DEFAULT partition. No task gains events in a
+# partition this old meanwhile; one deleted meanwhile leaves orphans that the DEFAULT sweep deletes.
+# Columns by name: a partition attached from an older table may order them differently.
 _COLUMNS = "id, task_id, at, from_status, to_status, attempt, detail"
-KEEP_LIVING_EVENTS = f"""
-    INSERT INTO {PARENT} ({_COLUMNS})
+FORGET_KEPT = "DROP TABLE IF EXISTS pg_temp.kept_events"
+FIND_LIVING_EVENTS = f"""
+    CREATE TEMP TABLE kept_events AS
     SELECT {_COLUMNS} FROM {{partition}} e WHERE EXISTS (SELECT 1 FROM tasks t WHERE t.id = e.task_id)
     """
+KEEP_LIVING_EVENTS = f"INSERT INTO {PARENT} ({_COLUMNS}) SELECT {_COLUMNS} FROM pg_temp.kept_events"
 
 DELETE_ORPHANED_DEFAULT = f"""
     DELETE FROM {DEFAULT_PARTITION} d USING (
@@ -157,13 +165,35 @@ def create_ahead(conn: Connection, *, width_sec: float, ahead: int, now: datetim
     return created
 
 
-def drop_partition(conn: Connection, partition: Partition) -> int:
-    """Detach `partition`, move the events of tasks that still exist into the DEFAULT partition, drop it.
-    Returns how many events were kept."""
-    conn.exec_driver_sql(f"ALTER TABLE {PARENT} DETACH PARTITION {partition.name}")
-    kept = conn.exec_driver_sql(KEEP_LIVING_EVENTS.format(partition=partition.name)).rowcount
-    conn.exec_driver_sql(f"DROP TABLE {partition.name}")
-    return kept
+def drop_partition(conn: Connection, partition: Partition) -> int | None:
+    """Move the events of tasks that still exist out of `partition` into the DEFAULT partition, and
+    drop it. Returns how many events were kept; None if another scheduler holds the partitions lock.
+
+    `conn` is not in a transaction: this commits twice. The partitions lock is held for the session
+    meanwhile, so that another scheduler neither drops the same partition nor creates one."""
+    if not conn.exec_driver_sql(TRY_SESSION_LOCK).scalar_one():
+        conn.commit()
+        return None
+    try:
+        conn.commit()
+        if partition.name not in {p.name for p in range_partitions(conn)}:
+            return 0  # dropped by another scheduler since it was listed
+        # The long part, with no lock on task_events: a temporary table of this connection.
+        conn.exec_driver_sql(FORGET_KEPT)
+        conn.exec_driver_sql(FIND_LIVING_EVENTS.format(partition=partition.name))
+        conn.commit()
+        # The short part: task_events locked while detached, the survivors moved, the table dropped.
+        conn.exec_driver_sql(SET_LOCK_TIMEOUT, {"ms": str(LOCK_TIMEOUT_MS)})
+        conn.exec_driver_sql(f"ALTER TABLE {PARENT} DETACH PARTITION {partition.name}")
+        kept = int(conn.exec_driver_sql(KEEP_LIVING_EVENTS).rowcount)
+        conn.exec_driver_sql(f"DROP TABLE {partition.name}")
+        conn.commit()
+        return kept
+    finally:
+        conn.rollback()
+        conn.exec_driver_sql(FORGET_KEPT)
+        conn.exec_driver_sql(UNLOCK_SESSION)
+        conn.commit()
 
 
 def delete_orphaned_default(conn: Connection, *, limit: int = ORPHAN_BATCH) -> int:
@@ -191,11 +221,12 @@ def maintain(
             cutoff = at - timedelta(seconds=retention_sec + width_sec)
             with database.transaction() as conn:
                 old = [p for p in range_partitions(conn) if p.upper <= cutoff]
-            for partition in old:
-                with database.transaction() as conn:
-                    if not _begin_step(conn):
+            with database.engine.connect() as conn:
+                for partition in old:
+                    moved = drop_partition(conn, partition)
+                    if moved is None:
                         break
-                    kept += drop_partition(conn, partition)
+                    kept += moved
                     dropped += 1
             with database.transaction() as conn:
                 if _begin_step(conn):
