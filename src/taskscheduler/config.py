@@ -101,10 +101,17 @@ class Settings(BaseSettings):
         False,
         description="Workers send Celery task events and worker heartbeats (for Flower and `celery events`).",
     )
-    # Retention: finished tasks (and their events) and dlq_events older than this are deleted; 0 keeps them.
+    # Retention: finished tasks and dlq_events older than this are deleted (events by partition); 0 keeps them.
     retention_days: float = Field(30.0, ge=0, description="Finished tasks are deleted this many days after finishing.")
     dlq_retention_days: float = Field(180.0, ge=0, description="dlq_events are deleted this many days after creation.")
     retention_interval_sec: float = Field(60.0, gt=0, description="How often the scheduler runs the retention sweep.")
+    # task_events is partitioned by time; whole partitions are dropped RETENTION_DAYS after they end.
+    events_partition_sec: float = Field(
+        86400.0, ge=60, description="Width of each task_events partition (by event time); a day by default."
+    )
+    events_partitions_ahead: int = Field(
+        3, ge=1, description="task_events partitions the scheduler keeps created ahead of the current one."
+    )
     # Liveness rows for `taskscheduler check <role>`.
     process_heartbeat_sec: float = Field(10.0, gt=0, description="How often each process records that it is alive.")
     # Prometheus endpoint of `taskscheduler scheduler` and `taskscheduler worker`; 0: none (the API serves /metrics).

@@ -206,3 +206,25 @@ def test_dashboard_smoke(services: Services, tmp_path: Path) -> None:
         assert positive(page["median_ms"]) and page["median_ms"] <= page["p95_ms"] <= page["max_ms"]
         assert page["bytes"] > 0
     assert set(data["targets"]) == {f"{label} < 50 ms (median)" for label in pages}
+
+
+@pytest.mark.timeout(300)
+def test_soak_smoke(services: Services, tmp_path: Path) -> None:
+    data = run_benchmark("soak", services, tmp_path)
+    windows = data["windows"]
+    assert len(windows) == 3
+    assert sum(w["finished"] for w in windows) > 0
+    for w in windows:
+        assert w["lag_p50_ms"] <= w["lag_p99_ms"] or w["finished"] == 0
+        assert w["tasks_table_bytes"] > 0 and w["events_partitions"] >= 1
+    assert data["params"]["RETENTION_DAYS"] and data["params"]["EVENTS_PARTITION_SEC"]
+
+
+@pytest.mark.timeout(300)
+def test_retention_smoke(services: Services, tmp_path: Path) -> None:
+    data = run_benchmark("retention", services, tmp_path)
+    n = data["params"]["tasks"]
+    assert data["cascade"]["deleted"] == data["partitions"]["deleted"] == n
+    assert data["cascade"]["partitions_dropped"] == 0
+    assert data["partitions"]["partitions_dropped"] == 1 and data["partitions"]["events_kept"] == 0
+    assert all(v >= 0 for r in (data["cascade"], data["partitions"]) for v in r["total"].values())

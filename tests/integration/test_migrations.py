@@ -11,7 +11,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy.exc import DBAPIError
 from tests.harness import private_database
 
-from taskscheduler.migrations import alembic_config, run_migrations
+from taskscheduler.migrations import alembic_config, include_name, run_migrations
 from taskscheduler.store import db
 from taskscheduler.store.db import Database
 from taskscheduler.store.models import metadata
@@ -19,7 +19,9 @@ from taskscheduler.store.models import metadata
 
 def test_migrated_database_matches_the_models(services):
     with db.database_for(services.database_url).engine.connect() as conn:
-        context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": False})
+        context = MigrationContext.configure(
+            conn, opts={"compare_type": True, "compare_server_default": False, "include_name": include_name}
+        )
         diff = compare_metadata(context, metadata)
     assert diff == []
 
@@ -28,7 +30,7 @@ def test_migrate_twice_is_a_no_op(services):
     run_migrations(services.database_url)
     run_migrations(services.database_url)
     with db.database_for(services.database_url).engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0007"
+        assert MigrationContext.configure(conn).get_current_revision() == "0008"
 
 
 def _reloptions(conn, table: str) -> set[str]:
@@ -38,16 +40,15 @@ def _reloptions(conn, table: str) -> set[str]:
     return set(value or [])
 
 
-def test_the_tasks_tables_carry_their_vacuum_settings_and_downgrading_0007_removes_them(server_urls):
+def test_tasks_carries_its_vacuum_settings_and_downgrading_0007_removes_them(server_urls):
     with private_database(server_urls[0], f"taskscheduler_vacuum_{uuid.uuid4().hex[:8]}") as url:
         scratch = Database(url)
         try:
             with scratch.engine.connect() as conn:
                 assert {"autovacuum_vacuum_scale_factor=0.01", "fillfactor=90"} <= _reloptions(conn, "tasks")
-                assert "autovacuum_vacuum_cost_delay=0" in _reloptions(conn, "task_events")
             command.downgrade(alembic_config(url), "0006")
             with scratch.engine.connect() as conn:
-                assert _reloptions(conn, "tasks") == set() and _reloptions(conn, "task_events") == set()
+                assert _reloptions(conn, "tasks") == set()
         finally:
             scratch.dispose()
 
@@ -78,7 +79,8 @@ def test_downgrade_to_0001_and_back(server_urls):
             assert "idempotency_key" not in {c["name"] for c in inspect(conn).get_columns("tasks")}
         run_migrations(url)
         with scratch.engine.connect() as conn:
-            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+            opts = {"compare_type": True, "include_name": include_name}
+            diff = compare_metadata(MigrationContext.configure(conn, opts=opts), metadata)
         assert diff == []
     finally:
         scratch.dispose()
@@ -113,5 +115,45 @@ def test_the_name_index_is_built_again_over_an_interrupted_build(server_urls):
                 valid, definition = conn.exec_driver_sql(index_state).one()
             assert valid is True
             assert definition.endswith("USING btree (name, created_at DESC, id DESC)")
+        finally:
+            scratch.dispose()
+
+
+def test_0008_moves_the_events_into_partitions_and_back(server_urls):
+    """0008 keeps every event (id, time) in daily partitions of the days they span; its downgrade puts
+    them back under the foreign key, less those whose task is gone."""
+    events_query = "SELECT id, task_id, at, to_status FROM task_events ORDER BY id"
+    with private_database(server_urls[0], f"taskscheduler_0008_{uuid.uuid4().hex[:8]}") as url:
+        scratch = Database(url)
+        try:
+            command.downgrade(alembic_config(url), "0006")
+            with scratch.engine.begin() as conn:
+                conn.exec_driver_sql("INSERT INTO tasks (id, name, priority, queue, status, run_at, max_retries)"
+                                     " SELECT gen_random_uuid(), 'old', 5, 'default', 'PENDING', now(), 3"
+                                     " FROM generate_series(1, 3)")  # fmt: skip
+                conn.exec_driver_sql(
+                    "INSERT INTO task_events (task_id, at, to_status, attempt)"
+                    " SELECT id, now() - make_interval(days => d), 'PENDING', 0"
+                    " FROM tasks CROSS JOIN generate_series(0, 2) AS d"
+                )
+                before = conn.exec_driver_sql(events_query).all()
+            run_migrations(url)
+            with scratch.engine.begin() as conn:
+                assert conn.exec_driver_sql(events_query).all() == before
+                homes = conn.exec_driver_sql("SELECT DISTINCT tableoid::regclass::text FROM task_events").scalars()
+                assert len(set(homes)) == 3 and not {"task_events_default"} & set(homes)
+                fks = "SELECT count(*) FROM pg_constraint WHERE conrelid = 'task_events'::regclass AND contype = 'f'"
+                assert conn.exec_driver_sql(fks).scalar_one() == 0
+                # A task deleted: its events stay in the partitioned table until their partition goes.
+                gone = before[0].task_id
+                conn.exec_driver_sql("DELETE FROM tasks WHERE id = %(id)s", {"id": gone})
+                conn.exec_driver_sql("INSERT INTO task_events (task_id, to_status, attempt) VALUES"
+                                     " (%(id)s, 'PENDING', 0)", {"id": before[1].task_id})  # fmt: skip
+            command.downgrade(alembic_config(url), "0006")
+            with scratch.engine.begin() as conn:
+                after = conn.exec_driver_sql(events_query).all()
+                assert after[: len(before) - 3] == [e for e in before if e.task_id != gone]
+                assert len(after) == len(before) - 3 + 1
+                assert conn.exec_driver_sql(fks).scalar_one() == 1
         finally:
             scratch.dispose()

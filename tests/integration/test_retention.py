@@ -64,7 +64,7 @@ def _dlq_attempts() -> set[tuple[uuid.UUID, int]]:
         return {(r.task_id, r.attempt) for r in conn.execute(text("SELECT task_id, attempt FROM dlq_events"))}
 
 
-def test_deletes_old_finished_tasks_with_their_events_and_nothing_else(settings: Settings) -> None:
+def test_deletes_old_finished_tasks_and_nothing_else(settings: Settings) -> None:
     assert (settings.retention_days, settings.dlq_retention_days) == (30, 180)
     old = [make() for make in (_succeeded, _dead, _cancelled)]
     young = [make() for make in (_succeeded, _dead, _cancelled)]
@@ -88,7 +88,7 @@ def test_deletes_old_finished_tasks_with_their_events_and_nothing_else(settings:
     assert (counts.tasks, counts.dlq_events) == (3, 1)
     assert [_exists(t) for t in old] == [False] * 3
     assert all(_exists(t) for t in [*young, started, pending])
-    assert all(events(t) == [] for t in old), "the events go with the task"
+    assert all(events(t) == [] for t in old), "the events are not shown without the task"
     assert all(events(t) for t in young)
     assert {attempt for _, attempt in _dlq_attempts()} == {1, 3}
     assert (old[1], 1) in _dlq_attempts(), "a DLQ row outlives its task"
@@ -113,6 +113,59 @@ def test_deletes_in_bounded_batches(settings: Settings) -> None:
     assert retention.run_once(database=db.database_for(), settings=settings, batch_size=2, max_batches=2).tasks == 4
     assert sum(_exists(t) for t in old) == 1
     assert retention.run_once(database=db.database_for(), settings=settings, batch_size=2, max_batches=2).tasks == 1
+
+
+def test_a_run_goes_on_while_batches_come_back_full(settings: Settings) -> None:
+    # More than the 10 batches a run used to stop at: a run keeps up with any rate.
+    old = [_succeeded() for _ in range(25)]
+    for task_id in old:
+        backdate(task_id, finished_at=31 * DAY)
+    counts = retention.run_once(database=db.database_for(), settings=settings, batch_size=2)
+    assert (counts.tasks, counts.more) == (25, False)
+    assert not any(_exists(t) for t in old)
+
+
+class Ticking:
+    """A clock that advances one second each time it is read."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        self.t += 1.0
+        return self.t
+
+
+def test_a_run_stops_on_its_time_budget_and_says_there_is_more(settings: Settings) -> None:
+    old = [_succeeded() for _ in range(9)]
+    for task_id in old:
+        backdate(task_id, finished_at=31 * DAY)
+    database = db.database_for()
+    # Read once for the deadline (1 + 2.5), then after each full batch (2, 3, 4): the third stops it.
+    counts = retention.run_once(database=database, settings=settings, batch_size=2, budget_sec=2.5, clock=Ticking())
+    assert (counts.tasks, counts.more) == (6, True)
+    counts = retention.run_once(database=database, settings=settings, batch_size=2, budget_sec=2.5, clock=Ticking())
+    assert (counts.tasks, counts.more) == (3, False), "the last batch is not full: done"
+
+
+def test_the_scheduler_comes_back_at_the_next_tick_while_work_is_left(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(retention, "BATCH_SIZE", 2)
+    monkeypatch.setattr(retention, "BUDGET_SEC", 0.0)  # one batch per tick
+    service = SchedulerService(settings, RecordingPublisher())
+    old = [_succeeded() for _ in range(5)]
+    for task_id in old:
+        backdate(task_id, finished_at=31 * DAY)
+    left = []
+    for _ in range(3):
+        service.tick()
+        left.append(sum(_exists(t) for t in old))
+    assert left == [3, 1, 0]
+    late = _succeeded()
+    backdate(late, finished_at=31 * DAY)
+    service.tick()
+    assert _exists(late), "caught up: the next run is RETENTION_INTERVAL_SEC away"
 
 
 def test_zero_days_keeps_everything(settings: Settings) -> None:

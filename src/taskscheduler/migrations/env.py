@@ -3,6 +3,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool, text
 
+from taskscheduler.migrations import include_name
 from taskscheduler.store.models import metadata
 
 # Several roles may start at once and all run `migrate`; one advisory lock makes them take turns.
@@ -17,7 +18,9 @@ def run_migrations_online() -> None:
         connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": MIGRATION_LOCK_ID})
         connection.commit()
         try:
-            context.configure(connection=connection, target_metadata=metadata, compare_type=True)
+            context.configure(
+                connection=connection, target_metadata=metadata, compare_type=True, include_name=include_name
+            )
             with context.begin_transaction():
                 context.run_migrations()
         finally:

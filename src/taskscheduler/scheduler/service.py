@@ -60,6 +60,7 @@ class SchedulerService:
         # Written from the loop, so a scheduler whose loop hangs stops looking alive.
         self.heartbeat = heartbeat
         self._retention_due = time.monotonic()
+        self._retention_continues = False
         self._rescue_due = time.monotonic()
         health = publisher.health if isinstance(publisher, CeleryPublisher) else BrokerHealth()
         self.broker = BrokerQueues(settings, health)
@@ -126,8 +127,13 @@ class SchedulerService:
             if counts:
                 log.info("rescue: %s", counts, extra={"event": "rescue"})
         if time.monotonic() >= self._retention_due and not self.stopping.is_set():
-            self._retention_due = time.monotonic() + self.settings.retention_interval_sec
-            retention.run_once(database=self.database, settings=self.settings)
+            # A run that stopped on its time budget with work left goes on at the next tick (its
+            # partitions already seen to); otherwise the next one is RETENTION_INTERVAL_SEC away.
+            kept = retention.run_once(
+                database=self.database, settings=self.settings, maintain_partitions=not self._retention_continues
+            )
+            self._retention_continues = kept.more
+            self._retention_due = time.monotonic() + (0.0 if kept.more else self.settings.retention_interval_sec)
         if self.heartbeat is not None:
             self.heartbeat.beat_if_due()
         return dispatched

@@ -9,10 +9,10 @@ from sqlalchemy import (
     Column,
     DateTime,
     Double,
-    ForeignKey,
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     SmallInteger,
     Table,
     Text,
@@ -128,17 +128,23 @@ tasks = Table(
     ),
 )
 
+# Partitioned by range of `at` (migration 0008; the partitions are made and dropped by
+# store/partitions.py, and are not part of this metadata). No foreign key to tasks: a deleted task's
+# events go with their partition, not one by one; readers ask for the task too. The primary key must
+# hold the partition key.
 task_events = Table(
     "task_events",
     metadata,
-    Column("id", BigInteger, primary_key=True, autoincrement=True),
-    Column("task_id", UUID(as_uuid=True), ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
+    Column("id", BigInteger, nullable=False, autoincrement=True),
+    Column("task_id", UUID(as_uuid=True), nullable=False),
     Column("at", DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()),
     Column("from_status", Text, nullable=True),
     Column("to_status", Text, nullable=False),
     Column("attempt", Integer, nullable=False),
     Column("detail", Text, nullable=True),
+    PrimaryKeyConstraint("id", "at", name="task_events_pkey"),
     Index("task_events_task_idx", "task_id", "id"),
+    postgresql_partition_by="RANGE (at)",
 )
 
 # No foreign key: the audit trail is kept longer than the tasks it describes.

@@ -21,7 +21,13 @@ def get_task(conn: Connection, task_id: uuid.UUID) -> RowMapping | None:
     return conn.exec_driver_sql(GET_TASK, {"id": task_id}).mappings().one_or_none()
 
 
-LIST_EVENTS = "SELECT at, from_status, to_status, attempt, detail FROM task_events WHERE task_id = %(id)s ORDER BY id"
+# The events of a task that exists: a deleted task's events stay until their partition is dropped
+# (store/partitions.py), and are nobody's to read meanwhile.
+LIST_EVENTS = """
+    SELECT at, from_status, to_status, attempt, detail FROM task_events
+    WHERE task_id = %(id)s AND EXISTS (SELECT 1 FROM tasks WHERE id = %(id)s)
+    ORDER BY id
+    """
 
 
 def list_events(conn: Connection, task_id: uuid.UUID) -> list[RowMapping]:

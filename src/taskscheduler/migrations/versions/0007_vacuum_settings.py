@@ -1,4 +1,4 @@
-"""Per-table vacuum settings for tasks and task_events: vacuum soon after a held snapshot ends
+"""Per-table vacuum settings for tasks: vacuum soon after a held snapshot ends
 
 Revision ID: 0007
 Revises: 0006
@@ -30,14 +30,6 @@ TASKS = {
     "autovacuum_analyze_scale_factor": "0.02",
     "autovacuum_vacuum_cost_delay": "0",
 }
-# Insert-only apart from retention's deletes: vacuum it for its visibility map (index-only scans)
-# and the deleted rows, sooner than the defaults.
-TASK_EVENTS = {
-    "autovacuum_vacuum_scale_factor": "0.02",
-    "autovacuum_vacuum_insert_scale_factor": "0.02",
-    "autovacuum_analyze_scale_factor": "0.05",
-    "autovacuum_vacuum_cost_delay": "0",
-}
 
 
 def _set(table: str, options: dict[str, str]) -> str:
@@ -48,20 +40,10 @@ def _reset(table: str, options: dict[str, str]) -> str:
     return f"ALTER TABLE {table} RESET ({', '.join(options)})"
 
 
-def _if_plain_table(table: str, statement: str) -> str:
-    # A partitioned task_events (its own migration may make it one) takes no storage parameters:
-    # its partitions do, set where they are created.
-    return (
-        "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_class WHERE oid = to_regclass("
-        f"'{table}') AND relkind = 'r') THEN EXECUTE '{statement}'; END IF; END $$"
-    )
-
-
 def upgrade() -> None:
+    # task_events takes none: 0008 makes it a partitioned table (insert-only partitions, dropped whole).
     op.execute(_set("tasks", TASKS))
-    op.execute(_if_plain_table("task_events", _set("task_events", TASK_EVENTS)))
 
 
 def downgrade() -> None:
-    op.execute(_if_plain_table("task_events", _reset("task_events", TASK_EVENTS)))
     op.execute(_reset("tasks", TASKS))
