@@ -224,12 +224,15 @@ def held_snapshot(pdb: common.PrivateDatabase) -> Any:
 
 # ---------------------------------------------------------------------------------------- the figures
 
+# Every task of the run's database is the load's; one whose run_at rounds to just outside the run (the
+# microseconds of to_timestamp) counts in the first or last window.
 _WINDOWS = """
-SELECT floor(extract(epoch FROM run_at - to_timestamp(%(t0)s)) / %(window)s)::int AS w,
+SELECT LEAST(GREATEST(0, floor(extract(epoch FROM run_at - to_timestamp(%(t0)s)) / %(window)s)),
+             floor((%(t1)s - %(t0)s) / %(window)s - 1e-9))::int AS w,
        percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY 1000 * extract(epoch FROM started_at - run_at)),
        count(*) FILTER (WHERE status = 'SUCCEEDED'),
        count(*)
-FROM tasks WHERE run_at >= to_timestamp(%(t0)s) AND run_at < to_timestamp(%(t1)s)
+FROM tasks
 GROUP BY 1 ORDER BY 1
 """
 
