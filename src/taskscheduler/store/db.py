@@ -229,13 +229,16 @@ def fetch_row(conn: Connection, statement: str, params: Mapping[str, Any]) -> tu
     if not conn.in_transaction():
         conn.begin()  # as SQLAlchemy's autobegin would: the caller's commit() then commits this work
     proxied = conn.connection
+    driver = proxied.driver_connection
+    assert driver is not None, "a checked-out connection has its driver connection"
     try:
-        with proxied.driver_connection.cursor(row_factory=tuple_row) as cursor:
+        with driver.cursor(row_factory=tuple_row) as cursor:
             cursor.execute(statement, params)
             row: tuple[Any, ...] | None = cursor.fetchone() if cursor.description else None
             return row
     except psycopg.Error as exc:
-        invalidated = conn.dialect.is_disconnect(exc, proxied.dbapi_connection, None)
+        dbapi_error: Any = exc  # psycopg's errors are the DBAPI's, which SQLAlchemy's stubs name apart
+        invalidated = conn.dialect.is_disconnect(dbapi_error, proxied.dbapi_connection, None)
         if invalidated:
             conn.invalidate(exc)
         raise DBAPIError.instance(
