@@ -218,9 +218,10 @@ class Database:
 
 def fetch_row(conn: Connection, statement: str, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
     """`conn.exec_driver_sql(statement, params).first()` as a plain tuple, run on the driver's
-    connection underneath `conn`: for the worker's per-task statements, where SQLAlchemy's execution
-    context and Result cost more client CPU than psycopg's own execute (measured: about a third of the
-    pool process's own work per task). Same connection, same transaction, same prepared statements.
+    connection underneath `conn` (`statement` must return rows): for the worker's per-task
+    statements, where SQLAlchemy's execution context and Result cost more client CPU than psycopg's
+    own execute (measured: about a third of the pool process's own work per task, BENCHMARKS.md).
+    Same connection, same transaction, same prepared statements.
 
     Errors come out as from `exec_driver_sql`: SQLAlchemy's exception classes (which `is_transient`
     and `persistently` read), parameters hidden, and a connection found dead invalidated, so that
@@ -234,7 +235,8 @@ def fetch_row(conn: Connection, statement: str, params: Mapping[str, Any]) -> tu
     try:
         with driver.cursor(row_factory=tuple_row) as cursor:
             cursor.execute(statement, params)
-            row: tuple[Any, ...] | None = cursor.fetchone() if cursor.description else None
+            # Every statement read this way returns rows; `description` (built per call) is not asked for.
+            row: tuple[Any, ...] | None = cursor.fetchone()
             return row
     except psycopg.Error as exc:
         dbapi_error: Any = exc  # psycopg's errors are the DBAPI's, which SQLAlchemy's stubs name apart
