@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from tests.helpers import dispatch_all, events, far_future, new_task, queued, task_row, to_started
 
@@ -223,26 +224,39 @@ def test_a_deep_result_stored_before_results_were_checked_does_not_break_reading
 # --- a claim whose reply was lost --------------------------------------------------------------------------------
 
 
+@contextmanager
+def _after_each_execute(hook: Callable[[psycopg.Cursor[Any], str], None]) -> Iterator[None]:
+    """Call `hook(cursor, statement)` after each statement the driver ran, in this process. At the
+    driver's cursor rather than SQLAlchemy's events: the worker's per-task statements run on the
+    driver's connection directly (`db.fetch_row`)."""
+    original = psycopg.Cursor.execute
+
+    def execute(self: psycopg.Cursor[Any], query: Any, *args: Any, **kwargs: Any) -> psycopg.Cursor[Any]:
+        result = original(self, query, *args, **kwargs)
+        hook(self, query if isinstance(query, str) else str(query))
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(psycopg.Cursor, "execute", execute)
+        yield
+
+
 def test_a_claim_sent_again_after_its_reply_was_lost_finds_its_own_claim() -> None:
     # The reply is lost at the DBAPI boundary: the claim runs and commits on the server (autocommit),
     # then its connection is closed and the driver raises, as when the connection dies before the
     # reply is read. That timing cannot be produced reliably over a real network.
     task_id = new_task()
     (item,) = dispatch_all()
-    engine = db.database_for().autocommit_engine
     lost: list[str] = []
 
-    def lose_the_reply(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    def lose_the_reply(cursor: Any, statement: str) -> None:
         if "started_at = now(), heartbeat_at = now()" in statement and not lost:
             lost.append(statement)
             cursor.connection.close()
             raise psycopg.OperationalError("server closed the connection unexpectedly")
 
-    event.listen(engine, "after_cursor_execute", lose_the_reply)
-    try:
+    with _after_each_execute(lose_the_reply):
         outcome = worker.run_attempt(task_id, item.attempt)
-    finally:
-        event.remove(engine, "after_cursor_execute", lose_the_reply)
     assert lost, "the claim was not intercepted"
     assert outcome == "succeeded"
     assert task_row(task_id)["status"] == "SUCCEEDED"
@@ -390,16 +404,8 @@ def test_the_outcome_and_the_claim_must_be_of_different_tasks() -> None:
 def test_a_message_writes_each_next_claim_with_the_success_before_it() -> None:
     items = _dispatched(3)
     statements: list[str] = []
-    engine = db.database_for().autocommit_engine
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        statements.append(statement)
-
-    event.listen(engine, "after_cursor_execute", record)
-    try:
+    with _after_each_execute(lambda cursor, statement: statements.append(statement)):
         assert worker.run_attempts(items) == ["succeeded"] * 3
-    finally:
-        event.remove(engine, "after_cursor_execute", record)
     writes = [s for s in statements if s != "SELECT 1"]
     assert writes == [transitions.CLAIM, transitions.SUCCEED_AND_CLAIM, transitions.SUCCEED_AND_CLAIM,
                       transitions.SUCCEED]  # fmt: skip
@@ -409,22 +415,18 @@ def test_a_message_writes_each_next_claim_with_the_success_before_it() -> None:
 
 def test_a_message_whose_combined_statement_lost_its_reply_runs_every_attempt_once() -> None:
     items = _dispatched(2)
-    engine = db.database_for().autocommit_engine
     lost: list[str] = []
 
-    def lose_the_reply(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    def lose_the_reply(cursor: Any, statement: str) -> None:
         if statement == transitions.SUCCEED_AND_CLAIM and not lost:
             lost.append(statement)
             cursor.connection.close()
             raise psycopg.OperationalError("server closed the connection unexpectedly")
 
-    event.listen(engine, "after_cursor_execute", lose_the_reply)
-    try:
+    with _after_each_execute(lose_the_reply):
         # The first success committed before its reply was lost: sent again, it matches no row
         # ("fenced", as SUCCEED alone sent again does), while the claim finds its own.
         outcomes_ = worker.run_attempts(items)
-    finally:
-        event.remove(engine, "after_cursor_execute", lose_the_reply)
     assert lost, "the combined statement was not intercepted"
     assert outcomes_ == ["fenced", "succeeded"]
     for task_id, attempt in items:

@@ -14,12 +14,13 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
+from psycopg.rows import tuple_row
 from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -213,6 +214,44 @@ class Database:
     async def run_transaction_async(self, work: Callable[[AsyncConn], Awaitable[T]]) -> T:
         """`work(conn)` in a transaction on the event loop (see `statement_pool.run_transaction_async`)."""
         return await statement_pool.run_transaction_async(self.statement_pool, self.libpq_url, work)
+
+
+def fetch_row(conn: Connection, statement: str, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """`conn.exec_driver_sql(statement, params).first()` as a plain tuple, run on the driver's
+    connection underneath `conn` (`statement` must return rows): for the worker's per-task
+    statements, where SQLAlchemy's execution context and Result cost more client CPU than psycopg's
+    own execute (measured: about a third of the pool process's own work per task, BENCHMARKS.md).
+    Same connection, same transaction, same prepared statements.
+
+    Errors come out as from `exec_driver_sql`: SQLAlchemy's exception classes (which `is_transient`
+    and `persistently` read), parameters hidden, and a connection found dead invalidated, so that
+    `Database.run_statement` retries on a fresh one.
+    """
+    if not conn.in_transaction():
+        conn.begin()  # as SQLAlchemy's autobegin would: the caller's commit() then commits this work
+    proxied = conn.connection
+    driver = proxied.driver_connection
+    assert driver is not None, "a checked-out connection has its driver connection"
+    try:
+        with driver.cursor(row_factory=tuple_row) as cursor:
+            cursor.execute(statement, params)
+            # Every statement read this way returns rows; `description` (built per call) is not asked for.
+            row: tuple[Any, ...] | None = cursor.fetchone()
+            return row
+    except psycopg.Error as exc:
+        dbapi_error: Any = exc  # psycopg's errors are the DBAPI's, which SQLAlchemy's stubs name apart
+        invalidated = conn.dialect.is_disconnect(dbapi_error, proxied.dbapi_connection, None)
+        if invalidated:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(
+            statement,
+            params,
+            exc,
+            psycopg.Error,
+            hide_parameters=True,
+            connection_invalidated=invalidated,
+            dialect=conn.dialect,
+        ) from exc
 
 
 def _dispose(engine: Engine, pid: int) -> None:

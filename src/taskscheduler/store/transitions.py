@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Row
 
 from taskscheduler import metrics
 from taskscheduler.lifecycle import DlqReason, TaskStatus
+from taskscheduler.store.db import fetch_row
 from taskscheduler.store.sql import status_guard
 
 MAX_ERROR_CHARS = 4000
@@ -126,22 +127,25 @@ def claim(
     returns the task it already started instead of None. Without one, a fresh token.
     """
     params = {"id": task_id, "attempt": attempt, "detail": worker, "token": token or uuid.uuid4()}
-    return _claimed(conn.exec_driver_sql(CLAIM, params).one_or_none())
+    return _claimed(fetch_row(conn, CLAIM, params))
 
 
-def _claimed(row: Row[Any] | None) -> Claimed | None:
-    """The claim a CLAIM row says was made (counted in the metrics when it is new), or None."""
-    if row is None or row.id is None:
+def _claimed(row: tuple[Any, ...] | None) -> Claimed | None:
+    """The claim a CLAIM row (or the first columns of a SUCCEED_AND_CLAIM row) says was made,
+    counted in the metrics when it is new; or None. Columns by position: the worker's statements
+    are read as plain tuples (`fetch_row`), in the order of _CLAIMED_COLUMNS, lag_sec, fresh."""
+    if row is None or row[0] is None:
         return None
-    if row.fresh:
-        metrics.transition(TaskStatus.ENQUEUED, TaskStatus.STARTED, row.queue)
-        metrics.DISPATCH_LAG.labels(queue=row.queue).observe(max(0.0, row.lag_sec))
+    _, name, payload, timeout_sec, max_retries, retry_base_attempt, queue, lag_sec, fresh = row[:9]
+    if fresh:
+        metrics.transition(TaskStatus.ENQUEUED, TaskStatus.STARTED, queue)
+        metrics.DISPATCH_LAG.labels(queue=queue).observe(max(0.0, lag_sec))
     return Claimed(
-        name=row.name,
-        payload=row.payload,
-        timeout_sec=row.timeout_sec,
-        max_retries=row.max_retries,
-        retry_base_attempt=row.retry_base_attempt,
+        name=name,
+        payload=payload,
+        timeout_sec=timeout_sec,
+        max_retries=max_retries,
+        retry_base_attempt=retry_base_attempt,
     )
 
 
@@ -164,7 +168,12 @@ SUCCEED = _guarded(
 def succeed(conn: Connection, *, task_id: uuid.UUID, attempt: int, result: Any) -> bool:
     # A None result is SQL NULL, not the JSON null.
     params = {"id": task_id, "attempt": attempt, "result": None if result is None else Jsonb(result), "detail": None}
-    return _counted(conn.exec_driver_sql(SUCCEED, params).first(), TaskStatus.STARTED, TaskStatus.SUCCEEDED)
+    row = fetch_row(conn, SUCCEED, params)  # _OUTCOME: id, queue, run_sec
+    if row is None:
+        return False
+    metrics.transition(TaskStatus.STARTED, TaskStatus.SUCCEEDED, row[1])
+    metrics.observe_run_time(row[1], TaskStatus.SUCCEEDED.lower(), row[2])
+    return True
 
 
 def succeed_and_claim(
@@ -194,12 +203,13 @@ def succeed_and_claim(
         "detail": worker,
         "token": token,
     }
-    row = conn.exec_driver_sql(SUCCEED_AND_CLAIM, params).one()
-    done = bool(row.done)
+    row = fetch_row(conn, SUCCEED_AND_CLAIM, params)
+    assert row is not None, "SUCCEED_AND_CLAIM always returns one row"
+    done, done_queue, done_run_sec = row[9:12]  # after the 9 columns of the claim
     if done:
-        metrics.transition(TaskStatus.STARTED, TaskStatus.SUCCEEDED, row.done_queue)
-        metrics.observe_run_time(row.done_queue, TaskStatus.SUCCEEDED.lower(), row.done_run_sec)
-    return done, _claimed(row)
+        metrics.transition(TaskStatus.STARTED, TaskStatus.SUCCEEDED, done_queue)
+        metrics.observe_run_time(done_queue, TaskStatus.SUCCEEDED.lower(), done_run_sec)
+    return bool(done), _claimed(row)
 
 
 def _counted(row: Row[Any] | None, src: TaskStatus, dst: TaskStatus) -> bool:
