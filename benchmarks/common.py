@@ -335,11 +335,6 @@ def wait_succeeded(conn: psycopg.Connection[Any], n: int, procs: Processes, *, t
     return polls
 
 
-def process_trees(procs: Iterable[Proc]) -> list[psutil.Process]:
-    """The processes of `procs` and their children (a worker's pool), for a CpuTracker group."""
-    return [p for proc in procs for p in proc.tree()]
-
-
 def per_1000(cpu_seconds: dict[str, float], tasks: int) -> dict[str, float]:
     return {k: 1000 * v / max(tasks, 1) for k, v in cpu_seconds.items()}
 
