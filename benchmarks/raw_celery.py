@@ -6,7 +6,8 @@ Publisher: `python -m benchmarks.raw_celery publish COUNT`
 Configured from REDIS_URL and REDIS_KEY_PREFIX like ours, with the same serializer and result
 settings as our Celery app, but tuned for raw Celery at its best: the prefetch multiplier from
 RAW_PREFETCH_MULTIPLIER (default PREFETCH_MULTIPLIER, the fastest measured on the benchmark machine),
-prefetch on (no disable_prefetch), no time limits unless the publisher asks. The no-op's only work
+prefetch on (no disable_prefetch), no ack emulation (RAW_ACK_EMULATION=1 for Celery's default), no
+time limits unless the publisher asks. The no-op's only work
 is one Redis INCR, so the benchmark can tell when every message has been run (ours is told by the
 database).
 """
@@ -34,11 +35,16 @@ DONE_KEY = f"{PREFIX}rawbench:done"
 # The fastest of 1, 4, 16 and 64 measured with `python -m benchmarks.throughput --skip-ours --raw-prefetch N`
 # at 20,000 (BENCHMARKS.md); the issue that asked for this baseline found 4 best too.
 PREFETCH_MULTIPLIER = 4
+# Kombu's Redis ack emulation (Celery's default) keeps each fetched message in an `unacked` hash
+# until it is acked: two synchronous Redis round trips per message in the worker's consumer, which
+# roughly halved raw Celery's rate here. Off is its fastest (a crash then loses its prefetched
+# messages, as it already loses the running one with early acks); RAW_ACK_EMULATION=1 turns it on.
+ACK_EMULATION = os.environ.get("RAW_ACK_EMULATION", "0") == "1"
 
 app = Celery("rawbench", set_as_current=False)
 app.conf.update(
     broker_url=REDIS_URL,
-    broker_transport_options={"global_keyprefix": PREFIX} if PREFIX else {},
+    broker_transport_options=({"global_keyprefix": PREFIX} if PREFIX else {}) | {"ack_emulation": ACK_EMULATION},
     broker_connection_retry_on_startup=True,
     task_serializer="json",
     accept_content=["json"],

@@ -11,8 +11,9 @@ Prefilled (the headline): ours gets its N tasks inserted due now with one INSERT
 generate_series (not timed), and is timed from the scheduler's start to the last `finished_at`; raw
 Celery gets its N messages published first (not timed), and is timed from its worker's start to the
 last message run. Ours keeps its production settings (LOG_LEVEL INFO, prefetch 1 with
-disable_prefetch, a hard time limit per message); raw Celery runs with the prefetch multiplier and
-log level that make it fastest (`--raw-prefetch`, `--raw-log-level`) and no time limits.
+disable_prefetch, a hard time limit per message, no ack emulation); raw Celery runs with the
+prefetch multiplier and log level that make it fastest (`--raw-prefetch`, `--raw-log-level`), no ack
+emulation (`--raw-ack-emulation` for Celery's default) and no time limits.
 
 With submission: ours takes its N tasks through `POST /tasks/batch` (a running `taskscheduler api`,
 1,000 per request) while the scheduler and worker run, timed from the first request to the last
@@ -58,15 +59,17 @@ def our_settings(log_level: str, max_tasks_per_message: int | None) -> dict[str,
         "MAX_TASKS_PER_MESSAGE": max_tasks_per_message or default,
         "worker_prefetch_multiplier": 1,
         "worker_disable_prefetch": True,
+        "ack_emulation": False,
         "time_limits": "a hard limit on each message (from the tasks' timeouts)",
     }
 
 
-def raw_settings(prefetch: int, log_level: str, time_limits: bool) -> dict[str, Any]:
+def raw_settings(prefetch: int, log_level: str, time_limits: bool, ack_emulation: bool) -> dict[str, Any]:
     return {
         "log_level": log_level,
         "worker_prefetch_multiplier": prefetch,
         "worker_disable_prefetch": False,
+        "ack_emulation": ack_emulation,
         "time_limits": "a hard limit on each message" if time_limits else "none",
     }
 
@@ -329,6 +332,7 @@ def run_raw(
     prefetch: int = RAW_PREFETCH,
     log_level: str = "WARNING",
     time_limits: bool = False,
+    ack_emulation: bool = False,
 ) -> dict[str, Any]:
     """`n` no-op messages through raw Celery (benchmarks/raw_celery.py) with the same pool as ours.
 
@@ -340,7 +344,7 @@ def run_raw(
     publish_argv += ["--time-limits"] if time_limits else []
     with (
         harness.redis_client(run.redis_url) as client,
-        run.processes(RAW_PREFETCH_MULTIPLIER=str(prefetch)) as procs,
+        run.processes(RAW_PREFETCH_MULTIPLIER=str(prefetch), RAW_ACK_EMULATION="1" if ack_emulation else "0") as procs,
     ):
         client.delete(done_key)
         worker_argv = [sys.executable, "-m", "celery", "-A", "benchmarks.raw_celery", "worker", f"--queues={RAW_QUEUE}",
@@ -397,7 +401,7 @@ def run_raw(
         **_rates(n, started=t0, first=first, last=t_end, p10=t10, p90=t90),
         "load_avg_before": load_before,
         "prefilled": prefilled,
-        "settings": raw_settings(prefetch, log_level, time_limits),
+        "settings": raw_settings(prefetch, log_level, time_limits, ack_emulation),
         "cpu_seconds": cpu,
         "cpu_seconds_per_1000": common.per_1000(cpu, n),
     }
@@ -430,6 +434,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--raw-log-level", default="WARNING", help="raw Celery worker's log level (WARNING)")
     parser.add_argument("--raw-time-limits", action="store_true", help="raw messages carry a hard limit, as ours")
+    parser.add_argument(
+        "--raw-ack-emulation", action="store_true", help="raw Celery keeps kombu's ack emulation (its default, slower)"
+    )
     parser.add_argument("--skip-raw", action="store_true", help="only ours (no ratio)")
     parser.add_argument("--skip-ours", action="store_true", help="only raw Celery (no ratio)")
     parser.add_argument(
@@ -440,7 +447,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     timeout = args.timeout or max(120.0, n / 50)
     sizes = {"n": n, "workers": args.workers, "concurrency": args.concurrency, "timeout": timeout}
     env = {"MAX_TASKS_PER_MESSAGE": str(args.max_tasks_per_message)} if args.max_tasks_per_message else {}
-    raw_options = {"prefetch": args.raw_prefetch, "log_level": args.raw_log_level, "time_limits": args.raw_time_limits}
+    raw_options = {
+        "prefetch": args.raw_prefetch,
+        "log_level": args.raw_log_level,
+        "time_limits": args.raw_time_limits,
+        "ack_emulation": args.raw_ack_emulation,
+    }
     batch = SMOKE_BATCH if args.smoke else MAX_BATCH
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "raw": [], "ours_submitted": [], "raw_submitted": []}
     profile_dir = args.results_dir / f"profiles-{common.run_id()}" if args.profile else None
@@ -472,7 +484,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return med(ours, measure) / med(raw, measure) if runs[ours] and runs[raw] else float("nan")
 
     ours_settings = our_settings(args.log_level, args.max_tasks_per_message)
-    raw_celery_settings = raw_settings(args.raw_prefetch, args.raw_log_level, args.raw_time_limits)
+    raw_celery_settings = raw_settings(
+        args.raw_prefetch, args.raw_log_level, args.raw_time_limits, args.raw_ack_emulation
+    )
     print(f"ours: {ours_settings}\nraw Celery: {raw_celery_settings}\n")
     measures = ("seconds", "rate", "rate_from_first_dispatch", "steady_rate", "startup_seconds")
     labels = {
@@ -516,7 +530,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params = {"tasks": n, "workers": args.workers, "concurrency": args.concurrency, "pool": "prefork",
               "repeat": args.repeat, "max_tasks_per_message": args.max_tasks_per_message,
               "raw_prefetch": args.raw_prefetch, "raw_log_level": args.raw_log_level,
-              "raw_time_limits": args.raw_time_limits}  # fmt: skip
+              "raw_time_limits": args.raw_time_limits, "raw_ack_emulation": args.raw_ack_emulation}  # fmt: skip
 
     def summary(key: str) -> dict[str, Any]:
         return {"median_rate": med(key, "rate"), "median_steady_rate": med(key, "steady_rate"), "runs": runs[key]}
