@@ -37,9 +37,9 @@ from taskscheduler.scheduler.horizons import Horizons
 from taskscheduler.store import sweeps
 
 SMOKE_RATE = 100.0
-SMOKE_PHASE_SEC = 20.0
+SMOKE_PHASE_SEC = 10.0
 WINDOW_SEC = 30.0
-SMOKE_WINDOW_SEC = 10.0
+SMOKE_WINDOW_SEC = 5.0
 # Tasks are inserted this far ahead of their run_at, a chunk at a time, so the table holds the
 # near future only (as under a real steady stream) rather than the whole run from the start.
 FEED_CHUNK_SEC = 2.0

@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--concurrency", type=int, default=2)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.minutes, args.rate, args.window_sec = 1.0, 50.0, 20.0
-        args.retention_days, args.retention_interval = 20 / DAY_SEC, 5.0
+        args.minutes, args.rate, args.window_sec = 0.5, 50.0, 10.0
+        args.retention_days, args.retention_interval = 10 / DAY_SEC, 2.5
     duration = args.minutes * 60
     env = {
         "RETENTION_DAYS": repr(args.retention_days),
