@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import uuid
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
-from tests.harness import private_database
+from tests.harness import CLI, private_database
 
 from taskscheduler.migrations import alembic_config, include_name, run_migrations
 from taskscheduler.store import db
@@ -49,6 +52,29 @@ def test_tasks_carries_its_vacuum_settings_and_downgrading_0007_removes_them(ser
             command.downgrade(alembic_config(url), "0006")
             with scratch.engine.connect() as conn:
                 assert _reloptions(conn, "tasks") == set()
+        finally:
+            scratch.dispose()
+
+
+def test_migrate_on_a_fresh_database_creates_the_event_partitions_from_now_on(server_urls):
+    # Without them the first events would land in the DEFAULT partition, and their period could never
+    # get a range partition of its own.
+    with private_database(server_urls[0], f"taskscheduler_fresh_{uuid.uuid4().hex[:8]}", migrate=False) as url:
+        env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": server_urls[1]}
+        env.update(EVENTS_PARTITION_SEC="3600", EVENTS_PARTITIONS_AHEAD="2")
+        done = subprocess.run([CLI, "migrate"], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "task_events partitions created: 3" in done.stderr + done.stdout
+        scratch = Database(url)
+        try:
+            with scratch.engine.connect() as conn:
+                covered = conn.execute(
+                    text("WITH e AS (INSERT INTO task_events (task_id, to_status, attempt)"
+                         " VALUES (gen_random_uuid(), 'PENDING', 1) RETURNING tableoid)"
+                         " SELECT tableoid::regclass::text FROM e")
+                ).scalar_one()  # fmt: skip
+                conn.rollback()
+            assert covered.startswith("task_events_p"), covered
         finally:
             scratch.dispose()
 

@@ -73,12 +73,16 @@ def _wait_for_database(settings: Settings) -> Database:
 @app.command()
 def migrate() -> None:
     """Wait for the database, then apply the migrations (alembic upgrade head). Safe to run twice."""
-    from taskscheduler.migrations import run_migrations
+    from taskscheduler.migrations import migrate_database
 
     settings = _settings()
     _wait_for_database(settings).dispose()
-    run_migrations(settings.database_url)
-    log.info("database schema is up to date")
+    created = migrate_database(
+        settings.database_url,
+        events_partition_sec=settings.events_partition_sec,
+        events_partitions_ahead=settings.events_partitions_ahead,
+    )
+    log.info("database schema is up to date (task_events partitions created: %d)", created)
 
 
 @app.command()

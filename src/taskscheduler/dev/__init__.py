@@ -100,7 +100,7 @@ def run_dev(
     from sqlalchemy.engine import make_url
 
     from taskscheduler.config import Settings
-    from taskscheduler.migrations import run_migrations
+    from taskscheduler.migrations import migrate_database
 
     env = dict(environ)
     env.setdefault("API_HOST", "127.0.0.1")
@@ -135,7 +135,11 @@ def run_dev(
         shown = {name: redact(env[name]) for name in ("DATABASE_URL", "REDIS_URL")}
         where = f"embedded, this user only; password (***) in {data_dir / SECRET_FILE}"
     try:
-        run_migrations(env["DATABASE_URL"])
+        migrate_database(
+            env["DATABASE_URL"],
+            events_partition_sec=configured.events_partition_sec,
+            events_partitions_ahead=configured.events_partitions_ahead,
+        )
         settings = dev_settings(env)
         env.update(settings)
         env["API_PORT"] = str(port)

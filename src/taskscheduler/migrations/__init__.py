@@ -27,6 +27,24 @@ def run_migrations(database_url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(database_url), revision)
 
 
+def migrate_database(database_url: str, *, events_partition_sec: float, events_partitions_ahead: int) -> int:
+    """What `taskscheduler migrate` (and `dev`) does: the migrations, then the range partitions of
+    task_events from now on. Without them a fresh database's events land in the DEFAULT partition
+    until the scheduler's first retention pass, and a period whose events sit there can never get a
+    range partition of its own. Returns how many partitions were created."""
+    from taskscheduler.store import partitions
+    from taskscheduler.store.db import Database
+
+    run_migrations(database_url)
+    database = Database(database_url)
+    try:
+        return partitions.maintain(
+            database, width_sec=events_partition_sec, ahead=events_partitions_ahead, retention_sec=0
+        ).created
+    finally:
+        database.dispose()
+
+
 # The partitions of task_events come and go with time (store/partitions.py); the models describe the
 # partitioned table only.
 _EVENT_PARTITIONS = ("task_events_default", "task_events_p")

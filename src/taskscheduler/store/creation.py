@@ -83,6 +83,7 @@ def notified_due_at(payload: str) -> datetime | None:
     except (ValueError, OverflowError):
         return None
 
+
 # Many tasks in one statement. A task whose idempotency key exists already is skipped (ON CONFLICT DO
 # NOTHING waits for a concurrent insert of the same key to commit or roll back, then decides), and
 # only the rows inserted get their 'created' event. The NOTIFY for a task due now rides in the same
