@@ -33,8 +33,9 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 PREFIX = os.environ.get("REDIS_KEY_PREFIX", "")
 DONE_KEY = f"{PREFIX}rawbench:done"
 # The fastest of 1, 4, 16 and 64 measured with `python -m benchmarks.throughput --skip-ours --raw-prefetch N`
-# at 20,000 (BENCHMARKS.md); the issue that asked for this baseline found 4 best too.
-PREFETCH_MULTIPLIER = 4
+# at 20,000 (BENCHMARKS.md): without ack emulation 1 (1,820-1,900/s, the others 920-1,830 and erratic);
+# with it 4, which the issue that asked for this baseline found best too.
+PREFETCH_MULTIPLIER = 1
 # Kombu's Redis ack emulation (Celery's default) keeps each fetched message in an `unacked` hash
 # until it is acked: two synchronous Redis round trips per message in the worker's consumer, which
 # roughly halved raw Celery's rate here. Off is its fastest (a crash then loses its prefetched
