@@ -347,6 +347,11 @@ def _cpu(p: psutil.Process) -> float:
     return float(t.user + t.system)
 
 
+def process_trees(procs: Iterable[Proc]) -> list[psutil.Process]:
+    """Every process of each `proc`'s tree (a worker's pool processes with it), for a CpuTracker."""
+    return [p for proc in procs for p in proc.tree()]
+
+
 class CpuTracker:
     """CPU seconds used by groups of processes between `start()` and `stop()`.
 

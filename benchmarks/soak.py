@@ -22,9 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
 from tests import harness
-from tests.harness import Proc
 
 from benchmarks import common
 
@@ -86,10 +84,6 @@ def sizes(pdb: common.PrivateDatabase) -> dict[str, int]:
     return {k: int(v or 0) for k, v in zip(keys, row, strict=True)}
 
 
-def _trees(procs: list[Proc]) -> list[psutil.Process]:
-    return [p for proc in procs for p in proc.tree()]
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = common.base_parser(__doc__ or "")
     parser.add_argument("--minutes", type=float, default=30.0, help="how long the load lasts")
@@ -114,8 +108,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         workers = procs.workers(1, args.concurrency)
         scheduler = [procs.cli("scheduler", "scheduler")]
         tracker_groups = {
-            "scheduler": lambda: _trees(scheduler),
-            "worker": lambda: _trees(workers),
+            "scheduler": lambda: common.process_trees(scheduler),
+            "worker": lambda: common.process_trees(workers),
             "postgres": common.postgres_backends(run.pdb.name),
         }
         stop = threading.Event()

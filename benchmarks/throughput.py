@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 from tests import harness
 from tests.harness import Proc, free_port, wait_until
 from tools import profile_report
@@ -161,10 +160,6 @@ def _rates(n: int, *, started: float, first: float, last: float, p10: float, p90
     }
 
 
-def _trees(procs: list[Proc]) -> list[psutil.Process]:
-    return [p for proc in procs for p in proc.tree()]
-
-
 def run_ours(
     run: common.Run,
     *,
@@ -191,8 +186,8 @@ def run_ours(
             scheduler: list[Proc] = []
             tracker = common.CpuTracker(
                 {
-                    "scheduler": lambda: _trees(scheduler),
-                    "workers": lambda: _trees(worker_procs),
+                    "scheduler": lambda: common.process_trees(scheduler),
+                    "workers": lambda: common.process_trees(worker_procs),
                     "postgres": common.postgres_backends(pdb.name),
                     "postgres_server_shared": common.postgres_server_processes(pdb),
                     "redis_server_shared": common.redis_server_processes,
@@ -282,7 +277,7 @@ def run_ours_submitted(
                 {
                     "api": api.tree,
                     "scheduler": scheduler.tree,
-                    "workers": lambda: _trees(worker_procs),
+                    "workers": lambda: common.process_trees(worker_procs),
                     "postgres": common.postgres_backends(pdb.name),
                     "redis_server_shared": common.redis_server_processes,
                 }
@@ -358,8 +353,8 @@ def run_raw(
                 raise RuntimeError(f"the raw publisher failed:\n{publisher[0].log()[-3000:]}")
         tracker = common.CpuTracker(
             {
-                "publisher": lambda: _trees(publisher) if not prefilled else [],
-                "workers": lambda: _trees(worker_procs),
+                "publisher": lambda: common.process_trees(publisher) if not prefilled else [],
+                "workers": lambda: common.process_trees(worker_procs),
                 "redis_server_shared": common.redis_server_processes,
             }
         )
