@@ -168,11 +168,11 @@ SUCCEED = _guarded(
 def succeed(conn: Connection, *, task_id: uuid.UUID, attempt: int, result: Any) -> bool:
     # A None result is SQL NULL, not the JSON null.
     params = {"id": task_id, "attempt": attempt, "result": None if result is None else Jsonb(result), "detail": None}
-    row = fetch_row(conn, SUCCEED, params)  # _OUTCOME: id, queue, run_sec
+    row = fetch_row(conn, SUCCEED, params)
     if row is None:
         return False
-    metrics.transition(TaskStatus.STARTED, TaskStatus.SUCCEEDED, row[1])
-    metrics.observe_run_time(row[1], TaskStatus.SUCCEEDED.lower(), row[2])
+    _, queue, run_sec = row  # _OUTCOME
+    _count_outcome(TaskStatus.STARTED, TaskStatus.SUCCEEDED, queue, run_sec)
     return True
 
 
@@ -207,17 +207,21 @@ def succeed_and_claim(
     assert row is not None, "SUCCEED_AND_CLAIM always returns one row"
     done, done_queue, done_run_sec = row[9:12]  # after the 9 columns of the claim
     if done:
-        metrics.transition(TaskStatus.STARTED, TaskStatus.SUCCEEDED, done_queue)
-        metrics.observe_run_time(done_queue, TaskStatus.SUCCEEDED.lower(), done_run_sec)
+        _count_outcome(TaskStatus.STARTED, TaskStatus.SUCCEEDED, done_queue, done_run_sec)
     return bool(done), _claimed(row)
+
+
+def _count_outcome(src: TaskStatus, dst: TaskStatus, queue: str, run_sec: float) -> None:
+    """Count an outcome transition that happened in the metrics: the transition and the run time."""
+    metrics.transition(src, dst, queue)
+    metrics.observe_run_time(queue, dst.lower(), run_sec)
 
 
 def _counted(row: Row[Any] | None, src: TaskStatus, dst: TaskStatus) -> bool:
     """Count an outcome transition that happened (row is not None) in the metrics."""
     if row is None:
         return False
-    metrics.transition(src, dst, row.queue)
-    metrics.observe_run_time(row.queue, dst.lower(), row.run_sec)
+    _count_outcome(src, dst, row.queue, row.run_sec)
     return True
 
 
